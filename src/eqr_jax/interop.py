@@ -35,11 +35,17 @@ _REQUIRED_REFERENCE_KEYS = ("seq_len", "vocab_size", "H_cycles", "L_cycles", "L_
                             "hidden_size", "expansion", "num_heads")
 
 
-def config_from_reference(d: Mapping[str, Any], variant: str = "eqr") -> ModelConfig:
+def config_from_reference(d: Mapping[str, Any], variant: str = "eqr", **extra) -> ModelConfig:
     """Model config from the reference's field names (e.g. a fixture's ``config_json``).
 
-    Missing required keys and unknown keys raise `ConfigError` naming them.
+    A full reference run config (with an ``arch`` section, as saved in its checkpoints) is also
+    accepted; since the reference takes ``seq_len``/``vocab_size`` from the dataset, pass them
+    (or any other field) as keyword arguments. Missing required keys and unknown keys raise
+    `ConfigError` naming them.
     """
+    if isinstance(d.get("arch"), Mapping):
+        d = d["arch"]
+    d = {**d, **extra}
     fields = {f.name for f in dataclasses.fields(ModelConfig)}
     missing = [k for k in _REQUIRED_REFERENCE_KEYS if k not in d]
     if missing:
