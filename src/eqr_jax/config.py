@@ -184,9 +184,24 @@ class EvalConfig:
     convergence_top_k: int = 1
     max_batches: int = 0  # 0: the whole test split
     seed: int = 0
+    # How the state is advanced: the noisy step map (`unroll`, the reference), or a jaxopt solve of
+    # the noise-free map (`anderson` | `fixed_point`) with at most `depth` iterations.
+    solver: str = "unroll"
+    # What `halt="convergence"` watches: `logits` (mean over tokens of the L2 change of the logit
+    # vector) or `latents` (RMS change of [z_H; z_L] per element).
+    convergence_metric: str = "logits"
+    # Rows (copies x puzzles) per compiled call; breadth is chunked to fit. 0: no limit.
+    max_rows: int = 0
+    # Size of the O(1) residual-vs-step record (exact for the first half, log-spaced after).
+    trace_points: int = 64
 
     def __post_init__(self):
         _check_choice("eval.halt", self.halt, ("fixed", "q_halt", "convergence"))
+        _check_choice("eval.solver", self.solver, ("unroll", "anderson", "fixed_point"))
+        _check_choice("eval.convergence_metric", self.convergence_metric, ("logits", "latents"))
+        for name in ("depth", "breadth", "trace_points"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"eval.{name} must be >= 1, got {getattr(self, name)}")
 
 
 @dataclass(frozen=True)
@@ -257,9 +272,9 @@ def _preset_tiny() -> RunConfig:
                           forward_dtype="float32"),
         data=DataConfig(path="data/sudoku4-tiny", global_batch_size=128, build_size=4,
                         build_train=1000, build_test=200, build_num_aug=8, build_difficulty="any"),
-        train=TrainConfig(epochs=2000, lr=1e-3, lr_warmup_steps=50, weight_decay=0.1,
-                          eval_every=200, checkpoint_every=200, log_every=25,
-                          out_dir="runs/tiny"),
+        train=TrainConfig(epochs=2000, max_steps=500, lr=1e-3, lr_warmup_steps=50,
+                          weight_decay=0.1, ema_rate=0.99, steps_per_call=10, eval_every=250,
+                          checkpoint_every=250, log_every=50, out_dir="runs/tiny"),
         eval=EvalConfig(depth=4),
     )
 

@@ -1,0 +1,291 @@
+"""Inference throughput of the EqR step map as depth, batch and breadth grow.
+
+For each preset (``sudoku``, ``maze``) and compute dtype (bfloat16, float32) three sweeps run:
+
+* depth:   reasoning steps 1 ... 4096 at a fixed batch (breadth 1);
+* batch:   puzzles 64 ... 8192 at a fixed depth (breadth 1);
+* breadth: parallel random initial latents 1 ... 256 for a fixed set of puzzles.
+
+Every point reports puzzle-steps/s (rows x steps per second; a row is one puzzle copy),
+layer-equivalents/s (puzzle-steps/s x blocks per step), achieved TFLOP/s and MFU (analytic FLOPs
+from `eqr_jax.flops` over the square-matmul rate measured at the start of the same run, per dtype),
+latency per reasoning step, and peak device memory (XLA's compiled estimate; the allocator's
+high-water mark too on GPU/TPU).
+
+The depth is a *runtime* argument (``lax.fori_loop`` with a traced trip count), so one compiled
+program serves a whole depth sweep; the state is the noisy EqR step map exactly as in evaluation.
+
+Sizes adapt to the backend: full sweeps on GPU/TPU, small ones on CPU; ``--quick`` is smaller
+still (under a minute on a 2-core CPU for the sudoku preset). Examples::
+
+    python benchmarks/iteration_scaling.py --quick
+    python benchmarks/iteration_scaling.py --presets sudoku maze --dtypes bfloat16 float32 \
+        --out benchmarks/results/h200-iteration-scaling.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+
+from eqr_jax import benchmarking as bm
+from eqr_jax import flops
+from eqr_jax.model import EqRModel
+
+# (depths, depth-sweep batch), (batches, batch-sweep depth), (breadths, puzzles, breadth depth)
+SIZES = {
+    "accelerator": dict(depths=[1, 4, 16, 64, 256, 1024, 4096], depth_batch=256,
+                        batches=[64, 128, 256, 512, 768, 1024, 2048, 4096, 8192], batch_depth=16,
+                        breadths=[1, 4, 16, 64, 256], breadth_puzzles=32, breadth_depth=16),
+    "accelerator-quick": dict(depths=[1, 4, 16], depth_batch=256, batches=[64, 768],
+                              batch_depth=4, breadths=[1, 16], breadth_puzzles=32,
+                              breadth_depth=4),
+    "cpu": dict(depths=[1, 2, 4, 8], depth_batch=1, batches=[1, 2, 4, 8], batch_depth=1,
+                breadths=[1, 2, 4], breadth_puzzles=1, breadth_depth=1),
+    "cpu-quick": dict(depths=[1, 2], depth_batch=1, batches=[1, 2], batch_depth=1,
+                      breadths=[1, 2], breadth_puzzles=1, breadth_depth=1),
+}
+# Rows (batch x breadth) above which a preset is skipped on an accelerator: the maze's XLA attention
+# materialises (rows, heads, 900, 900) scores.
+MAX_ROWS = {"maze": 2048}
+# The maze step is ~6x slower than sudoku's per FLOP on CPU (900x900 attention): halve CPU sweeps.
+CPU_SLOW = {"maze"}
+
+
+def make_runner(model: EqRModel, breadth: int):
+    """jit(params, x, states, key, depth) -> predictions (argmax tokens), ``depth`` steps.
+
+    ``states`` leaves are (breadth, batch, seq, hidden); copy ``i`` draws noise from
+    ``fold_in(key, i)`` and step ``t`` from ``fold_in(copy_key, t)`` (as `dynamics.unroll`).
+    """
+
+    def one_copy(params, x, state, key, depth):
+        def body(t, z):
+            return model.step(params, z, x, jax.random.fold_in(key, t))
+        z = jax.lax.fori_loop(0, depth, body, state)
+        return jnp.argmax(model.readout(params, z).logits, axis=-1).astype(jnp.int8)
+
+    def run(params, x, states, key, depth):
+        keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(breadth))
+        return jax.vmap(one_copy, in_axes=(None, None, 0, 0, None))(params, x, states, keys,
+                                                                     depth)
+
+    return jax.jit(run)
+
+
+def sizes_for(preset: str, quick: bool) -> dict:
+    kind = ("accelerator" if bm.on_accelerator() else "cpu") + ("-quick" if quick else "")
+    s = {k: (list(v) if isinstance(v, list) else v) for k, v in SIZES[kind].items()}
+    if not bm.on_accelerator() and preset in CPU_SLOW:
+        for k in ("depths", "batches", "breadths"):
+            s[k] = s[k][: max(2, len(s[k]) // 2)]
+    return s
+
+
+def measure_point(compiled, args, depth: int, quick: bool) -> bm.Timing:
+    d = jnp.asarray(depth, jnp.int32)
+    run = lambda: compiled(*args, d)
+    # Long points run once; short ones repeat (at least 0.2 s of work, or 0.05 s in quick mode).
+    return bm.time_fn(run, warmup=0, repeats=1 if depth >= 256 else 3,
+                      min_total_s=0.05 if quick else 0.2, max_repeats=20)
+
+
+def run_preset(name: str, dtype: str, sizes: dict, peak: dict, quick: bool, args) -> list[dict]:
+    cfg = bm.model_preset(name, forward_dtype=dtype)
+    if args.attention_impl and not cfg.mlp_t:
+        import dataclasses  # noqa: PLC0415
+        cfg = dataclasses.replace(cfg, attention_impl=args.attention_impl)
+    model = EqRModel(cfg)
+    params = model.init(jax.random.PRNGKey(0))
+    step_fl = flops.step_flops(cfg)
+    rows: list[dict] = []
+    cache: dict = {}
+
+    def compiled_for(batch: int, breadth: int):
+        if (batch, breadth) not in cache:
+            inputs = jax.random.randint(jax.random.PRNGKey(1), (batch, cfg.seq_len), 1,
+                                        cfg.vocab_size)
+            x = model.embed(params, inputs)
+            from eqr_jax.dynamics import breadth_init  # noqa: PLC0415
+            states = breadth_init(model.init_state, jax.random.PRNGKey(2), breadth, batch)
+            runner = make_runner(model, breadth)
+            call_args = (params, x, states, jax.random.PRNGKey(3))
+            t0 = time.perf_counter()
+            compiled = runner.lower(*call_args, jnp.asarray(1, jnp.int32)).compile()
+            mem = bm.memory_of(compiled)
+            mem["compile_s"] = time.perf_counter() - t0
+            bm.block(compiled(*call_args, jnp.asarray(1, jnp.int32)))  # warm-up
+            cache[(batch, breadth)] = (compiled, call_args, mem)
+        return cache[(batch, breadth)]
+
+    points = ([("depth", d, sizes["depth_batch"], 1) for d in sizes["depths"]]
+              + [("batch", sizes["batch_depth"], b, 1) for b in sizes["batches"]]
+              + [("breadth", sizes["breadth_depth"], sizes["breadth_puzzles"], n)
+                 for n in sizes["breadths"]])
+    for sweep, depth, batch, breadth in points:
+        n_rows = batch * breadth
+        row = {"preset": name, "dtype": dtype, "sweep": sweep, "depth": depth, "batch": batch,
+               "breadth": breadth, "rows": n_rows}
+        if bm.on_accelerator() and n_rows > MAX_ROWS.get(name, 1 << 30):
+            rows.append({**row, "status": f"skipped (rows > {MAX_ROWS[name]})"})
+            continue
+        try:
+            compiled, call_args, mem = compiled_for(batch, breadth)
+            t = measure_point(compiled, call_args, depth, quick)
+        except Exception as err:  # noqa: BLE001
+            if not bm.is_oom(err):
+                raise
+            rows.append({**row, "status": "oom"})
+            continue
+        fl = flops.forward_flops(cfg, depth, batch, breadth)
+        tflops = fl / t.median_s / 1e12
+        peak_tf = peak[dtype]["tflops"]
+        runtime_peak = bm.runtime_peak_bytes()
+        rows.append({
+            **row, "status": "ok",
+            "time_s": t.median_s,
+            "latency_ms_per_step": t.median_s / depth * 1e3,
+            "puzzle_steps_per_s": n_rows * depth / t.median_s,
+            "layer_equiv_per_s": n_rows * depth * cfg.blocks_per_step / t.median_s,
+            "tflops": tflops,
+            "mfu": tflops / peak_tf if peak_tf else None,
+            "compiled_peak_MiB": mem["peak_bytes"] / bm.MiB,
+            "compiled_temp_MiB": mem["temp_bytes"] / bm.MiB,
+            "runtime_peak_MiB": None if runtime_peak is None else runtime_peak / bm.MiB,
+            "compile_s": mem["compile_s"],
+            "repeats": t.repeats,
+            "flops_per_puzzle_step": step_fl,
+        })
+        print(f"  {name:7s} {dtype:8s} {sweep:7s} depth={depth:<5d} batch={batch:<5d} "
+              f"breadth={breadth:<4d} {rows[-1]['puzzle_steps_per_s']:10.1f} puzzle-steps/s "
+              f"{tflops:8.4f} TFLOP/s  mfu={rows[-1]['mfu'] or 0:.3f}", flush=True)
+    return rows
+
+
+COLUMNS = ["preset", "dtype", "sweep", "depth", "batch", "breadth", "puzzle_steps_per_s",
+           "layer_equiv_per_s", "tflops", "mfu", "latency_ms_per_step", "compiled_peak_MiB",
+           "runtime_peak_MiB"]
+
+
+def plot(rows: list[dict], path: Path) -> Path:
+    plt = bm.pyplot()
+    ok = [r for r in rows if r.get("status") == "ok"]
+    presets = sorted({r["preset"] for r in ok})
+    fig, axes = plt.subplots(len(presets), 3, figsize=(11, 3.0 * len(presets)), squeeze=False)
+    for i, p in enumerate(presets):
+        for j, (sweep, xkey) in enumerate([("depth", "depth"), ("batch", "batch"),
+                                           ("breadth", "breadth")]):
+            ax = axes[i][j]
+            for dt in sorted({r["dtype"] for r in ok}):
+                pts = [(r[xkey], r["puzzle_steps_per_s"]) for r in ok
+                       if r["preset"] == p and r["sweep"] == sweep and r["dtype"] == dt]
+                if pts:
+                    xs, ys = zip(*pts)
+                    ax.plot(xs, ys, marker="o", label=dt)
+            ax.set_xscale("log", base=2)
+            ax.set_yscale("log")
+            ax.set_xlabel(xkey)
+            ax.set_ylabel("puzzle-steps/s")
+            ax.set_title(f"{p}: {sweep} sweep", fontsize=9)
+            ax.legend(fontsize=7)
+    fig.suptitle(bm.describe_machine(), fontsize=8)
+    fig.tight_layout()
+    return bm.save_figure(fig, path)
+
+
+def parse_args(argv):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="smallest sweeps (< 1 min on CPU)")
+    ap.add_argument("--presets", nargs="+", default=None, choices=bm.BENCH_PRESETS,
+                    help="default: sudoku maze (quick on CPU: sudoku)")
+    ap.add_argument("--dtypes", nargs="+", default=["bfloat16", "float32"],
+                    choices=["bfloat16", "float32"])
+    ap.add_argument("--attention-impl", default=None, choices=["xla", "cudnn"],
+                    help="attention implementation for the maze preset (default: backend default)")
+    ap.add_argument("--out", default=None, help="JSON path (default benchmarks/results/"
+                    "<backend>-iteration-scaling[-quick].json)")
+    ap.add_argument("--plot", default=None, help="PNG path (default: the JSON path with .png); "
+                    "'none' to skip")
+    ap.add_argument("--matmul-n", type=int, default=None, help="peak-matmul size")
+    ap.add_argument("--depths", type=int, nargs="+", default=None, help="override depth sweep")
+    ap.add_argument("--batches", type=int, nargs="+", default=None, help="override batch sweep")
+    ap.add_argument("--breadths", type=int, nargs="+", default=None,
+                    help="override breadth sweep")
+    return ap.parse_args(argv)
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    presets = args.presets or (["sudoku"] if args.quick and not bm.on_accelerator()
+                               else ["sudoku", "maze"])
+    info = bm.machine_info()
+    print(f"iteration scaling on {bm.describe_machine(info)}", flush=True)
+    n_mm = args.matmul_n or (512 if args.quick and not bm.on_accelerator() else None)
+    peak = {dt: bm.peak_matmul_tflops(dt, n_mm) for dt in args.dtypes}
+    bm.print_table(list(peak.values()), title="peak square matmul (MFU denominator)")
+    flop_rows = []
+    for p in presets:
+        cfg = bm.model_preset(p)
+        fb = flops.block_flops(cfg)
+        flop_rows.append({"preset": p, "blocks_per_step": cfg.blocks_per_step,
+                          "token_mixing_flops": fb.token_mixing,
+                          "channel_mlp_flops": fb.channel_mlp,
+                          "block_flops": fb.total, "step_gflops": flops.step_flops(cfg) / 1e9,
+                          "readout_flops": flops.readout_flops(cfg)})
+    bm.print_table(flop_rows, title="analytic FLOPs per puzzle (eqr_jax.flops)")
+    rows: list[dict] = []
+    t0 = time.perf_counter()
+    for p in presets:
+        sizes = sizes_for(p, args.quick)
+        for key in ("depths", "batches", "breadths"):
+            if getattr(args, key):
+                sizes[key] = getattr(args, key)
+        for dt in args.dtypes:
+            rows += run_preset(p, dt, sizes, peak, args.quick, args)
+    wall = time.perf_counter() - t0
+    ok = [r for r in rows if r.get("status") == "ok"]
+    for sweep in ("depth", "batch", "breadth"):
+        bm.print_table([r for r in ok if r["sweep"] == sweep], COLUMNS, title=f"{sweep} sweep")
+    skipped = [r for r in rows if r.get("status") != "ok"]
+    if skipped:
+        bm.print_table(skipped, ["preset", "dtype", "sweep", "depth", "batch", "breadth",
+                                 "status"], title="skipped points")
+    # bf16 / f32 throughput ratios at matching points.
+    ratios = []
+    for r in ok:
+        if r["dtype"] != "bfloat16":
+            continue
+        twin = [q for q in ok if q["dtype"] == "float32" and all(
+            q[k] == r[k] for k in ("preset", "sweep", "depth", "batch", "breadth"))]
+        if twin:
+            speedup = r["puzzle_steps_per_s"] / twin[0]["puzzle_steps_per_s"]
+            ratios.append({k: r[k] for k in ("preset", "sweep", "depth", "batch", "breadth")}
+                          | {"bf16_over_f32": speedup})
+    if ratios:
+        bm.print_table(ratios, title="bfloat16 / float32 throughput (same run)")
+    suffix = "-quick" if args.quick else ""
+    out = Path(args.out) if args.out else bm.default_out(f"iteration-scaling{suffix}")
+    result = {"benchmark": "iteration_scaling", "quick": args.quick, "presets": presets,
+              "dtypes": args.dtypes, "machine": info, "peak_matmul": peak,
+              "flops": flop_rows, "rows": rows, "bf16_over_f32": ratios, "wall_s": wall,
+              "flop_formula": "eqr_jax.flops: per block mlp_t 2HN(2I_N)+2HI_N N or attention "
+                              "2NH(3H)+4N^2H+2NH^2, plus channel SwiGLU 2NH(2I_H)+2NI_H H; "
+                              "x blocks_per_step per step; lm head once per call"}
+    bm.write_json(out, result)
+    print(f"\nwrote {out}")
+    if args.plot != "none":
+        png = plot(rows, Path(args.plot) if args.plot else out.with_suffix(".png"))
+        print(f"wrote {png}")
+        result["plot"] = str(png)
+    result["out"] = str(out)
+    return result
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,249 @@
+"""Plots of evaluation results, Sudoku trajectory GIFs and convergence statistics (spec §8).
+
+Everything here works on host data (NumPy, results dicts from `eqr_jax.evaluation`) and uses the
+non-interactive Agg backend, so it runs on headless machines.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+
+def _plt():
+    import matplotlib
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def _plain_ticks(axis) -> None:
+    """Plain numbers (16, 64, 256) instead of powers on a log axis."""
+    from matplotlib.ticker import NullFormatter, ScalarFormatter
+    fmt = ScalarFormatter()
+    fmt.set_scientific(False)
+    axis.set_major_formatter(fmt)
+    axis.set_minor_formatter(NullFormatter())
+
+
+def _save(fig, path: str, dpi: int = 90) -> str:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=dpi)
+    _plt().close(fig)
+    return path
+
+
+# ----------------------------------------------------------------------------------------------
+# Evaluation plots
+
+
+def plot_accuracy_vs_depth(results: Mapping[str, Any], path: str,
+                           keys: Sequence[str] = ("all/exact_accuracy",
+                                                  "majority_vote/exact_accuracy",
+                                                  "convergence_top_k/exact_accuracy")) -> str:
+    """Exact accuracy against depth (log x axis), one colour per breadth, one style per metric."""
+    plt = _plt()
+    settings = results["settings"]
+    breadths = sorted({s["breadth"] for s in settings})
+    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    styles = {"all/exact_accuracy": "-o", "majority_vote/exact_accuracy": "--s",
+              "convergence_top_k/exact_accuracy": ":^"}
+    names = {"all/exact_accuracy": "single", "majority_vote/exact_accuracy": "majority",
+             "convergence_top_k/exact_accuracy": "conv. top-k"}
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, n in enumerate(breadths):
+        rows = sorted((s for s in settings if s["breadth"] == n), key=lambda s: s["depth"])
+        for key in keys:
+            pts = [(s["depth"], s["metrics"][key]) for s in rows if key in s["metrics"]]
+            if not pts:
+                continue
+            d, a = zip(*pts)
+            ax.plot(d, a, styles.get(key, "-"), color=colors[i % len(colors)],
+                    label=f"B={n} {names.get(key, key)}", ms=4)
+    ax.set_xscale("log", base=2)
+    depths = sorted({s["depth"] for s in settings})
+    ax.set_xticks(depths)
+    _plain_ticks(ax.xaxis)
+    ax.set_xlabel("depth D (reasoning steps)")
+    ax.set_ylabel("exact accuracy")
+    ax.set_ylim(-0.02, 1.02)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    return _save(fig, path)
+
+
+def plot_residuals(results: Mapping[str, Any], path: str) -> str:
+    """Mean latent residual ‖S_t − S_{t−1}‖ of the rows still running, against step t."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    best = {}
+    for s in results["settings"]:  # the deepest run of each breadth has the longest record
+        if s["residual_trace"]["steps"] and s["depth"] >= best.get(s["breadth"], {"depth": 0})[
+                "depth"]:
+            best[s["breadth"]] = s
+    for n, s in sorted(best.items()):
+        tr = s["residual_trace"]
+        ax.plot(tr["steps"], tr["mean"], "-", label=f"B={n}, D={s['depth']}")
+    from matplotlib.ticker import FormatStrFormatter
+    if max((s["depth"] for s in best.values()), default=1) > 64:
+        ax.set_xscale("log")
+        _plain_ticks(ax.xaxis)
+    ax.set_yscale("log")
+    ax.yaxis.set_major_formatter(FormatStrFormatter("%g"))
+    ax.yaxis.set_minor_formatter(FormatStrFormatter("%g"))
+    ax.set_xlabel("step t")
+    ax.set_ylabel("mean ||S_t - S_{t-1}||")
+    ax.grid(alpha=0.3, which="both")
+    if best:
+        ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def plot_steps_histogram(results: Mapping[str, Any], path: str) -> str:
+    """Histogram of steps used per row (interesting with q_halt / convergence halting)."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    for s in results["settings"]:
+        h = s["steps_histogram"]
+        if not h["steps"]:
+            continue
+        total = max(1, sum(h["count"]))
+        ax.step(h["steps"], np.asarray(h["count"]) / total, where="mid",
+                label=f"D={s['depth']} B={s['breadth']} (mean {s['metrics']['halting/mean_steps']:.1f})")
+    ax.set_xlabel("steps used")
+    ax.set_ylabel("fraction of rows")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
+def save_all_plots(results: Mapping[str, Any], out_dir: str) -> list[str]:
+    """The three evaluation plots as PNGs in ``out_dir``; returns their paths."""
+    return [plot_accuracy_vs_depth(results, os.path.join(out_dir, "accuracy_vs_depth.png")),
+            plot_residuals(results, os.path.join(out_dir, "residual_vs_step.png")),
+            plot_steps_histogram(results, os.path.join(out_dir, "steps_histogram.png"))]
+
+
+# ----------------------------------------------------------------------------------------------
+# Sudoku trajectories
+
+
+def render_grid(grid: np.ndarray, givens: np.ndarray | None = None,
+                solution: np.ndarray | None = None, prev: np.ndarray | None = None,
+                cell: int = 32, title: str = ""):
+    """A PIL image of a square Sudoku grid (digits 1..n, 0 = unknown).
+
+    Givens are black, predictions blue, wrong predictions red (when ``solution`` is known) and
+    cells that changed since ``prev`` are shaded yellow.
+    """
+    from PIL import Image, ImageDraw, ImageFont
+
+    grid = np.asarray(grid)
+    n = grid.shape[0]
+    box = math.isqrt(n)
+    top = 18 if title else 0
+    size = n * cell
+    img = Image.new("RGB", (size + 2, size + 2 + top), "white")
+    draw = ImageDraw.Draw(img)
+    try:
+        font = ImageFont.load_default(size=int(cell * 0.6))
+    except TypeError:  # Pillow < 10.1
+        font = ImageFont.load_default()
+    if title:
+        draw.text((3, 2), title, fill="black", font=ImageFont.load_default())
+    for r in range(n):
+        for c in range(n):
+            x0, y0 = 1 + c * cell, 1 + top + r * cell
+            if prev is not None and prev[r, c] != grid[r, c]:
+                draw.rectangle([x0, y0, x0 + cell, y0 + cell], fill=(255, 240, 150))
+            v = int(grid[r, c])
+            if v <= 0:
+                continue
+            given = givens is not None and givens[r, c] > 0
+            color = "black" if given else (
+                "red" if solution is not None and solution[r, c] != v else (30, 80, 200))
+            s = str(v) if v < 10 else chr(ord("A") + v - 10)
+            draw.text((x0 + cell / 2, y0 + cell / 2), s, fill=color, font=font, anchor="mm")
+    for i in range(n + 1):
+        w = 2 if i % max(box, 1) == 0 else 1
+        p = 1 + i * cell
+        draw.line([(p, 1 + top), (p, 1 + top + size)], fill="black", width=w)
+        draw.line([(1, p + top), (1 + size, p + top)], fill="black", width=w)
+    return img
+
+
+def save_trajectory(grids: Sequence[np.ndarray], path: str, givens: np.ndarray | None = None,
+                    solution: np.ndarray | None = None, steps: Sequence[int] | None = None,
+                    duration_ms: int = 300) -> list[str]:
+    """Render predicted grids over steps: a GIF (``.gif``) or numbered PNG frames (``.png``).
+
+    Returns the written paths (one GIF, or ``stem_000.png``, ...).
+    """
+    steps = list(range(1, len(grids) + 1)) if steps is None else list(steps)
+    frames, prev = [], None
+    for g, t in zip(grids, steps):
+        frames.append(render_grid(g, givens, solution, prev, title=f"step {t}"))
+        prev = g
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    if path.lower().endswith(".gif"):
+        frames[0].save(path, save_all=True, append_images=frames[1:], duration=duration_ms,
+                       loop=0)
+        return [path]
+    stem, _ = os.path.splitext(path)
+    out = []
+    for i, f in enumerate(frames):
+        out.append(f"{stem}_{i:03d}.png")
+        f.save(out[-1])
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Convergence statistics (spec §8), over per-step logits of one or more samples
+
+
+def logit_delta_norms(logits: np.ndarray, last_k: int = 3) -> np.ndarray:
+    """‖ℓ_t − ℓ_{t−1}‖ over the vocabulary for the last ``last_k`` deltas (0: all).
+
+    Args:
+      logits: (T, M, N, V) per-step logits of M samples.
+    Returns:
+      (K, M, N) float64 delta norms, K = min(last_k, T - 1) (T - 1 when last_k <= 0).
+    """
+    lg = np.asarray(logits, np.float64)
+    d = np.linalg.norm(np.diff(lg, axis=0), axis=-1)
+    return d[-last_k:] if 0 < last_k < d.shape[0] else d
+
+
+def convergence_statistics(logits: np.ndarray, last_k: int = 3,
+                           discount: float = 0.95) -> dict[str, np.ndarray]:
+    """Per-sample statistics of the logit-delta norms over the kept steps and tokens.
+
+    Returns arrays of shape (M,): ``score`` (mean, the convergence score of top-k selection),
+    ``std`` (unbiased), ``max``, ``p95``, ``mad`` (median absolute deviation), ``skew``,
+    ``final_residual`` (mean over tokens of the last delta), ``discounted_residual``
+    (Σ_k discount^k r_k), ``rate_mean`` / ``rate_std`` (of r_k / r_{k−1}; 1 and 0 for one step).
+    """
+    d = logit_delta_norms(logits, last_k)  # (K, M, N)
+    k, m, _ = d.shape
+    flat = np.moveaxis(d, 1, 0).reshape(m, -1)
+    mean = flat.mean(1)
+    std = flat.std(1, ddof=1) if flat.shape[1] > 1 else np.zeros(m)
+    med = np.median(flat, axis=1, keepdims=True)
+    dev = np.abs(flat - med)
+    mad = np.sort(dev, axis=1)[:, (dev.shape[1] - 1) // 2]  # lower median
+    cen = flat - mean[:, None]
+    skew = np.where(std > 1e-8, np.mean(cen ** 3, 1) / np.maximum(std, 1e-8) ** 3, 0.0)
+    r = d.mean(axis=2)  # (K, M) per-step residual series
+    if k > 1:
+        rates = r[1:] / (r[:-1] + 1e-9)
+        rate_mean, rate_std = rates.mean(0), (rates.std(0, ddof=1) if k > 2 else np.zeros(m))
+    else:
+        rate_mean, rate_std = np.ones(m), np.zeros(m)
+    return {"score": mean, "std": std, "max": flat.max(1),
+            "p95": np.percentile(flat, 95, axis=1), "mad": mad, "skew": skew,
+            "final_residual": r[-1], "discounted_residual": (discount ** np.arange(k)) @ r,
+            "rate_mean": rate_mean, "rate_std": rate_std}

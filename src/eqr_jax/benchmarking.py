@@ -1,0 +1,365 @@
+"""Helpers shared by the benchmark scripts under ``benchmarks/``.
+
+Timing, compiled and runtime memory, a peak-matmul measurement (the MFU denominator), table
+printing and JSON output. Nothing here asserts on speed: scripts print numbers and ratios measured
+in the same run, tests check only that the numbers exist.
+
+Typical use::
+
+    from eqr_jax import benchmarking as bm
+
+    f = jax.jit(step)
+    mem = bm.compiled_memory(f, params, state)          # compile once, sizes from XLA
+    t = bm.time_fn(f, params, state, warmup=1, repeats=5) # Timing(median_s, ...)
+    peak = bm.peak_matmul_tflops("bfloat16")              # {"tflops": ..., "n": ...}
+    rows.append({"batch": 64, "time_ms": t.median_s * 1e3, "peak_MiB": mem["peak_bytes"] / 2**20})
+    bm.print_table(rows, title="my sweep")
+    bm.write_json("benchmarks/results/x.json", {"rows": rows})  # adds bm.machine_info()
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import math
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+MiB = 2 ** 20
+
+
+# ----------------------------------------------------------------------------------------------
+# Backend and sizes
+
+
+def backend() -> str:
+    """``cpu``, ``gpu`` or ``tpu`` (the default backend of this process)."""
+    return jax.default_backend()
+
+
+def on_accelerator() -> bool:
+    return backend() != "cpu"
+
+
+def by_backend(cpu: Any, accelerator: Any, *, quick: Any = None, is_quick: bool = False) -> Any:
+    """Pick a size: ``quick`` (when ``is_quick`` and given), else ``cpu`` or ``accelerator``."""
+    if is_quick and quick is not None:
+        return quick
+    return accelerator if on_accelerator() else cpu
+
+
+def machine_info() -> dict:
+    """Where and when a benchmark ran: backend, device kind/count, versions, CPU count, UTC date."""
+    dev = jax.devices()[0]
+    import jaxlib  # noqa: PLC0415
+
+    return {
+        "backend": backend(),
+        "device_kind": getattr(dev, "device_kind", str(dev)),
+        "device_count": jax.device_count(),
+        "jax_version": jax.__version__,
+        "jaxlib_version": getattr(jaxlib, "__version__", "?"),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "cpu_count": os.cpu_count(),
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        "date_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+    }
+
+
+def describe_machine(info: Mapping[str, Any] | None = None) -> str:
+    """One line, e.g. ``cpu (cpu x1), jax 0.10.2, 2 CPUs, 2026-11-28T23:40:00Z``."""
+    info = info or machine_info()
+    return (f"{info['backend']} ({info['device_kind']} x{info['device_count']}), "
+            f"jax {info['jax_version']}, {info['cpu_count']} CPUs, {info['date_utc']}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Timing
+
+
+class Timing(NamedTuple):
+    """Wall-clock seconds of ``repeats`` timed calls (after warm-up), each waited to completion."""
+
+    median_s: float
+    min_s: float
+    mean_s: float
+    repeats: int
+    times_s: tuple[float, ...]
+
+    def as_dict(self) -> dict:
+        return {"median_s": self.median_s, "min_s": self.min_s, "mean_s": self.mean_s,
+                "repeats": self.repeats}
+
+
+def block(tree: Any) -> Any:
+    """`jax.block_until_ready` on every array leaf (non-arrays are ignored)."""
+    return jax.block_until_ready(tree)
+
+
+def time_fn(fn: Callable, *args, warmup: int = 1, repeats: int = 5, min_total_s: float = 0.0,
+            max_repeats: int = 1000, **kwargs) -> Timing:
+    """Time ``fn(*args, **kwargs)``: ``warmup`` untimed calls (compilation), then at least
+    ``repeats`` timed calls, more while their total is under ``min_total_s`` (capped at
+    ``max_repeats``). Each call is waited for with `block_until_ready`; returns median/min/mean.
+    """
+    for _ in range(warmup):
+        block(fn(*args, **kwargs))
+    times: list[float] = []
+    while len(times) < repeats or (sum(times) < min_total_s and len(times) < max_repeats):
+        t0 = time.perf_counter()
+        block(fn(*args, **kwargs))
+        times.append(time.perf_counter() - t0)
+    return Timing(statistics.median(times), min(times), statistics.fmean(times), len(times),
+                  tuple(times))
+
+
+def time_calls(make_call: Callable[[], Any], *, warmup: int = 1, repeats: int = 5) -> Timing:
+    """Like `time_fn` for a zero-argument callable that may itself loop over several host calls
+    (the callable's result is blocked on)."""
+    return time_fn(make_call, warmup=warmup, repeats=repeats)
+
+
+# ----------------------------------------------------------------------------------------------
+# Memory
+
+
+def compiled_memory(fn: Callable, *args, **kwargs) -> dict:
+    """Compile ``fn`` (a `jax.jit` function or a plain one, which is jitted) for these arguments
+    and return XLA's buffer-assignment sizes in bytes, plus ``compile_s``.
+
+    ``peak_bytes`` is ``argument + output + temp - alias``: the device memory the program needs
+    while it runs (inputs, results and scratch; donated inputs counted once). XLA's own
+    ``peak_memory_in_bytes`` is reported as ``xla_peak_bytes`` (0 where the backend leaves it
+    out). ``temp_bytes`` alone is the activation / scratch memory, the part that grows with
+    unrolled depth under autodiff.
+    """
+    jitted = fn if hasattr(fn, "lower") else jax.jit(fn)
+    t0 = time.perf_counter()
+    compiled = jitted.lower(*args, **kwargs).compile()
+    compile_s = time.perf_counter() - t0
+    return {**memory_of(compiled), "compile_s": compile_s}
+
+
+def memory_of(compiled: Any) -> dict:
+    """Sizes from ``compiled.memory_analysis()`` (see `compiled_memory`); zeros if unavailable."""
+    try:
+        m = compiled.memory_analysis()
+    except Exception:  # noqa: BLE001 - some backends do not implement it
+        m = None
+    if m is None:
+        return {"argument_bytes": 0, "output_bytes": 0, "temp_bytes": 0, "alias_bytes": 0,
+                "generated_code_bytes": 0, "peak_bytes": 0, "xla_peak_bytes": 0,
+                "peak_source": "unavailable"}
+    out = {
+        "argument_bytes": int(m.argument_size_in_bytes),
+        "output_bytes": int(m.output_size_in_bytes),
+        "temp_bytes": int(m.temp_size_in_bytes),
+        "alias_bytes": int(m.alias_size_in_bytes),
+        "generated_code_bytes": int(m.generated_code_size_in_bytes),
+    }
+    out["peak_bytes"] = (out["argument_bytes"] + out["output_bytes"] + out["temp_bytes"]
+                         - out["alias_bytes"])
+    out["peak_source"] = "argument+output+temp-alias"
+    # XLA's own estimate, where the backend fills it in (it is not comparable across backends:
+    # on CPU it can be far below temp_bytes); reported, never used as `peak_bytes`.
+    out["xla_peak_bytes"] = int(getattr(m, "peak_memory_in_bytes", 0) or 0)
+    return out
+
+
+def device_memory_stats(device: Any = None) -> dict | None:
+    """The runtime allocator's statistics (``bytes_in_use``, ``peak_bytes_in_use``, ...) on GPU/TPU;
+    None on CPU. The peak is a process-wide high-water mark (it never goes down)."""
+    device = device or jax.devices()[0]
+    try:
+        stats = device.memory_stats()
+    except Exception:  # noqa: BLE001
+        return None
+    return dict(stats) if stats else None
+
+
+def runtime_peak_bytes(device: Any = None) -> int | None:
+    stats = device_memory_stats(device)
+    return None if stats is None else int(stats.get("peak_bytes_in_use", 0))
+
+
+def is_oom(err: BaseException) -> bool:
+    """Whether an exception is an out-of-memory error from XLA."""
+    msg = str(err)
+    return "RESOURCE_EXHAUSTED" in msg or "Out of memory" in msg or "out of memory" in msg
+
+
+# ----------------------------------------------------------------------------------------------
+# Peak matmul rate (the MFU denominator)
+
+
+def peak_matmul_tflops(dtype: str = "bfloat16", n: int | None = None, *, repeats: int = 5,
+                       chain: int | None = None) -> dict:
+    """Measured TFLOP/s of square ``n x n`` matmuls in ``dtype`` on the default device.
+
+    A jitted chain of ``chain`` dependent matmuls (so dispatch overhead is amortised) is timed;
+    the best of ``repeats`` calls is used (peak, not typical). Default ``n``: 8192 on an
+    accelerator, 1024 on CPU. Returns ``{"dtype", "n", "chain", "tflops", "seconds"}``.
+    """
+    dt = jnp.dtype(dtype)
+    n = n or (8192 if on_accelerator() else 1024)
+    chain = chain or (8 if on_accelerator() else 2)
+    ka, kb = jax.random.split(jax.random.PRNGKey(0))
+    # Scaled so repeated products stay O(1) in any dtype.
+    a = (jax.random.normal(ka, (n, n), jnp.float32) / math.sqrt(n)).astype(dt)
+    b = jax.random.normal(kb, (n, n), jnp.float32).astype(dt)
+
+    @jax.jit
+    def run(a, b):
+        def body(x, _):
+            return jnp.dot(a, x, preferred_element_type=dt), None
+        return jax.lax.scan(body, b, None, length=chain)[0]
+
+    t = time_fn(run, a, b, warmup=1, repeats=repeats)
+    flops = chain * 2 * n ** 3
+    return {"dtype": str(dt), "n": n, "chain": chain, "tflops": flops / t.min_s / 1e12,
+            "seconds": t.min_s}
+
+
+# ----------------------------------------------------------------------------------------------
+# Tables and JSON
+
+
+def _fmt(v: Any, floatfmt: str) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    if isinstance(v, (float, np.floating)):
+        if not math.isfinite(v):
+            return str(v)
+        if v != 0 and (abs(v) >= 1e6 or abs(v) < 1e-3):
+            return f"{v:.3g}"
+        return format(v, floatfmt)
+    return str(v)
+
+
+def format_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str] | None = None, *,
+                 floatfmt: str = ".4g", markdown: bool = False) -> str:
+    """Rows of dicts as an aligned text table (or a GitHub markdown table)."""
+    if not rows:
+        return "(no rows)"
+    columns = list(columns or _all_keys(rows))
+    cells = [[_fmt(r.get(c), floatfmt) for c in columns] for r in rows]
+    if markdown:
+        head = "| " + " | ".join(columns) + " |"
+        sep = "|" + "|".join("---" for _ in columns) + "|"
+        return "\n".join([head, sep] + ["| " + " | ".join(r) + " |" for r in cells])
+    widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(columns)]
+    line = lambda vals: "  ".join(v.rjust(w) for v, w in zip(vals, widths))
+    return "\n".join([line(columns), line(["-" * w for w in widths])] + [line(r) for r in cells])
+
+
+def _all_keys(rows: Iterable[Mapping[str, Any]]) -> list[str]:
+    keys: list[str] = []
+    for r in rows:
+        keys.extend(k for k in r if k not in keys)
+    return keys
+
+
+def print_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str] | None = None, *,
+                title: str | None = None, floatfmt: str = ".4g") -> None:
+    if title:
+        print(f"\n== {title} ==")
+    print(format_table(rows, columns, floatfmt=floatfmt), flush=True)
+
+
+def _jsonable(obj: Any) -> Any:
+    if isinstance(obj, Mapping):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, (np.integer,)):
+        return int(obj)
+    if isinstance(obj, (np.floating,)):
+        return float(obj)
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
+
+
+def write_json(path: str | os.PathLike, payload: Mapping[str, Any], *,
+               machine: bool = True) -> Path:
+    """Write ``payload`` (plus ``machine: machine_info()`` unless present or disabled) as JSON."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = dict(payload)
+    if machine and "machine" not in data:
+        data["machine"] = machine_info()
+    path.write_text(json.dumps(_jsonable(data), indent=2) + "\n")
+    return path
+
+
+def default_out(name: str, directory: str | os.PathLike = "benchmarks/results") -> Path:
+    """``benchmarks/results/<backend>-<name>.json`` (e.g. ``cpu-sandbox-...`` is chosen by hand)."""
+    return Path(directory) / f"{backend()}-{name}.json"
+
+
+def save_figure(fig: Any, path: str | os.PathLike, *, dpi: int = 90) -> Path:
+    """Save a matplotlib figure (PNG, small dpi to keep it light) and close it."""
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=dpi, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def pyplot():
+    """matplotlib.pyplot with the non-interactive Agg backend."""
+    import matplotlib  # noqa: PLC0415
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+
+    return plt
+
+
+def ratio(a: float | None, b: float | None) -> float | None:
+    """a / b, or None when either is missing or b is 0."""
+    if a is None or b is None or b == 0:
+        return None
+    return a / b
+
+
+# ----------------------------------------------------------------------------------------------
+# Model configurations used by the benchmarks
+
+BENCH_PRESETS = ("sudoku", "maze", "tiny", "tiny-attn", "micro")
+
+
+def model_preset(name: str, **overrides):
+    """`ModelConfig` of a benchmark preset: the ``sudoku`` / ``maze`` / ``tiny`` run presets, or
+    ``tiny-attn`` (the tiny model with attention + RoPE instead of mlp_t, to exercise the
+    attention path at test size) or ``micro`` (the tiny model cut to one recursion of one
+    L-cycle, 2 blocks per step: the smallest program, for smoke tests).
+    ``overrides`` are `ModelConfig` fields (e.g. forward_dtype)."""
+    import dataclasses  # noqa: PLC0415
+
+    from eqr_jax.config import preset  # noqa: PLC0415
+
+    if name == "tiny-attn":
+        cfg = dataclasses.replace(preset("tiny").model, mlp_t=False, pos_encodings="rope")
+    elif name == "micro":
+        cfg = dataclasses.replace(preset("tiny").model, H_cycles=1, L_cycles=1, hidden_size=32)
+    elif name in ("sudoku", "maze", "tiny"):
+        cfg = preset(name).model
+    else:
+        raise ValueError(f"unknown benchmark preset {name!r}; choose from {BENCH_PRESETS}")
+    return dataclasses.replace(cfg, **overrides) if overrides else cfg

@@ -1,0 +1,372 @@
+"""``eqr data sudoku|maze``: build datasets in the reference on-disk format.
+
+Examples::
+
+    eqr data sudoku --out data/sudoku9 --size 9 --train 1000 --test 1000 --num-aug 1000
+    eqr data sudoku --out data/sudoku-extreme-1k --source csv path/to/sudoku-extreme --seed 42
+    eqr data sudoku --out data/sudoku4 --size 4 --train 2000 --test 200 --num-aug 8 --difficulty any
+    eqr data maze --out data/maze30 --grid 30 --train 1000 --test 1000
+
+Also ``python -m eqr_jax.data.build sudoku ...``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from . import format as fmt
+from .augment import augment_sudoku, dihedral
+from .generate import DIFFICULTIES, generate_puzzles
+from .sudoku import box_shape, canonical_form, rate
+
+__all__ = ["build_sudoku_dataset", "build_maze_dataset", "rating_summary", "main"]
+
+
+def rating_summary(ratings) -> dict:
+    """Percentiles and a histogram (bins 0, 1-4, 5-9, 10-19, 20-39, 40-79, 80+) of ratings."""
+    r = np.asarray(ratings, np.float64)
+    if r.size == 0:
+        return {"count": 0}
+    edges = [0, 1, 5, 10, 20, 40, 80, np.inf]
+    names = ["0", "1-4", "5-9", "10-19", "20-39", "40-79", "80+"]
+    hist = np.histogram(r, bins=edges)[0]
+    return {"count": int(r.size), "mean": float(r.mean()), "median": float(np.median(r)),
+            "p10": float(np.percentile(r, 10)), "p90": float(np.percentile(r, 90)),
+            "max": float(r.max()), "frac_ge_10": float((r >= 10).mean()),
+            "histogram": dict(zip(names, hist.tolist()))}
+
+
+def _bar(total: int, desc: str, enabled: bool):
+    if not enabled:
+        class _Null:
+            def update(self, k=1): pass
+            def close(self): pass
+        return _Null()
+    from tqdm import tqdm
+    return tqdm(total=total, desc=desc, unit="puzzle", file=sys.stderr, dynamic_ncols=True)
+
+
+def _canon_key(grid: np.ndarray) -> bytes:
+    return canonical_form(grid).astype(np.uint8).tobytes()
+
+
+def _generate_split(name, n, count, seed, difficulty, iters, workers, cache, min_rating, distinct,
+                    seen: set, bar, patience=None) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    """Generate ``count`` puzzles whose keys are not in ``seen`` (updated); returns the arrays and
+    the number of candidates rejected (equivalent/duplicate or below ``min_rating``)."""
+    P, S, R = [], [], []
+    rejected = 0
+    rnd = 0
+    while sum(len(p) for p in P) < count:
+        need = count - sum(len(p) for p in P)
+        ask = need if rnd == 0 else max(need + need // 2, 8)
+        p, s, r = generate_puzzles(n, ask, seed, difficulty, iters=iters, workers=workers,
+                                   cache_dir=cache, salt=f"{name}{rnd}",
+                                   progress=bar.update if rnd == 0 else None, patience=patience)
+        keep = []
+        for i in range(len(p)):
+            if len(keep) >= need:
+                break
+            if min_rating is not None and r[i] < min_rating:
+                rejected += 1
+                continue
+            if distinct != "none":
+                key = _canon_key(p[i].reshape(n, n)) if distinct == "canonical" else p[i].tobytes()
+                if key in seen:
+                    rejected += 1
+                    continue
+                seen.add(key)
+            keep.append(i)
+        if rnd > 0:
+            bar.update(len(keep))
+        P.append(p[keep]); S.append(s[keep]); R.append(r[keep])
+        rnd += 1
+        if rnd > 50:
+            raise RuntimeError(f"could not find {count} distinct {name} puzzles of size {n} "
+                               f"(distinct={distinct!r}, min_rating={min_rating}); small boards "
+                               f"have few inequivalent puzzles — use --distinct exact or none")
+    return np.concatenate(P), np.concatenate(S), np.concatenate(R), rejected
+
+
+def _augment_groups(puzzles, solutions, num_aug, seed, n):
+    """Inputs/labels tokens (G*(1+num_aug), n*n) uint8 and group sizes: original then copies."""
+    G = len(puzzles)
+    N = n * n
+    xs = np.empty((G * (1 + num_aug), N), np.uint8)
+    ys = np.empty_like(xs)
+    rng = np.random.default_rng([int(seed), 0xA06])
+    for g in range(G):
+        base = g * (1 + num_aug)
+        xs[base], ys[base] = puzzles[g], solutions[g]
+        if num_aug:
+            ap, asol = augment_sudoku(puzzles[g], solutions[g], num_aug, rng)
+            xs[base + 1: base + 1 + num_aug], ys[base + 1: base + 1 + num_aug] = ap, asol
+    return xs + 1, ys + 1, np.full(G, 1 + num_aug)
+
+
+def build_sudoku_dataset(out, size: int = 9, train: int | None = 1000, test: int | None = 1000,
+                         num_aug: int = 1000, seed: int = 0, source: str = "generate",
+                         csv_dir=None, min_rating: float | None = None, workers: int | None = None,
+                         progress: bool = True, difficulty: str | None = None,
+                         iters: int | None = None, distinct: str | None = None,
+                         skip_invalid: bool = False, check_unique: bool = True,
+                         verbose: bool = True, patience: int | None = None) -> dict:
+    """Build a Sudoku dataset in ``out`` (train with ``num_aug`` augmentations per puzzle, test plain).
+
+    Args:
+      source: ``generate`` (our generator), ``csv`` (``csv_dir`` holding train.csv/test.csv in the
+        Sudoku-Extreme format) or ``hub`` (download ``sapientinc/sudoku-extreme``).
+      train, test: number of original puzzles.  For csv/hub, ``train`` rows are subsampled
+        uniformly (None = all) and ``test`` = None keeps every test row (the reference's choice).
+      difficulty: generator mode, ``hard`` (local search; default for 9x9 and up) or ``any``
+        (random minimal unique puzzles, fast; default for smaller boards).
+      min_rating: keep only puzzles rated at least this (csv/hub: the file's rating column, as
+        the reference's ``--min-difficulty``; generate: our rating, regenerating rejects).
+      distinct: ``canonical`` (no two puzzles equivalent, so test is inequivalent to train;
+        default for boards >= 6), ``exact`` (no identical puzzles; default below 6, where few
+        inequivalent puzzles exist) or ``none``.
+      iters, patience: local-search moves per puzzle for ``hard``, and the number of moves
+        without a new best after which a puzzle's search stops (defaults tuned per size).
+    Returns a summary dict (also written to ``out/build_info.json``).
+    """
+    t0 = time.time()
+    out = Path(out)
+    box_shape(size)
+    difficulty = difficulty or ("hard" if size >= 9 else "any")
+    if difficulty not in DIFFICULTIES:
+        raise ValueError(f"difficulty must be one of {DIFFICULTIES}")
+    distinct = distinct or ("canonical" if size >= 6 else "exact")
+    if distinct not in ("canonical", "exact", "none"):
+        raise ValueError("distinct must be canonical, exact or none")
+    n = size
+    summary: dict = {"kind": "sudoku", "size": n, "source": source, "seed": seed, "num_aug": num_aug}
+    skipped = {}
+    if source == "generate":
+        ntrain = 1000 if train is None else int(train)
+        ntest = 1000 if test is None else int(test)
+        cache = out / ".cache"
+        bar = _bar(ntrain + ntest, f"generating {n}x{n} ({difficulty})", progress)
+        seen: set = set()
+        trp, trs, trr, rej1 = _generate_split("train", n, ntrain, seed, difficulty, iters, workers,
+                                              cache, min_rating, distinct, seen, bar, patience)
+        tep, tes, ter, rej2 = _generate_split("test", n, ntest, seed, difficulty, iters, workers,
+                                              cache, min_rating, distinct, seen, bar, patience)
+        bar.close()
+        summary.update(difficulty=difficulty, distinct=distinct, rejected_candidates=rej1 + rej2)
+    elif source in ("csv", "hub"):
+        from .importers import download_sudoku_extreme, load_sudoku_csv_dir
+        if n != 9:
+            raise ValueError("Sudoku-Extreme CSV files hold 9x9 puzzles; use --size 9")
+        folder = download_sudoku_extreme() if source == "hub" else csv_dir
+        if folder is None:
+            raise ValueError("--source csv needs a folder (--source csv DIR)")
+        data = load_sudoku_csv_dir(folder, n, skip_invalid, check_unique)
+        rng = np.random.RandomState(seed)  # legacy stream as the reference builder
+        arrays = {}
+        for split, want in (("train", train), ("test", test)):
+            d = data[split]
+            skipped[split] = [str(i) for i in d.issues]
+            idx = np.arange(len(d))
+            if min_rating is not None:
+                idx = idx[d.ratings[idx] >= min_rating]
+            if want is not None and want < len(idx):
+                idx = np.sort(rng.choice(idx, int(want), replace=False)) if split == "train" else idx[:want]
+            arrays[split] = (d.puzzles[idx], d.solutions[idx])
+        trp, trs = arrays["train"]
+        tep, tes = arrays["test"]
+        # our rating of what was imported (a sample when the split is very large)
+        sel = np.random.default_rng(seed).permutation(len(tep))[:5000]
+        ter = np.array([rate(tep[i].reshape(n, n), 2) for i in np.sort(sel)], np.int32)
+        trr = np.array([rate(p.reshape(n, n), 2) for p in trp[:5000]], np.int32)
+        summary.update(csv_dir=str(folder), skipped_rows={k: len(v) for k, v in skipped.items()})
+    else:
+        raise ValueError(f"source must be generate, csv or hub, got {source!r}")
+
+    xs, ys, gsz = _augment_groups(trp, trs, int(num_aug), seed, n)
+    vocab = n + 2
+    out.mkdir(parents=True, exist_ok=True)
+    fmt.write_split(out, "train", xs, ys, group_sizes=gsz, vocab_size=vocab)
+    fmt.write_split(out, "test", tep + 1, tes + 1, vocab_size=vocab)
+    fmt.write_identifiers(out)
+    summary.update(
+        train_puzzles=int(len(trp)), train_examples=int(len(xs)), test_puzzles=int(len(tep)),
+        seq_len=n * n, vocab_size=vocab,
+        rating_train=rating_summary(trr), rating_test=rating_summary(ter),
+        seconds=round(time.time() - t0, 2))
+    info = dict(summary, skipped_row_details={k: v[:100] for k, v in skipped.items()},
+                ratings_test=ter.tolist()[:5000], ratings_train=trr.tolist()[:5000])
+    (out / "build_info.json").write_text(json.dumps(info, indent=1))
+    if verbose:
+        _print_summary(summary, out)
+    return summary
+
+
+def build_maze_dataset(out, grid: int = 30, train: int = 1000, test: int = 1000, min_len: int = 100,
+                       max_len: int = 140, seed: int = 0, maze_mode: str = "perfect",
+                       wall_prob: float = 0.37, require_unique: bool = True, dedupe: bool = True,
+                       num_aug: int = 0, max_length_resamples: int = 50, max_grid_attempts: int = 200,
+                       max_start_attempts: int = 200, strict: bool = True, verify: bool = True,
+                       progress: bool = True, verbose: bool = True) -> dict:
+    """Build a Maze-Unique dataset in ``out`` (semantics of the reference builder, §6.5).
+
+    ``num_aug`` > 0 adds up to 7 dihedral transforms of every train maze to its group (the
+    reference does not augment mazes).  ``verify`` checks every label is the unique shortest path.
+    """
+    from .maze import MazeConfig, generate_mazes, verify_maze
+    t0 = time.time()
+    cfg = MazeConfig(grid=grid, min_len=min_len, max_len=max_len, maze_mode=maze_mode,
+                     wall_prob=wall_prob, require_unique=require_unique, dedupe=dedupe,
+                     max_length_resamples=max_length_resamples, max_grid_attempts=max_grid_attempts,
+                     max_start_attempts=max_start_attempts, strict=strict)
+    if not 0 <= num_aug <= 7:
+        raise ValueError("maze --num-aug must be 0..7 (dihedral transforms)")
+    bar = _bar(train + test, f"generating {grid}x{grid} mazes", progress)
+    (trx, try_, trl), (tex, tey, tel) = generate_mazes(cfg, [train, test], seed, progress=bar.update)
+    bar.close()
+    if verify:
+        for name, X, Y in (("train", trx, try_), ("test", tex, tey)):
+            for i in range(len(X)):
+                err = verify_maze(X[i], Y[i])
+                if err:
+                    raise RuntimeError(f"{name} maze {i} failed verification: {err}")
+    if num_aug:
+        ks = np.arange(1, 1 + num_aug)
+        gx, gy = [], []
+        for i in range(len(trx)):
+            a, b = trx[i].reshape(grid, grid), try_[i].reshape(grid, grid)
+            gx += [a.ravel()] + [dihedral(a, k).ravel() for k in ks]
+            gy += [b.ravel()] + [dihedral(b, k).ravel() for k in ks]
+        trx, try_ = np.array(gx, np.uint8), np.array(gy, np.uint8)
+        gsz = np.full(train, 1 + num_aug)
+    else:
+        gsz = None
+    out = Path(out)
+    fmt.write_split(out, "train", trx, try_, group_sizes=gsz, vocab_size=6)
+    fmt.write_split(out, "test", tex, tey, vocab_size=6)
+    fmt.write_identifiers(out)
+    lens = np.concatenate([trl, tel])
+    summary = {"kind": "maze", "grid": grid, "maze_mode": maze_mode, "seed": seed,
+               "train_mazes": int(train), "train_examples": int(len(trx)), "test_mazes": int(test),
+               "seq_len": grid * grid, "vocab_size": 6, "num_aug": num_aug,
+               "path_length": {"min": int(lens.min()), "max": int(lens.max()),
+                               "mean": round(float(lens.mean()), 2)},
+               "verified": bool(verify), "seconds": round(time.time() - t0, 2)}
+    (out / "build_info.json").write_text(json.dumps(summary, indent=1))
+    if verbose:
+        _print_summary(summary, out)
+    return summary
+
+
+def _print_summary(s: dict, out) -> None:
+    print(f"[eqr data] wrote {out} in {s['seconds']:.1f}s")
+    if s["kind"] == "sudoku":
+        print(f"  train: {s['train_puzzles']} puzzles -> {s['train_examples']} examples "
+              f"(1 + {s['num_aug']} augmentations each); test: {s['test_puzzles']} puzzles")
+        for split in ("train", "test"):
+            r = s[f"rating_{split}"]
+            if r.get("count"):
+                print(f"  {split} rating: median {r['median']:.1f}, p90 {r['p90']:.1f}, "
+                      f"mean {r['mean']:.1f}, max {r['max']:.0f}, >=10: {100 * r['frac_ge_10']:.0f}%"
+                      f"  histogram {r['histogram']}")
+        if s.get("skipped_rows"):
+            print(f"  skipped invalid rows: {s['skipped_rows']}")
+    else:
+        print(f"  train: {s['train_mazes']} mazes ({s['train_examples']} examples); test: "
+              f"{s['test_mazes']}; path length {s['path_length']}")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="eqr data", description="Build or import puzzle datasets.")
+    sub = p.add_subparsers(dest="kind", required=True)
+    s = sub.add_parser("sudoku", help="Sudoku (generated or Sudoku-Extreme CSV/hub)")
+    s.add_argument("--out", required=True, help="output dataset folder")
+    s.add_argument("--source", nargs="+", default=["generate"], metavar="SRC",
+                   help="generate | csv DIR | hub (default generate)")
+    s.add_argument("--size", type=int, default=9, help="board side: 4, 6, 9, ... (default 9)")
+    s.add_argument("--train", type=int, default=None, help="train puzzles (default 1000; csv: subsample)")
+    s.add_argument("--test", type=int, default=None, help="test puzzles (default 1000; csv: all rows)")
+    s.add_argument("--num-aug", type=int, default=1000, help="augmentations per train puzzle")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--difficulty", choices=DIFFICULTIES, default=None,
+                   help="hard: local search for high ratings (default for 9x9); any: random minimal")
+    s.add_argument("--iters", type=int, default=None, help="local-search moves per puzzle (hard)")
+    s.add_argument("--patience", type=int, default=None,
+                   help="stop a puzzle's search after this many moves without improvement (hard)")
+    s.add_argument("--min-rating", type=float, default=None, help="keep puzzles rated at least this")
+    s.add_argument("--distinct", choices=("canonical", "exact", "none"), default=None,
+                   help="puzzle distinctness across and within splits (default canonical for n >= 6)")
+    s.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
+    s.add_argument("--skip-invalid", action="store_true", help="skip and count invalid CSV rows")
+    s.add_argument("--no-check-unique", action="store_true", help="skip the uniqueness check on import")
+    s.add_argument("--no-progress", action="store_true")
+    m = sub.add_parser("maze", help="Maze-Unique")
+    m.add_argument("--out", required=True)
+    m.add_argument("--grid", type=int, default=30)
+    m.add_argument("--train", type=int, default=1000)
+    m.add_argument("--test", type=int, default=1000)
+    m.add_argument("--min-len", type=int, default=100)
+    m.add_argument("--max-len", type=int, default=140)
+    m.add_argument("--seed", type=int, default=0)
+    m.add_argument("--maze-mode", choices=("perfect", "random"), default="perfect")
+    m.add_argument("--wall-prob", type=float, default=0.37)
+    m.add_argument("--no-require-unique", action="store_true")
+    m.add_argument("--no-dedupe", action="store_true")
+    m.add_argument("--num-aug", type=int, default=0, help="dihedral copies per train maze (0..7)")
+    m.add_argument("--max-length-resamples", type=int, default=50)
+    m.add_argument("--max-grid-attempts", type=int, default=200)
+    m.add_argument("--max-start-attempts", type=int, default=200)
+    m.add_argument("--no-strict", action="store_true", help="resample lengths instead of failing")
+    m.add_argument("--no-verify", action="store_true")
+    m.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.kind == "sudoku":
+            src = args.source
+            if src[0] == "csv" and len(src) == 2:
+                source, csv_dir = "csv", src[1]
+            elif src in (["generate"], ["hub"]):
+                source, csv_dir = src[0], None
+            else:
+                print(f"eqr data: bad --source {' '.join(src)} (generate | csv DIR | hub)", file=sys.stderr)
+                return 2
+            train = args.train if args.train is not None else (1000 if source == "generate" else None)
+            test = args.test if args.test is not None else (1000 if source == "generate" else None)
+            if source != "generate" and args.train is None:
+                train = 1000  # the published preset subsamples 1000 training puzzles
+            build_sudoku_dataset(args.out, size=args.size, train=train, test=test,
+                                 num_aug=args.num_aug, seed=args.seed, source=source, csv_dir=csv_dir,
+                                 min_rating=args.min_rating, workers=args.workers,
+                                 progress=not args.no_progress, difficulty=args.difficulty,
+                                 iters=args.iters, patience=args.patience, distinct=args.distinct,
+                                 skip_invalid=args.skip_invalid, check_unique=not args.no_check_unique)
+        else:
+            build_maze_dataset(args.out, grid=args.grid, train=args.train, test=args.test,
+                               min_len=args.min_len, max_len=args.max_len, seed=args.seed,
+                               maze_mode=args.maze_mode, wall_prob=args.wall_prob,
+                               require_unique=not args.no_require_unique, dedupe=not args.no_dedupe,
+                               num_aug=args.num_aug, max_length_resamples=args.max_length_resamples,
+                               max_grid_attempts=args.max_grid_attempts,
+                               max_start_attempts=args.max_start_attempts, strict=not args.no_strict,
+                               verify=not args.no_verify, progress=not args.no_progress)
+    except Exception as e:  # user-facing: one clear line, not a traceback
+        from .importers import ValidationError
+        if isinstance(e, (ValidationError, FileNotFoundError, ValueError, RuntimeError)):
+            print(f"eqr data: error: {e}", file=sys.stderr)
+            return 1
+        raise
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,88 @@
+"""In-memory 4x4 Sudoku batches for the training tests (no dependency on eqr_jax.data)."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+
+
+def sudoku4_solutions() -> np.ndarray:
+    """All 288 valid 4x4 Sudoku grids, (288, 16) with digits 1..4."""
+    rows = list(itertools.permutations(range(1, 5)))
+    out = []
+
+    def ok(grid):
+        g = np.array(grid)
+        if any(len(set(g[:, c])) < len(g) for c in range(4)):
+            return False
+        if len(g) % 2 == 0:
+            for r0 in range(0, len(g), 2):
+                for c0 in (0, 2):
+                    if len(set(g[r0:r0 + 2, c0:c0 + 2].ravel())) < 4:
+                        return False
+        return True
+
+    def rec(grid):
+        if len(grid) == 4:
+            out.append(np.array(grid).ravel())
+            return
+        for r in rows:
+            if ok(grid + [r]):
+                rec(grid + [r])
+
+    rec([])
+    return np.array(out, np.int32)
+
+
+def make_puzzles(n: int, seed: int, blanks=(4, 9)) -> tuple[np.ndarray, np.ndarray]:
+    """(inputs, labels) int32 (n, 16): tokens 1 = blank, digit d -> d + 1 (vocab 6)."""
+    rng = np.random.default_rng(seed)
+    sols = sudoku4_solutions()
+    pick = sols[rng.integers(0, len(sols), n)]
+    labels = pick + 1
+    inputs = labels.copy()
+    for i in range(n):
+        k = rng.integers(blanks[0], blanks[1] + 1)
+        inputs[i, rng.choice(16, k, replace=False)] = 1
+    return inputs.astype(np.int32), labels.astype(np.int32)
+
+
+class ArrayTrainLoader:
+    """Infinite shuffled batches with a JSON state (epoch, cursor), like the data module's."""
+
+    def __init__(self, inputs, labels, batch_size: int, seed: int = 0):
+        self.inputs, self.labels, self.bs, self.seed = inputs, labels, batch_size, seed
+        self.steps_per_epoch = max(1, len(inputs) // batch_size)
+        self.epoch, self.cursor = 0, 0
+
+    def _perm(self):
+        return np.random.default_rng((self.seed, self.epoch)).permutation(len(self.inputs))
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        if self.cursor >= self.steps_per_epoch:
+            self.epoch, self.cursor = self.epoch + 1, 0
+        idx = self._perm()[self.cursor * self.bs:(self.cursor + 1) * self.bs]
+        self.cursor += 1
+        return {"inputs": self.inputs[idx], "labels": self.labels[idx],
+                "puzzle_identifiers": np.zeros(len(idx), np.int32)}
+
+    def state(self):
+        return {"epoch": self.epoch, "cursor": self.cursor}
+
+    def restore(self, state):
+        self.epoch, self.cursor = int(state["epoch"]), int(state["cursor"])
+
+
+def eval_batches(inputs, labels, batch_size: int):
+    """Padded evaluation batches with a row mask."""
+    for s in range(0, len(inputs), batch_size):
+        x, y = inputs[s:s + batch_size], labels[s:s + batch_size]
+        pad = batch_size - len(x)
+        mask = np.r_[np.ones(len(x), bool), np.zeros(pad, bool)]
+        yield {"inputs": np.pad(x, ((0, pad), (0, 0))),
+               "labels": np.pad(y, ((0, pad), (0, 0)), constant_values=-100),
+               "puzzle_identifiers": np.zeros(batch_size, np.int32), "mask": mask}

@@ -1,0 +1,116 @@
+"""The benchmark scripts run (smallest form, in-process) and their numbers are well-formed.
+
+Nothing here asserts on speed: only that every script still runs and writes what it promises, that
+the analytic FLOP formula matches the known Sudoku figure, and that the gradient-memory benchmark
+shows the expected *shape* (full backprop grows with the unrolled steps, truncated stays flat).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from eqr_jax import benchmarking as bm
+from eqr_jax import flops
+from eqr_jax.config import preset
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def _script(name: str):
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_flop_formula_matches_sudoku_figure():
+    cfg = preset("sudoku").model
+    assert cfg.blocks_per_step == 42
+    per_step = flops.step_flops(cfg)
+    assert abs(per_step - 18.7e9) <= 0.1e9, per_step
+    assert per_step == 18_728_091_648
+    blk = flops.block_flops(cfg)
+    assert blk.token_mixing == 2 * 512 * 81 * 2 * 256 + 2 * 512 * 256 * 81
+    assert blk.channel_mlp == 2 * 81 * 512 * 2 * 1536 + 2 * 81 * 1536 * 512
+    maze = preset("maze").model
+    assert flops.block_flops(maze).token_mixing == (2 * 900 * 128 * 384 + 4 * 900 ** 2 * 128
+                                                    + 2 * 900 * 128 ** 2)
+    assert flops.step_flops(maze) == 15 * flops.block_flops(maze).total
+    assert flops.forward_flops(cfg, 3, batch=2, breadth=4) == 8 * (3 * per_step
+                                                                   + flops.readout_flops(cfg))
+
+
+def test_benchmarking_helpers(tmp_path):
+    f = jax.jit(lambda a: jnp.tanh(a @ a).sum())
+    a = jnp.ones((32, 32))
+    t = bm.time_fn(f, a, warmup=1, repeats=3)
+    assert t.repeats == 3 and 0 < t.min_s <= t.median_s
+    mem = bm.compiled_memory(f, a)
+    assert mem["argument_bytes"] == 32 * 32 * 4 and mem["peak_bytes"] >= mem["argument_bytes"]
+    peak = bm.peak_matmul_tflops("float32", 64, repeats=2)
+    assert peak["tflops"] > 0 and peak["n"] == 64
+    rows = [{"a": 1, "b": 0.5}, {"a": 2, "c": None}]
+    text = bm.format_table(rows)
+    assert "a" in text.splitlines()[0] and "-" in text
+    assert bm.format_table(rows, markdown=True).startswith("| a | b | c |")
+    out = bm.write_json(tmp_path / "x.json", {"rows": rows, "nan": float("nan")})
+    data = json.loads(out.read_text())
+    assert data["machine"]["jax_version"] == jax.__version__ and data["nan"] is None
+    assert bm.model_preset("micro").blocks_per_step == 2
+
+
+def test_iteration_scaling_quick(tmp_path):
+    res = _script("iteration_scaling").main([
+        "--quick", "--presets", "micro", "--dtypes", "float32", "--depths", "1", "3",
+        "--batches", "1", "--breadths", "1", "2", "--matmul-n", "128",
+        "--out", str(tmp_path / "is.json"), "--plot", str(tmp_path / "is.png")])
+    data = json.loads(Path(res["out"]).read_text())
+    assert data["peak_matmul"]["float32"]["tflops"] > 0
+    rows = [r for r in data["rows"] if r["status"] == "ok"]
+    assert {r["sweep"] for r in rows} == {"depth", "batch", "breadth"}
+    for r in rows:
+        for key in ("puzzle_steps_per_s", "layer_equiv_per_s", "tflops", "mfu",
+                    "latency_ms_per_step", "compiled_peak_MiB"):
+            assert r[key] > 0 and math.isfinite(r[key]), (key, r)
+        assert r["layer_equiv_per_s"] == pytest.approx(2 * r["puzzle_steps_per_s"])
+    assert Path(res["plot"]).stat().st_size > 0
+
+
+def test_gradient_memory_quick(tmp_path):
+    res = _script("gradient_memory").main([
+        "--preset", "micro", "--batch", "4", "--ns", "1", "4", "--repeats", "1",
+        "--modes", "full", "full+remat", "truncated", "implicit", "--implicit-method", "iteration",
+        "--out", str(tmp_path / "gm.json"), "--plot", str(tmp_path / "gm.png")])
+    data = json.loads(Path(res["out"]).read_text())
+    temp = {(r["mode"], r["n"]): r["temp_MiB"] for r in data["rows"]}
+    assert all(r["status"] == "ok" and r["time_ms"] > 0 for r in data["rows"])
+    assert temp[("full", 4)] > 2.0 * temp[("full", 1)]          # grows ~linearly with n
+    assert temp[("truncated", 4)] <= 1.1 * temp[("truncated", 1)]  # flat
+    assert temp[("implicit", 4)] <= 1.1 * temp[("implicit", 1)]    # flat
+    assert temp[("full+remat", 4)] < temp[("full", 4)]
+    assert Path(res["plot"]).stat().st_size < 200_000
+
+
+def test_tuning_quick(tmp_path):
+    res = _script("tuning").main([
+        "--quick", "--preset", "micro", "--batch", "2", "--steps-per-call", "2",
+        "--repeats", "1", "--out", str(tmp_path / "tu.json")])
+    sections = json.loads(Path(res["out"]).read_text())["sections"]
+    assert set(sections) == {"mlp_t", "attention", "remat", "host", "donation", "flags"}
+    for name in ("mlp_t", "attention", "remat", "host", "donation"):
+        rows = sections[name]["rows"]
+        assert rows and all(r["time_ms"] > 0 for r in rows if "time_ms" in r), name
+    # Options are semantics-preserving: float32 rows agree with the baseline to rounding.
+    for r in sections["mlp_t"]["rows"]:
+        assert r["max_abs_diff"] < (1e-4 if r["dtype"] == "float32" else 0.1), r
+    for r in sections["host"]["rows"]:
+        assert r["max_abs_diff"] < 1e-4, r
+    for r in sections["remat"]["rows"]:
+        assert r["loss_diff"] < 1e-5, r
