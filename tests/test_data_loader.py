@@ -111,6 +111,26 @@ def test_train_loader_matches_reference_sampler_and_labels(tmp_path):
     ld.close()
 
 
+def test_train_loader_general_path_multi_example_puzzles():
+    # puzzles owning several examples (HRM datasets can) take the draw-by-draw path
+    from eqr_jax.data.format import DatasetMetadata, Split
+    rng = np.random.default_rng(3)
+    counts = rng.integers(1, 4, 30)                       # 30 puzzles, 1..3 examples each
+    pi = np.concatenate([[0], np.cumsum(counts)]).astype(np.int32)
+    gi = np.arange(0, 31, 2, dtype=np.int32)              # 15 groups of 2 puzzles
+    E = int(pi[-1])
+    x = rng.integers(1, 6, (E, 4)).astype(np.uint8)
+    meta = DatasetMetadata(pad_id=0, ignore_label_id=0, blank_identifier_id=0, vocab_size=6,
+                           seq_len=4, num_puzzle_identifiers=1, total_groups=15,
+                           mean_puzzle_examples=float(E) / 30, sets=["all"], total_samples=E)
+    split = Split(x, x, np.zeros(30, np.int32), pi, gi, meta)
+    ld = TrainLoader(split, 6, seed=4, prefetch=0)
+    ref = _reference_batches(split, 6, 4, passes=2)
+    assert len(ref) >= 2
+    for rows in ref:
+        assert (next(ld)["inputs"] == x[rows]).all()
+
+
 def test_train_loader_deterministic_resume_and_shards(tmp_path):
     _write(tmp_path)
     a = TrainLoader(tmp_path, 8, seed=1, prefetch=3)

@@ -137,8 +137,9 @@ def render_grid(grid: np.ndarray, givens: np.ndarray | None = None,
                 cell: int = 32, title: str = ""):
     """A PIL image of a square Sudoku grid (digits 1..n, 0 = unknown).
 
-    Givens are black, predictions blue, wrong predictions red (when ``solution`` is known) and
-    cells that changed since ``prev`` are shaded yellow.
+    Givens are black, predictions blue, wrong predictions red (a changed given, or a cell that
+    differs from ``solution`` when it is known) and cells that changed since ``prev`` are shaded
+    yellow.
     """
     from PIL import Image, ImageDraw, ImageFont
 
@@ -164,8 +165,9 @@ def render_grid(grid: np.ndarray, givens: np.ndarray | None = None,
             if v <= 0:
                 continue
             given = givens is not None and givens[r, c] > 0
-            color = "black" if given else (
-                "red" if solution is not None and solution[r, c] != v else (30, 80, 200))
+            wrong = (given and givens[r, c] != v) or (
+                solution is not None and solution[r, c] != v)
+            color = "red" if wrong else ("black" if given else (30, 80, 200))
             s = str(v) if v < 10 else chr(ord("A") + v - 10)
             draw.text((x0 + cell / 2, y0 + cell / 2), s, fill=color, font=font, anchor="mm")
     for i in range(n + 1):

@@ -12,9 +12,11 @@ Method (per puzzle, all inside one numba kernel):
    from ours (only such a clue can restore uniqueness).  The move is accepted when the puzzle is
    unique and the rating (``sudoku.rate``) does not drop; a small annealing term (``TEMP``)
    sometimes accepts a small drop.  ``difficulty="hard"`` runs up to ``iters`` moves (stopping
-   after ``patience`` moves without a new best) and keeps the best puzzle seen; ``"any"`` stops after step 2 (fast, rating median ~0-1).
+   after ``patience`` moves without a new best) and keeps the best puzzle seen; ``"any"``
+   stops after step 2 (fast, rating median ~0-1).
 
-Random minimal puzzles rate around median 1, so step 3 is what makes the set hard.  Each chunk of
+Random minimal puzzles rate around median 1, so step 3 is what makes the set hard.  The kernels
+live in :mod:`.sudoku` beside the solver they call (numba's disk cache tracks one file only).  Each chunk of
 puzzles is generated from its own seed ``(seed, chunk)`` (numba's generator is seeded in the
 kernel), chunks run in a process pool, and each finished chunk is saved as ``chunk_*.npz``
 in a cache folder so an interrupted build resumes where it stopped: results are identical for a
@@ -41,10 +43,10 @@ __all__ = ["DIFFICULTIES", "generate_chunk", "generate_puzzles", "chunk_seed"]
 DIFFICULTIES = ("hard", "any")
 #: Local-search moves per puzzle by board side for ``hard`` (tuned on 9x9 for the
 #: Sudoku-Extreme-grade target: median rating >= 10, p90 >= 40).
-DEFAULT_ITERS = {9: 3000}
-#: Stop a puzzle's search after this many moves without a new best rating (0 = never); halves
-#: the cost at the same rating distribution.
-DEFAULT_PATIENCE = {9: 600}
+DEFAULT_ITERS = {9: 4000}
+#: Stop a puzzle's search after this many moves without a new best rating (0 = never); this
+#: spends the budget on puzzles that are still climbing.
+DEFAULT_PATIENCE = {9: 1000}
 #: Bumped whenever the kernels' output changes, so stale chunk caches are not reused.
 GENERATOR_VERSION = 3
 #: Annealing temperature: a move losing dr is accepted with probability exp(dr / (TEMP*(1+r))).

@@ -108,6 +108,8 @@ class TrainLoader:
         self.prefetch = int(prefetch)
         self._gi = np.asarray(self.split.group_indices, np.int64)
         self._pi = np.asarray(self.split.puzzle_indices, np.int64)
+        self._one_example_per_puzzle = bool(len(self._pi) == self.split.num_examples + 1 and
+                                            (np.diff(self._pi) == 1).all())
         if self.split.num_groups == 0:
             raise ValueError("training split has no groups")
         self._state = self._initial_state() if state is None else self._check_state(state)
@@ -174,6 +176,22 @@ class TrainLoader:
                     order = rng.permutation(G)
                     cursor = 0
                     epoch += 1
+                if self._one_example_per_puzzle:
+                    # Fast path, same draws: every puzzle has one example, so the reference takes
+                    # one group per row, and its rng.choice(1, 1) consumes no randomness; a
+                    # vectorised rng.integers equals the sequential scalar calls (tests check).
+                    take = order[cursor:cursor + B]
+                    rows = rng.integers(self._gi[take], self._gi[take + 1])
+                    cursor += len(take)
+                    if len(take) < B:
+                        continue  # under-filled tail: dropped, the epoch ends
+                    batch = self._emit(rows, rows)
+                    st = {"pass": st["pass"], "epoch": epoch, "cursor": int(cursor),
+                          "group_order": [int(v) for v in order],
+                          "rng_state": _to_json(rng.bit_generator.state)}
+                    yielded = True
+                    yield batch, copy.deepcopy(st)
+                    continue
                 idx, pids = [], []
                 size = 0
                 while cursor < len(order) and size < B:
@@ -189,12 +207,7 @@ class TrainLoader:
                 if size < B:  # under-filled tail: dropped, the epoch ends
                     cursor = len(order)
                     continue
-                rows = np.concatenate(idx)
-                prow = np.concatenate(pids)
-                lo = self.process_index * self.local_batch_size
-                sl = slice(lo, lo + self.local_batch_size)
-                batch = _collate(self.split, rows[sl], prow[sl], self.local_batch_size)
-                del batch["mask"]
+                batch = self._emit(np.concatenate(idx), np.concatenate(pids))
                 st = {"pass": st["pass"], "epoch": epoch, "cursor": int(cursor),
                       "group_order": [int(v) for v in order],
                       "rng_state": _to_json(rng.bit_generator.state)}
@@ -204,6 +217,14 @@ class TrainLoader:
                 raise RuntimeError(f"no full batch of {B} rows can be formed from {G} groups; "
                                    f"lower the global batch size")
             st = {"pass": st["pass"], "epoch": 0, "cursor": 0, "group_order": None, "rng_state": None}
+
+    def _emit(self, rows: np.ndarray, prow: np.ndarray) -> dict:
+        """This process's slice of a global batch of example ``rows`` (puzzle ids ``prow``)."""
+        lo = self.process_index * self.local_batch_size
+        sl = slice(lo, lo + self.local_batch_size)
+        batch = _collate(self.split, rows[sl], prow[sl], self.local_batch_size)
+        del batch["mask"]
+        return batch
 
     def _any_full_batch_possible(self) -> bool:
         # every group contributes at most one puzzle (all its examples, bounded by the batch)
