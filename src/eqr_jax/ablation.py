@@ -163,8 +163,7 @@ def _config_json(cfg: RunConfig) -> str:
 def _eval_loader(cfg: RunConfig):
     from eqr_jax.data.loader import EvalLoader
     bs = cfg.data.eval_batch_size or cfg.data.global_batch_size
-    return EvalLoader(str(Path(cfg.data.path) / "test") if (Path(cfg.data.path) / "test").is_dir()
-                      else cfg.data.path, bs)
+    return EvalLoader(cfg.data.path, bs)
 
 
 def evaluate_depths(cfg: RunConfig, params, depths: Sequence[int]) -> dict[int, float]:

@@ -111,7 +111,7 @@ class FixedPointResult(NamedTuple):
 def fixed_point(step: StepFn, params, state: LatentState, x: jax.Array, *,
                 method: str = "anderson", tol: float = 1e-4, maxiter: int = 50,
                 implicit_diff: bool = True, history_size: int = 5, ridge: float = 1e-5,
-                beta: float = 1.0) -> FixedPointResult:
+                beta: float = 1.0, linear_solve_iters: int = 20) -> FixedPointResult:
     """Solve z* = step(params, z*, x) (noise off) with jaxopt; gradient by implicit differentiation.
 
     Args:
@@ -121,6 +121,9 @@ def fixed_point(step: StepFn, params, state: LatentState, x: jax.Array, *,
       maxiter: iteration cap.
       implicit_diff: differentiate the solution with the implicit function theorem (memory
         independent of the iterations); False unrolls the solver's loop for autodiff.
+      linear_solve_iters: Krylov iterations (GMRES, one restart cycle) for the backward linear
+        system (I - df/dz)^T u = g. Bounded on purpose: jaxopt's default normal-CG has no cap
+        and, on a map that is not a contraction, runs up to the system size (minutes a step).
     Returns:
       `FixedPointResult`.
     """
@@ -131,13 +134,17 @@ def fixed_point(step: StepFn, params, state: LatentState, x: jax.Array, *,
         out = step(p, z_in, xx, None, truncate=False)
         return jax.tree_util.tree_map(lambda a: a.astype(jnp.float32), out)
 
+    backward = functools.partial(jaxopt.linear_solve.solve_gmres, tol=1e-6,
+                                 restart=int(linear_solve_iters), maxiter=1)
     if method == "anderson":
         solver = jaxopt.AndersonAcceleration(f32_map, history_size=history_size, maxiter=maxiter,
                                              tol=tol, ridge=ridge, beta=beta,
-                                             implicit_diff=implicit_diff, jit=True)
+                                             implicit_diff=implicit_diff,
+                                             implicit_diff_solve=backward, jit=True)
     elif method == "iteration":
         solver = jaxopt.FixedPointIteration(f32_map, maxiter=maxiter, tol=tol,
-                                            implicit_diff=implicit_diff, jit=True)
+                                            implicit_diff=implicit_diff,
+                                            implicit_diff_solve=backward, jit=True)
     else:
         raise ValueError(f"unknown fixed-point method {method!r}; use 'anderson' or 'iteration'")
     z0 = jax.tree_util.tree_map(lambda a: jax.lax.stop_gradient(a).astype(jnp.float32), state)
