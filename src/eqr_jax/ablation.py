@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import time
 from pathlib import Path
 from typing import Any, Sequence
@@ -24,7 +23,7 @@ from eqr_jax import benchmarking, evaluation, optim
 from eqr_jax import train as train_lib
 from eqr_jax.act import act_step, init_carry
 from eqr_jax.checkpoint import load_for_inference
-from eqr_jax.config import EvalConfig, RunConfig
+from eqr_jax.config import RunConfig, to_dict
 from eqr_jax.model import EqRModel
 
 MODES = ("truncated", "full", "one_step", "implicit")
@@ -141,7 +140,7 @@ def run(cfg: RunConfig, out_dir: str | Path, *, modes: Sequence[str] = MODES,
     cos = gradient_agreement(cfg, anchor, batch, modes)
     for row in rows:
         row["grad_cos_vs_full"] = cos[row["mode"]]
-    report = {"rows": rows, "depths": list(depths), "config": json.loads(_config_json(cfg)),
+    report = {"rows": rows, "depths": list(depths), "config": to_dict(cfg),
               "machine": benchmarking.machine_info()}
     benchmarking.write_json(out / "ablation.json", report)
     (out / "ablation.md").write_text(markdown_table(rows) + "\n")
@@ -153,11 +152,6 @@ def _first(d: dict, keys) -> float:
         if k in d:
             return float(d[k])
     return float("nan")
-
-
-def _config_json(cfg: RunConfig) -> str:
-    from eqr_jax.config import to_json
-    return to_json(cfg)
 
 
 def _eval_loader(cfg: RunConfig):

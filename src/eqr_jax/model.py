@@ -154,16 +154,12 @@ class TokenSwiGLU(nn.Module):
     @nn.compact
     def __call__(self, h: jax.Array) -> jax.Array:
         n, inter = self.seq_len, swiglu_intermediate(self.seq_len, self.expansion)
-        w_gu = self.param("gate_up_proj", _kernel_init(n), (n, 2 * inter), jnp.float32)
-        w_d = self.param("down_proj", _kernel_init(inter), (inter, n), jnp.float32)
+        w_gu = self.param("gate_up_proj", trunc_normal_init(n ** -0.5), (n, 2 * inter), jnp.float32)
+        w_d = self.param("down_proj", trunc_normal_init(inter ** -0.5), (inter, n), jnp.float32)
         gu = jnp.einsum("bnh,nk->bkh", h, w_gu.astype(self.dtype))
         gate, up = jnp.split(gu, 2, axis=1)
         return jnp.einsum("bkh,kn->bnh", nn.silu(gate) * up, w_d.astype(self.dtype))
 
-
-def _kernel_init(fan_in: int):
-    init = trunc_normal_init(fan_in ** -0.5)
-    return lambda key, shape, dtype: init(key, shape, dtype)
 
 
 class Attention(nn.Module):
