@@ -315,12 +315,14 @@ def update(cfg: ModelConfig, params: Params, h: jax.Array, u: jax.Array,
     out = apply_blocks(cfg, params, h + u)
     if cfg.variant == "trm":
         return out
-    lam = jnp.asarray(cfg.lambda_, h.dtype)
-    new = (1 - lam) * h + lam * out
+    # Coefficients stay float32 (bf16 would store lambda = 0.9492, sigma = 0.0100098) and the
+    # update is rounded to the compute dtype once, as the reference's fused kernel does.
+    lam = float(cfg.lambda_)
+    new = (1.0 - lam) * h.astype(jnp.float32) + lam * out.astype(jnp.float32)
     if key is not None and cfg.noise_scale > 0:
         eps = jax.random.normal(key, h.shape, jnp.float32).astype(h.dtype)
-        new = new + jnp.asarray(cfg.noise_scale, h.dtype) * eps
-    return new
+        new = new + float(cfg.noise_scale) * eps.astype(jnp.float32)
+    return new.astype(h.dtype)
 
 
 def latent_recursion(cfg: ModelConfig, params: Params, state: LatentState, x: jax.Array,
