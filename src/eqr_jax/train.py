@@ -8,7 +8,11 @@ sharded along the ``data`` axis of a `jax.sharding.Mesh`; parameters, optimiser 
 are replicated. The same code runs on one CPU, one GPU or a multi-host slice.
 
     eqr train --preset tiny                         # builds small data if missing, trains on CPU
+    eqr train --preset sudoku --dry-run             # the plan only: ... total_steps: 50000
     eqr train --preset sudoku --data DIR train.lr=3e-4 --resume
+
+Each step's loss and gradient norm are checked on device: from the first non-finite one the call
+freezes the state, and the host raises `NonFiniteError` before anything after it is saved.
 """
 
 from __future__ import annotations
@@ -347,7 +351,7 @@ def stack_batches(batches: list[Mapping[str, np.ndarray]]) -> dict:
 
 
 def summarize(sums: Mapping[str, Any], global_batch_size: int) -> dict[str, float]:
-    """Loggable scalars from fetched metric sums of one or more steps (spec §4.2 'Logged values').
+    """Loggable scalars from fetched metric sums of one or more steps, as the reference logs them.
 
     Losses and latent RMS are divided by ``global_batch_size x num_steps``; accuracies, q-halt
     precision/recall and mean steps by ``count`` (halted rows), and dropped when no row halted;

@@ -109,10 +109,12 @@ def _generate_split(name, n, count, seed, difficulty, iters, workers, cache, min
     return np.concatenate(P), np.concatenate(S), np.concatenate(R), rejected
 
 
-def _augment_groups_reference(puzzles, solutions, num_aug, rng: np.random.RandomState):
+def _augment_groups_reference(puzzles, solutions, num_aug, rng: np.random.RandomState,
+                              progress: bool = False):
     """As `_augment_groups`, with the reference builder's transforms and draw order from the
     legacy stream ``rng`` (puzzle by puzzle, transform by transform)."""
     G, N = len(puzzles), puzzles.shape[1]
+    bar = _bar(G, f"augmenting ({num_aug} per puzzle)", progress and num_aug > 0)
     n = int(round(np.sqrt(N)))
     xs = np.empty((G * (1 + num_aug), N), np.uint8)
     ys = np.empty_like(xs)
@@ -123,11 +125,13 @@ def _augment_groups_reference(puzzles, solutions, num_aug, rng: np.random.Random
             t = reference_sudoku_transforms(rng, num_aug, n)
             xs[base + 1: base + 1 + num_aug] = apply_sudoku_transform(puzzles[g], t)
             ys[base + 1: base + 1 + num_aug] = apply_sudoku_transform(solutions[g], t)
+        bar.update(1)
+    bar.close()
     return xs + 1, ys + 1, np.full(G, 1 + num_aug)
 
 
 def _read_extreme_split(path: Path, want: int | None, rng, min_rating, skip_invalid: bool,
-                        check_unique: bool, subsample: bool):
+                        check_unique: bool, subsample: bool, progress: bool = False):
     """Rows of one Sudoku-Extreme CSV as the reference builder selects them.
 
     ``subsample`` (train): when ``want`` < rows, ``rng.choice(rows, want, replace=False)`` in the
@@ -145,7 +149,9 @@ def _read_extreme_split(path: Path, want: int | None, rng, min_rating, skip_inva
     scan = scan_sudoku_csv(path, min_rating, select=idx, skip_invalid=skip_invalid)
     issues = list(scan.issues)
     P, S = [], []
+    bar = _bar(len(idx), f"validating {path.name}", progress and len(idx) > 10_000)
     for i in idx:
+        bar.update(1)
         q, a, _, _, line = scan.rows[int(i)]
         try:
             p, sol = validate_pair(q, a, 9, check_unique)
@@ -154,6 +160,7 @@ def _read_extreme_split(path: Path, want: int | None, rng, min_rating, skip_inva
             continue
         P.append(p)
         S.append(sol)
+    bar.close()
     bad = issues[len(scan.issues):]
     if bad and not skip_invalid:
         raise ValidationError(bad)
@@ -252,10 +259,10 @@ def build_sudoku_dataset(out, size: int = 9, train: int | None = 1000, test: int
                     f"{folder}, laid out as the hub dataset sapientinc/sudoku-extreme)")
         rng = np.random.RandomState(seed)  # the reference seeds NumPy's global legacy stream
         trp, trs, iss_tr = _read_extreme_split(folder / "train.csv", train, rng, min_rating,
-                                               skip_invalid, check_unique, subsample=True)
-        xs, ys, gsz = _augment_groups_reference(trp, trs, int(num_aug), rng)
+                                               skip_invalid, check_unique, True, progress)
+        xs, ys, gsz = _augment_groups_reference(trp, trs, int(num_aug), rng, progress)
         tep, tes, iss_te = _read_extreme_split(folder / "test.csv", test, rng, min_rating,
-                                               skip_invalid, check_unique, subsample=False)
+                                               skip_invalid, check_unique, False, progress)
         skipped = {"train": [str(i) for i in iss_tr], "test": [str(i) for i in iss_te]}
         # our rating of what was imported (a sample when the split is very large)
         sel = np.random.default_rng(seed).permutation(len(tep))[:5000]
