@@ -95,7 +95,9 @@ def test_train_loader_matches_reference_sampler_and_labels(tmp_path):
     x, y, _ = _write(tmp_path)
     split = load_split(tmp_path, "train")
     ld = TrainLoader(tmp_path, 8, seed=5, prefetch=0)
-    assert ld.steps_per_epoch == 60 // 8
+    # An epoch takes one puzzle per group: 20 groups x 1 example per puzzle -> 2 batches of 8
+    # (not 60 examples // 8 = 7).
+    assert ld.steps_per_epoch == 20 // 8
     ref = _reference_batches(split, 8, 5, passes=3)
     assert len(ref) == 3 * 2                       # 20 groups -> 2 full batches of 8 per epoch
     for rows in ref:
@@ -109,6 +111,32 @@ def test_train_loader_matches_reference_sampler_and_labels(tmp_path):
         groups = rows // 3
         assert len(set(groups.tolist())) == 8      # one puzzle per group per batch
     ld.close()
+
+
+def test_steps_per_epoch_reference_formula():
+    from eqr_jax.data.loader import steps_per_epoch
+    # Sudoku-Extreme 1k with 1000 augmentations: 1,001,000 examples in 1000 groups.
+    sudoku = {"total_groups": 1000, "mean_puzzle_examples": 1, "total_samples": 1_001_000}
+    assert steps_per_epoch(sudoku, 768) == 1          # 50,000 epochs -> 50,000 steps
+    assert steps_per_epoch(sudoku, 100) == 10
+    assert steps_per_epoch(sudoku, 4096) == 1         # at least one step
+    assert steps_per_epoch({"total_groups": 15, "mean_puzzle_examples": 2.4}, 6) == 6  # floor(36/6)
+
+
+def test_train_loader_passes_reseed_every_epochs_per_iter(tmp_path):
+    # Pass k of `epochs_per_iter` epochs draws from Philox(seed + k), as the reference's
+    # `train_epochs_per_iter` loader passes; one pass of all epochs would continue the stream.
+    _write(tmp_path)
+    split = load_split(tmp_path, "train")
+    ref = _reference_batches(split, 8, 3, passes=2, epochs=3)
+    ld = TrainLoader(tmp_path, 8, seed=3, epochs_per_iter=3, prefetch=0)
+    assert len(ref) == 12
+    for rows in ref:
+        assert (next(ld)["inputs"] == split.inputs[rows]).all()
+    one_pass = TrainLoader(tmp_path, 8, seed=3, epochs_per_iter=6, prefetch=0)
+    got = [next(one_pass)["inputs"] for _ in range(12)]
+    assert all((g == split.inputs[r]).all() for g, r in zip(got[:6], ref[:6]))
+    assert not all((g == split.inputs[r]).all() for g, r in zip(got[6:], ref[6:]))
 
 
 def test_train_loader_general_path_multi_example_puzzles():

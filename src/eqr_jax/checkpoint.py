@@ -32,8 +32,8 @@ RESUME_IGNORED_KEYS = frozenset({
     "preset", "data.path", "data.prefetch", "data.eval_batch_size", "train.out_dir",
     "train.log_every", "train.eval_every", "train.checkpoint_every", "train.keep_checkpoints",
     "train.steps_per_call",
-}) | frozenset(f"data.build_{k}" for k in ("size", "train", "test", "num_aug", "difficulty",
-                                            "seed"))
+}) | frozenset(f"data.build_{k}" for k in ("kind", "source", "size", "train", "test", "num_aug",
+                                            "difficulty", "seed"))
 _ARRAY_ITEMS = ("params", "ema", "opt_state", "misc")
 
 

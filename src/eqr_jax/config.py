@@ -128,6 +128,12 @@ class DataConfig:
     eval_batch_size: int = 0  # 0: same as global_batch_size
     prefetch: int = 4
     # Used by `eqr train` when `path` does not exist yet: build a dataset with these options.
+    # build_kind: `sudoku` or `maze`. build_source (Sudoku): `generate` (the project's generator)
+    # or `hub` (Sudoku-Extreme from the Hugging Face hub, built as the reference builds it:
+    # `build_train` rows subsampled, every test row when `build_test` is 0). build_size: board
+    # side (Sudoku) or grid side (maze).
+    build_kind: str = "sudoku"
+    build_source: str = "generate"
     build_size: int = 9
     build_train: int = 1000
     build_test: int = 1000
@@ -135,14 +141,26 @@ class DataConfig:
     build_difficulty: str = "hard"
     build_seed: int = 0
 
+    def __post_init__(self):
+        _check_choice("data.build_kind", self.build_kind, ("sudoku", "maze"))
+        _check_choice("data.build_source", self.build_source, ("generate", "hub"))
+        if self.global_batch_size < 1:
+            raise ConfigError(f"data.global_batch_size must be >= 1, got {self.global_batch_size}")
+
 
 @dataclass(frozen=True)
 class TrainConfig:
     """Optimisation and the training loop (reference values in the `sudoku`/`maze` presets)."""
 
     seed: int = 0
+    # Total steps = epochs x steps_per_epoch, where steps_per_epoch =
+    # max(floor(total_groups * mean_puzzle_examples / global_batch_size), 1) from the training
+    # split's metadata (one epoch = one pass over the groups, one puzzle per group).
     epochs: int = 50_000
     max_steps: int = 0  # 0: no cap beyond epochs x steps_per_epoch
+    # Epochs per data-loader pass; pass k draws from Philox(seed + k) (the reference's
+    # `train_epochs_per_iter`, 5000 in its presets). 0: all epochs in one pass.
+    epochs_per_iter: int = 0
     optimizer: str = "adam_atan2"  # or "adamw"
     lr: float = 1e-4
     lr_min_ratio: float = 1.0
@@ -170,6 +188,9 @@ class TrainConfig:
     def __post_init__(self):
         _check_choice("train.grad_mode", self.grad_mode, GRAD_MODES)
         _check_choice("train.optimizer", self.optimizer, ("adam_atan2", "adamw"))
+        for name in ("epochs", "max_steps", "epochs_per_iter"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"train.{name} must be >= 0, got {getattr(self, name)}")
 
 
 @dataclass(frozen=True)
@@ -246,9 +267,11 @@ def _preset_sudoku() -> RunConfig:
     return RunConfig(
         preset="sudoku",
         model=sudoku_model(),
-        data=DataConfig(path="data/sudoku-extreme-1k-aug-1000", global_batch_size=768),
-        train=TrainConfig(epochs=50_000, eval_every=5000, checkpoint_every=5000,
-                          out_dir="runs/sudoku"),
+        data=DataConfig(path="data/sudoku-extreme-1k-aug-1000", global_batch_size=768,
+                        build_kind="sudoku", build_source="hub", build_size=9, build_train=1000,
+                        build_test=0, build_num_aug=1000, build_seed=42),
+        train=TrainConfig(epochs=50_000, epochs_per_iter=5000, eval_every=5000,
+                          checkpoint_every=5000, out_dir="runs/sudoku"),
     )
 
 
@@ -256,9 +279,11 @@ def _preset_maze() -> RunConfig:
     return RunConfig(
         preset="maze",
         model=maze_model(),
-        data=DataConfig(path="data/maze-30x30-unique-1k", global_batch_size=768),
-        train=TrainConfig(epochs=100_000, eval_every=5000, checkpoint_every=5000,
-                          out_dir="runs/maze"),
+        data=DataConfig(path="data/maze-30x30-unique-1k", global_batch_size=768,
+                        build_kind="maze", build_size=30, build_train=1000, build_test=1000,
+                        build_num_aug=0, build_seed=42),
+        train=TrainConfig(epochs=100_000, epochs_per_iter=5000, eval_every=5000,
+                          checkpoint_every=5000, out_dir="runs/maze"),
     )
 
 

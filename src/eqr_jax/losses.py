@@ -16,12 +16,15 @@ def _loss_dtype():
 def stablemax_log_probs(logits: jax.Array) -> jax.Array:
     """log of stablemax: s(x) = 1/(1 - x) for x < 0 else x + 1, normalised over the last axis."""
     x = logits.astype(_loss_dtype())
-    # Each branch sees its argument clamped to its own domain. `where` differentiates both
+    # Each branch sees its argument confined to its own domain. `where` differentiates both
     # branches, so the unused 1/(1 - x) at x = 1 (exactly representable, and common in bf16)
-    # would give 0 * inf = NaN in the gradient; clamping keeps the values and makes both finite.
-    neg = jnp.minimum(x, 0.0)
-    pos = jnp.maximum(x, 0.0)
-    s = jnp.where(x < 0, 1.0 / (1.0 - neg + 1e-30), pos + 1.0)
+    # would give 0 * inf = NaN in the gradient. The confinement is itself a `where` with a
+    # constant in the other domain: jnp.minimum/maximum would split the gradient 50/50 at the
+    # tie x = 0 and halve it there.
+    is_neg = x < 0
+    neg = jnp.where(is_neg, x, 0.0)
+    pos = jnp.where(is_neg, 0.0, x)
+    s = jnp.where(is_neg, 1.0 / (1.0 - neg + 1e-30), pos + 1.0)
     return jnp.log(s / jnp.sum(s, axis=-1, keepdims=True))
 
 

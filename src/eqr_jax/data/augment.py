@@ -14,8 +14,8 @@ import numpy as np
 
 from .sudoku import box_shape
 
-__all__ = ["sudoku_transforms", "apply_sudoku_transform", "augment_sudoku", "dihedral",
-           "inverse_dihedral"]
+__all__ = ["sudoku_transforms", "reference_sudoku_transforms", "apply_sudoku_transform",
+           "augment_sudoku", "dihedral", "inverse_dihedral"]
 
 
 def _grouped_orders(rng: np.random.Generator, k: int, n: int, group: int) -> np.ndarray:
@@ -40,6 +40,34 @@ def sudoku_transforms(rng: np.random.Generator, k: int, n: int) -> dict[str, np.
     tr = (rng.random(k) < 0.5) if br == bc else np.zeros(k, bool)
     rows = _grouped_orders(rng, k, n, br)
     cols = _grouped_orders(rng, k, n, bc)
+    return {"digit_map": dm, "transpose": tr, "rows": rows, "cols": cols}
+
+
+def reference_sudoku_transforms(rng: np.random.RandomState, k: int, n: int = 9
+                                ) -> dict[str, np.ndarray]:
+    """``k`` transforms drawn one after another in the reference builder's order.
+
+    ``rng`` is a legacy `np.random.RandomState` (the reference seeds NumPy's global legacy
+    stream, which is the same generator). Per transform: the digit permutation
+    (``permutation(arange(1, n + 1))``), the transpose coin (``rand() < 0.5``), the band order,
+    one row order per band (in the band order), the stack order, one column order per stack.
+    Square boxes only (the reference handles 9x9). Same output layout as `sudoku_transforms`.
+    """
+    br, bc = box_shape(n)
+    if br != bc:
+        raise ValueError(f"the reference transform needs square boxes, got {br}x{bc} for n={n}")
+    dm = np.zeros((k, n + 1), np.int64)
+    tr = np.zeros(k, bool)
+    rows = np.zeros((k, n), np.int64)
+    cols = np.zeros((k, n), np.int64)
+    digits = np.arange(1, n + 1)
+    for i in range(k):
+        dm[i, 1:] = rng.permutation(digits)
+        tr[i] = rng.rand() < 0.5
+        bands = rng.permutation(br)
+        rows[i] = np.concatenate([b * br + rng.permutation(br) for b in bands])
+        stacks = rng.permutation(br)
+        cols[i] = np.concatenate([c * br + rng.permutation(br) for c in stacks])
     return {"digit_map": dm, "transpose": tr, "rows": rows, "cols": cols}
 
 

@@ -22,11 +22,25 @@ from pathlib import Path
 import numpy as np
 
 from . import format as fmt
-from .augment import augment_sudoku, dihedral
+from .augment import (apply_sudoku_transform, augment_sudoku, dihedral,
+                      reference_sudoku_transforms)
 from .generate import DIFFICULTIES, generate_puzzles
 from .sudoku import box_shape, canonical_form, rate
 
-__all__ = ["build_sudoku_dataset", "build_maze_dataset", "rating_summary", "main"]
+__all__ = ["build_sudoku_dataset", "build_maze_dataset", "rating_summary", "main",
+           "check_generated_name", "REFERENCE_SEED"]
+
+#: The seed of the reference's published datasets (Sudoku-Extreme subsample, Maze-Unique).
+REFERENCE_SEED = 42
+
+
+def check_generated_name(out) -> None:
+    """Refuse to write generated puzzles under a ``sudoku-extreme`` name: that name means the
+    real Sudoku-Extreme data (hub or CSV import), and results on the two are not comparable."""
+    if "sudoku-extreme" in Path(out).name.lower():
+        raise ValueError(
+            f"{out}: generated puzzles are not Sudoku-Extreme; choose another folder name, or "
+            f"import the real data with --source hub or --source csv DIR")
 
 
 def rating_summary(ratings) -> dict:
@@ -95,6 +109,67 @@ def _generate_split(name, n, count, seed, difficulty, iters, workers, cache, min
     return np.concatenate(P), np.concatenate(S), np.concatenate(R), rejected
 
 
+def _augment_groups_reference(puzzles, solutions, num_aug, rng: np.random.RandomState,
+                              progress: bool = False):
+    """As `_augment_groups`, with the reference builder's transforms and draw order from the
+    legacy stream ``rng`` (puzzle by puzzle, transform by transform)."""
+    G, N = len(puzzles), puzzles.shape[1]
+    bar = _bar(G, f"augmenting ({num_aug} per puzzle)", progress and num_aug > 0)
+    n = int(round(np.sqrt(N)))
+    xs = np.empty((G * (1 + num_aug), N), np.uint8)
+    ys = np.empty_like(xs)
+    for g in range(G):
+        base = g * (1 + num_aug)
+        xs[base], ys[base] = puzzles[g], solutions[g]
+        if num_aug:
+            t = reference_sudoku_transforms(rng, num_aug, n)
+            xs[base + 1: base + 1 + num_aug] = apply_sudoku_transform(puzzles[g], t)
+            ys[base + 1: base + 1 + num_aug] = apply_sudoku_transform(solutions[g], t)
+        bar.update(1)
+    bar.close()
+    return xs + 1, ys + 1, np.full(G, 1 + num_aug)
+
+
+def _read_extreme_split(path: Path, want: int | None, rng, min_rating, skip_invalid: bool,
+                        check_unique: bool, subsample: bool, progress: bool = False):
+    """Rows of one Sudoku-Extreme CSV as the reference builder selects them.
+
+    ``subsample`` (train): when ``want`` < rows, ``rng.choice(rows, want, replace=False)`` in the
+    drawn order (no draw otherwise); else (test) the first ``want`` rows, or all when None.
+    Only the selected rows are validated (`validate_pair`). Returns (puzzles, solutions) uint8
+    digit grids (k, 81) and the issues of skipped rows.
+    """
+    from .importers import ValidationError, ValidationIssue, scan_sudoku_csv, validate_pair
+    from .sudoku import PuzzleFormatError
+    count = scan_sudoku_csv(path, min_rating, select=(), skip_invalid=skip_invalid).count
+    if want is not None and want < count:
+        idx = rng.choice(count, int(want), replace=False) if subsample else np.arange(int(want))
+    else:
+        idx = np.arange(count)
+    scan = scan_sudoku_csv(path, min_rating, select=idx, skip_invalid=skip_invalid)
+    issues = list(scan.issues)
+    P, S = [], []
+    bar = _bar(len(idx), f"validating {path.name}", progress and len(idx) > 10_000)
+    for i in idx:
+        bar.update(1)
+        q, a, _, _, line = scan.rows[int(i)]
+        try:
+            p, sol = validate_pair(q, a, 9, check_unique)
+        except PuzzleFormatError as e:
+            issues.append(ValidationIssue(str(path), line, str(e)))
+            continue
+        P.append(p)
+        S.append(sol)
+    bar.close()
+    bad = issues[len(scan.issues):]
+    if bad and not skip_invalid:
+        raise ValidationError(bad)
+    shape = (len(P), 81)
+    P = np.asarray(P, np.uint8).reshape(shape)
+    S = np.asarray(S, np.uint8).reshape(shape)
+    return P, S, issues
+
+
 def _augment_groups(puzzles, solutions, num_aug, seed, n):
     """Inputs/labels tokens (G*(1+num_aug), n*n) uint8 and group sizes: original then copies."""
     G = len(puzzles)
@@ -112,7 +187,7 @@ def _augment_groups(puzzles, solutions, num_aug, seed, n):
 
 
 def build_sudoku_dataset(out, size: int = 9, train: int | None = 1000, test: int | None = 1000,
-                         num_aug: int = 1000, seed: int = 0, source: str = "generate",
+                         num_aug: int = 1000, seed: int | None = None, source: str = "generate",
                          csv_dir=None, min_rating: float | None = None, workers: int | None = None,
                          progress: bool = True, difficulty: str | None = None,
                          iters: int | None = None, distinct: str | None = None,
@@ -125,6 +200,11 @@ def build_sudoku_dataset(out, size: int = 9, train: int | None = 1000, test: int
         Sudoku-Extreme format) or ``hub`` (download ``sapientinc/sudoku-extreme``).
       train, test: number of original puzzles.  For csv/hub, ``train`` rows are subsampled
         uniformly (None = all) and ``test`` = None keeps every test row (the reference's choice).
+      seed: default 42 for csv/hub (the reference's), 0 for generate. csv/hub builds are the
+        reference builder's, array for array: one legacy NumPy stream seeded with ``seed``
+        draws the train subsample (in drawn order, not sorted), then each puzzle's
+        ``num_aug`` transforms in the reference's draw order; the original comes first in its
+        group. The test split is every row, unaugmented.
       difficulty: generator mode, ``hard`` (local search; default for 9x9 and up) or ``any``
         (random minimal unique puzzles, fast; default for smaller boards).
       min_rating: keep only puzzles rated at least this (csv/hub: the file's rating column, as
@@ -138,6 +218,10 @@ def build_sudoku_dataset(out, size: int = 9, train: int | None = 1000, test: int
     """
     t0 = time.time()
     out = Path(out)
+    if seed is None:
+        seed = 0 if source == "generate" else REFERENCE_SEED
+    if source == "generate":
+        check_generated_name(out)
     box_shape(size)
     difficulty = difficulty or ("hard" if size >= 9 else "any")
     if difficulty not in DIFFICULTIES:
@@ -161,26 +245,25 @@ def build_sudoku_dataset(out, size: int = 9, train: int | None = 1000, test: int
         bar.close()
         summary.update(difficulty=difficulty, distinct=distinct, rejected_candidates=rej1 + rej2)
     elif source in ("csv", "hub"):
-        from .importers import download_sudoku_extreme, load_sudoku_csv_dir
+        from .importers import download_sudoku_extreme
         if n != 9:
             raise ValueError("Sudoku-Extreme CSV files hold 9x9 puzzles; use --size 9")
         folder = download_sudoku_extreme() if source == "hub" else csv_dir
         if folder is None:
             raise ValueError("--source csv needs a folder (--source csv DIR)")
-        data = load_sudoku_csv_dir(folder, n, skip_invalid, check_unique)
-        rng = np.random.RandomState(seed)  # legacy stream as the reference builder
-        arrays = {}
-        for split, want in (("train", train), ("test", test)):
-            d = data[split]
-            skipped[split] = [str(i) for i in d.issues]
-            idx = np.arange(len(d))
-            if min_rating is not None:
-                idx = idx[d.ratings[idx] >= min_rating]
-            if want is not None and want < len(idx):
-                idx = np.sort(rng.choice(idx, int(want), replace=False)) if split == "train" else idx[:want]
-            arrays[split] = (d.puzzles[idx], d.solutions[idx])
-        trp, trs = arrays["train"]
-        tep, tes = arrays["test"]
+        folder = Path(folder)
+        for split in ("train", "test"):
+            if not (folder / f"{split}.csv").is_file():
+                raise FileNotFoundError(
+                    f"{folder / (split + '.csv')}: not found (expected train.csv and test.csv in "
+                    f"{folder}, laid out as the hub dataset sapientinc/sudoku-extreme)")
+        rng = np.random.RandomState(seed)  # the reference seeds NumPy's global legacy stream
+        trp, trs, iss_tr = _read_extreme_split(folder / "train.csv", train, rng, min_rating,
+                                               skip_invalid, check_unique, True, progress)
+        xs, ys, gsz = _augment_groups_reference(trp, trs, int(num_aug), rng, progress)
+        tep, tes, iss_te = _read_extreme_split(folder / "test.csv", test, rng, min_rating,
+                                               skip_invalid, check_unique, False, progress)
+        skipped = {"train": [str(i) for i in iss_tr], "test": [str(i) for i in iss_te]}
         # our rating of what was imported (a sample when the split is very large)
         sel = np.random.default_rng(seed).permutation(len(tep))[:5000]
         ter = np.array([rate(tep[i].reshape(n, n), 2) for i in np.sort(sel)], np.int32)
@@ -189,7 +272,8 @@ def build_sudoku_dataset(out, size: int = 9, train: int | None = 1000, test: int
     else:
         raise ValueError(f"source must be generate, csv or hub, got {source!r}")
 
-    xs, ys, gsz = _augment_groups(trp, trs, int(num_aug), seed, n)
+    if source == "generate":
+        xs, ys, gsz = _augment_groups(trp, trs, int(num_aug), seed, n)
     vocab = n + 2
     out.mkdir(parents=True, exist_ok=True)
     fmt.write_split(out, "train", xs, ys, group_sizes=gsz, vocab_size=vocab)
@@ -209,12 +293,14 @@ def build_sudoku_dataset(out, size: int = 9, train: int | None = 1000, test: int
 
 
 def build_maze_dataset(out, grid: int = 30, train: int = 1000, test: int = 1000, min_len: int = 100,
-                       max_len: int = 140, seed: int = 0, maze_mode: str = "perfect",
+                       max_len: int = 140, seed: int = REFERENCE_SEED, maze_mode: str = "perfect",
                        wall_prob: float = 0.37, require_unique: bool = True, dedupe: bool = True,
                        num_aug: int = 0, max_length_resamples: int = 50, max_grid_attempts: int = 200,
                        max_start_attempts: int = 200, strict: bool = True, verify: bool = True,
                        progress: bool = True, verbose: bool = True) -> dict:
-    """Build a Maze-Unique dataset in ``out`` (semantics of the reference builder, §6.5).
+    """Build a Maze-Unique dataset in ``out``, draw for draw the reference builder's (one
+    ``default_rng(seed)`` stream for train then test; seed 42 and the defaults here are the
+    published preset's, so the default build equals the reference's byte for byte).
 
     ``num_aug`` > 0 adds up to 7 dihedral transforms of every train maze to its group (the
     reference does not augment mazes).  ``verify`` checks every label is the unique shortest path.
@@ -293,7 +379,8 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--train", type=int, default=None, help="train puzzles (default 1000; csv: subsample)")
     s.add_argument("--test", type=int, default=None, help="test puzzles (default 1000; csv: all rows)")
     s.add_argument("--num-aug", type=int, default=1000, help="augmentations per train puzzle")
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--seed", type=int, default=None,
+                   help="default 42 for csv/hub (the reference's subsample), 0 for generate")
     s.add_argument("--difficulty", choices=DIFFICULTIES, default=None,
                    help="hard: local search for high ratings (default for 9x9); any: random minimal")
     s.add_argument("--iters", type=int, default=None, help="local-search moves per puzzle (hard)")
@@ -313,7 +400,7 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--test", type=int, default=1000)
     m.add_argument("--min-len", type=int, default=100)
     m.add_argument("--max-len", type=int, default=140)
-    m.add_argument("--seed", type=int, default=0)
+    m.add_argument("--seed", type=int, default=REFERENCE_SEED, help="default 42 (the reference's)")
     m.add_argument("--maze-mode", choices=("perfect", "random"), default="perfect")
     m.add_argument("--wall-prob", type=float, default=0.37)
     m.add_argument("--no-require-unique", action="store_true")

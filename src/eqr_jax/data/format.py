@@ -129,7 +129,7 @@ def write_split(root: str | os.PathLike, split_name: str, inputs: np.ndarray, la
     vs = int(vocab_size) if vocab_size is not None else int(max(inputs.max(initial=0), labels.max(initial=0)) + 1)
     meta = DatasetMetadata(pad_id=0, ignore_label_id=0, blank_identifier_id=0, vocab_size=vs,
                            seq_len=int(N), num_puzzle_identifiers=1, total_groups=int(len(sizes)),
-                           mean_puzzle_examples=1, sets=[SET_NAME], total_samples=int(E),
+                           mean_puzzle_examples=1.0, sets=[SET_NAME], total_samples=int(E),
                            extra=dict(extra_meta or {}))
     d = Path(root) / split_name
     d.mkdir(parents=True, exist_ok=True)
@@ -138,7 +138,8 @@ def write_split(root: str | os.PathLike, split_name: str, inputs: np.ndarray, la
               "group_indices": group_indices}
     for k, a in arrays.items():
         np.save(d / f"{SET_NAME}__{k}.npy", a)
-    (d / "dataset.json").write_text(json.dumps(meta.to_dict(), indent=1))
+    # Compact, in the reference's key order: the file is byte-identical to the reference builders'.
+    (d / "dataset.json").write_text(json.dumps(meta.to_dict()))
     if not (Path(root) / "identifiers.json").exists():
         write_identifiers(root)
     return meta

@@ -29,7 +29,7 @@ from .sudoku import (PuzzleFormatError, _as_flat, check_givens, count_solutions,
 
 __all__ = ["ValidationIssue", "ValidationError", "ImportResult", "validate_pair",
            "read_puzzle_lines", "read_sudoku_csv", "load_sudoku_csv_dir", "download_sudoku_extreme",
-           "HUB_REPO"]
+           "scan_sudoku_csv", "CsvRows", "HubUnavailableError", "HUB_REPO"]
 
 HUB_REPO = "sapientinc/sudoku-extreme"
 CSV_HEADER = ["source", "question", "answer", "rating"]
@@ -216,22 +216,32 @@ def load_sudoku_csv_dir(folder: str | os.PathLike, size: int | None = 9, skip_in
     return out
 
 
+class HubUnavailableError(RuntimeError):
+    """The Hugging Face hub cannot be used (package missing, offline, ...); the message names the
+    offline alternative (``--source csv DIR``)."""
+
+
 def download_sudoku_extreme(cache_dir: str | os.PathLike | None = None) -> Path:
-    """Download ``train.csv``/``test.csv`` of the hub dataset; returns the folder holding them."""
+    """Download ``train.csv``/``test.csv`` of the hub dataset; returns the folder holding them.
+
+    Raises `HubUnavailableError` when ``huggingface_hub`` is missing or a download fails.
+    """
     try:
         from huggingface_hub import hf_hub_download
     except ImportError:
-        raise RuntimeError("--source hub needs huggingface_hub (pip install 'eqr-jax[hub]'); "
-                           "or download train.csv/test.csv yourself and use --source csv DIR") from None
+        raise HubUnavailableError(
+            "--source hub needs huggingface_hub (pip install 'eqr-jax[hub]'); or download "
+            "train.csv/test.csv yourself and use --source csv DIR") from None
     paths = []
     for name in ("train.csv", "test.csv"):
         try:
             paths.append(Path(hf_hub_download(HUB_REPO, name, repo_type="dataset",
                                               cache_dir=None if cache_dir is None else str(cache_dir))))
         except Exception as e:  # offline, proxy, auth, ... all end here
-            raise RuntimeError(f"could not download {name} of {HUB_REPO} from the Hugging Face hub "
-                               f"({type(e).__name__}: {e}); the network may be unavailable. Download "
-                               f"the files elsewhere and use --source csv DIR") from None
+            raise HubUnavailableError(
+                f"could not download {name} of {HUB_REPO} from the Hugging Face hub "
+                f"({type(e).__name__}: {e}); the network may be unavailable. Download the files "
+                f"elsewhere and use --source csv DIR") from None
     if paths[0].parent != paths[1].parent:
         raise RuntimeError("hub files landed in different folders")
     return paths[0].parent
@@ -240,3 +250,67 @@ def download_sudoku_extreme(cache_dir: str | os.PathLike | None = None) -> Path:
 def format_pair(puzzle, solution) -> str:
     """``<puzzle> <solution>`` one-line text form (the plain-text importer's format)."""
     return f"{format_grid(_as_flat(puzzle)[0])} {format_grid(_as_flat(solution)[0])}"
+
+
+@dataclass
+class CsvRows:
+    """Rows of a Sudoku-Extreme CSV as the reference builder sees them.
+
+    ``count``: rows that passed the rating filter (the population the reference subsamples);
+    ``rows``: ``{index: (question, answer, rating, source, line)}`` for the selected indices
+    (index = position among the counted rows); ``issues``: malformed rows that were skipped.
+    """
+
+    path: str
+    count: int
+    rows: dict
+    issues: list[ValidationIssue] = field(default_factory=list)
+
+
+def scan_sudoku_csv(path: str | os.PathLike, min_rating: float | None = None, select=None,
+                    skip_invalid: bool = False) -> CsvRows:
+    """One pass over a Sudoku-Extreme CSV with only the reference builder's row checks.
+
+    Counts, in file order, the rows whose integer rating is at least ``min_rating`` (all rows
+    when None) and keeps the text of those whose position is in ``select`` (None: all). Rows
+    the reference would reject (fewer than 4 columns, a question or answer that is not 81
+    characters, an unreadable rating when filtering) raise `ValidationError` naming file and
+    line, or are skipped and listed with ``skip_invalid``. The kept rows are *not* validated
+    here (see `validate_pair`): checking all ~3.8M training rows would take half an hour, and
+    the reference reads them without checks; only the rows a dataset uses need it.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: not found")
+    want = None if select is None else set(int(i) for i in select)
+    rows, issues, count = {}, [], 0
+    with open(path, newline="", encoding="utf-8") as f:
+        reader = csv.reader(f)
+        try:
+            header = [h.strip().lower() for h in next(reader)]
+        except StopIteration:
+            raise ValidationError([ValidationIssue(str(path), 1, "empty file (expected a header)")]) from None
+        if header[:4] != CSV_HEADER:
+            raise ValidationError([ValidationIssue(
+                str(path), 1, f"bad header {header}; expected {','.join(CSV_HEADER)}")],
+                hint="fix the header")
+        for rec in reader:
+            line = reader.line_num
+            try:
+                if len(rec) < 4:
+                    raise PuzzleFormatError(f"expected 4 columns, got {len(rec)}")
+                source, q, a, rating = rec[:4]
+                if min_rating is not None and int(rating) < min_rating:
+                    continue
+                if len(q) != 81 or len(a) != 81:
+                    raise PuzzleFormatError(f"question and answer must have 81 characters, got "
+                                            f"{len(q)} and {len(a)}")
+            except (PuzzleFormatError, ValueError) as e:
+                issues.append(ValidationIssue(str(path), line, str(e)))
+                continue
+            if want is None or count in want:
+                rows[count] = (q, a, rating, source, line)
+            count += 1
+    if issues and not skip_invalid:
+        raise ValidationError(issues)
+    return CsvRows(str(path), count, rows, issues)

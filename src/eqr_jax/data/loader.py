@@ -26,10 +26,22 @@ import numpy as np
 
 from .format import Split, load_split
 
-__all__ = ["TrainLoader", "EvalLoader", "IGNORE_LABEL_ID"]
+__all__ = ["TrainLoader", "EvalLoader", "IGNORE_LABEL_ID", "steps_per_epoch"]
 
 #: Label value ignored by the loss (the reference's IGNORE_LABEL_ID).
 IGNORE_LABEL_ID = -100
+
+
+def steps_per_epoch(meta, global_batch_size: int) -> int:
+    """max(floor(total_groups * mean_puzzle_examples / global_batch_size), 1).
+
+    ``meta``: the training split's metadata (`DatasetMetadata` or a mapping). An epoch is one
+    permutation of the *groups* with one puzzle drawn per group, so it yields about
+    ``total_groups * mean_puzzle_examples`` rows however many augmentations each group holds
+    (Sudoku-Extreme 1k: 1000 groups of 1001 puzzles -> 1 step per epoch at batch 768).
+    """
+    total = int(float(meta["total_groups"]) * float(meta["mean_puzzle_examples"]))
+    return max(total // max(int(global_batch_size), 1), 1)
 
 
 def _as_split(root_or_split, split_name: str) -> Split:
@@ -82,7 +94,8 @@ class TrainLoader:
       root_or_split: dataset root (its ``train`` split is used) or a loaded :class:`Split`.
       global_batch_size: rows per global batch; must be divisible by ``process_count``.
       seed: sampler seed (pass ``k`` uses ``Philox(seed + k)``).
-      epochs_per_iter: epochs per loader pass (the reference's iteration); None = 1.
+      epochs_per_iter: epochs per loader pass (the reference's ``train_epochs_per_iter``: pass
+        ``k`` reseeds with ``Philox(seed + k)``); None = 1.
       process_index, process_count: this process's contiguous slice of every global batch.
       prefetch: batches produced ahead by a background thread (0 = synchronous).
       state: a dict from :meth:`state` to resume from.
@@ -141,8 +154,8 @@ class TrainLoader:
 
     @property
     def steps_per_epoch(self) -> int:
-        """max(1, floor(total_samples / global_batch_size))."""
-        return max(1, self.split.num_examples // self.global_batch_size)
+        """Optimiser steps per epoch as the reference counts them (`steps_per_epoch`)."""
+        return steps_per_epoch(self.split.meta, self.global_batch_size)
 
     @property
     def num_groups(self) -> int:
