@@ -15,7 +15,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from conftest import fixture_path
+from conftest import fixture_path, reference_step_jit
 from eqr_jax import interop, pth
 
 DATA = Path(__file__).resolve().parent / "data"
@@ -104,7 +104,7 @@ def test_official_checkpoint_reproduces_reference_outputs(official):
     assert cfg == interop.config_from_reference(json.loads(str(data["config_json"])))
     for which, sd in (("raw", ckpt["state_dict"]), ("ema", ckpt["ema_state_dict"])):
         params = interop.params_from_reference(sd, cfg)
-        out = interop.reference_step(cfg, params, data["inputs"], data["z_H0"], data["z_L0"])
+        out = reference_step_jit()(cfg, params, data["inputs"], data["z_H0"], data["z_L0"])
         for key in ("z_H", "z_L", "logits", "q_halt"):
             np.testing.assert_allclose(np.asarray(out[key]), data[f"{which}/{key}"], **TOL,
                                        err_msg=f"{which}/{key}")

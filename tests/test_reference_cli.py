@@ -10,7 +10,7 @@ import json
 import numpy as np
 import pytest
 
-from conftest import fixture_path
+from conftest import fixture_path, reference_step_jit
 from eqr_jax import config as config_lib
 from eqr_jax import cli, convert_cli, evaluation_cli, interop, solve
 from eqr_jax.checkpoint import Checkpointer, load_for_inference
@@ -53,7 +53,7 @@ def test_converted_checkpoint_reproduces_raw_and_ema_outputs(setup):
         assert (cfg.model.seq_len, cfg.model.vocab_size) == (81, 11)
         assert cfg.model.hidden_size == 64 and cfg.model.mlp_t and cfg.preset == "reference"
         assert cfg.data.path == str(ds) and cfg.train.ema_rate == 0.9 and cfg.train.lr == 1e-3
-        out = interop.reference_step(cfg.model, params, data["inputs"], data["z_H0"],
+        out = reference_step_jit()(cfg.model, params, data["inputs"], data["z_H0"],
                                      data["z_L0"])
         for key in ("z_H", "z_L", "logits", "q_halt"):
             np.testing.assert_allclose(np.asarray(out[key]), data[f"{which}/{key}"], **TOL,
