@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 
@@ -25,3 +26,14 @@ def fixtures_dir() -> Path:
     if not FIXTURES.is_dir():
         pytest.skip(f"parity fixtures folder {FIXTURES} not found")
     return FIXTURES
+
+
+@functools.lru_cache(maxsize=None)
+def reference_step_jit():
+    """`interop.reference_step` under one shared `jax.jit` (the config is static): tests that
+    check the same model share one compilation instead of running op by op."""
+    import jax
+
+    from eqr_jax import interop
+
+    return jax.jit(interop.reference_step, static_argnums=0)

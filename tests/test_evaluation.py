@@ -172,6 +172,35 @@ def test_anderson_solver_mode(tiny):
                           solver="anderson", halt="q_halt")
 
 
+def test_eval_noise_scale(tiny):
+    model, params, inputs, labels, mask = tiny
+    key = jax.random.PRNGKey(3)
+    # Breadth 2 at the model's own noise: the compilation the halting tests already made; noise 0
+    # adds one more.
+    run = lambda m, noise: ev.evaluate_batch(m, params, inputs, labels, mask, key, depth=3,
+                                             breadth=2, noise_scale=noise)
+    assert EvalConfig().noise_scale is None
+    default, quiet = run(model, None), run(model, 0.0)
+    # Unset means the model's training value; an override equals a model trained with it.
+    np.testing.assert_array_equal(default.residual, run(model, CFG.noise_scale).residual)
+    silent = EqRModel(dataclasses.replace(CFG, noise_scale=0.0))
+    np.testing.assert_array_equal(run(silent, None).residual, quiet.residual)
+    np.testing.assert_array_equal(run(silent, CFG.noise_scale).residual, default.residual)
+    # Noise 0 is the deterministic map: copy 0 from its initial latents, three noise-free steps.
+    step = jax.jit(lambda s, x: model.step(params, s, x, None))
+    s = model.init_state(jax.random.fold_in(jax.random.fold_in(key, 0), 0), inputs.shape[0])
+    x = model.embed(params, jnp.asarray(inputs))
+    for _ in range(3):
+        prev, s = s, step(s, x)
+    want = np.sqrt(sum(np.sum(np.square(np.asarray(a) - np.asarray(b)), axis=(1, 2))
+                       for a, b in zip(s, prev)))
+    np.testing.assert_allclose(quiet.residual[mask, 0], want[mask], rtol=1e-5)
+    # With noise the trajectory differs.
+    assert not np.allclose(default.residual[mask], quiet.residual[mask], rtol=1e-3)
+    with pytest.raises(ValueError, match="noise_scale must be >= 0"):
+        run(model, -0.1)
+
+
 # ---------------------------------------------------------------------------------------------
 # A trained model, end to end
 

@@ -111,23 +111,3 @@ def test_preset_parameter_counts_match_reference():
 def test_swiglu_intermediate_rule():
     assert [swiglu_intermediate(d, 4) for d in (512, 128, 81, 900, 64)] == \
         [1536, 512, 256, 2560, 256]
-
-
-def test_load_reference_checkpoint(tmp_path, fixture):
-    _, cfg, params, sd = fixture
-    try:
-        import torch
-    except ImportError:
-        with pytest.raises(ImportError, match=r"eqr-jax\[torch\]"):
-            interop.load_reference_checkpoint(tmp_path / "x.pth")
-        return
-    path = tmp_path / "step_5000.pth"
-    model = {f"_orig_mod.model.{k}": torch.from_numpy(v) for k, v in sd.items()}
-    torch.save({"model": model, "step": 5000, "ema": {"mu": 0.999, "shadow": model}}, path)
-    ckpt = interop.load_reference_checkpoint(path)
-    assert ckpt["step"] == 5000
-    loaded = interop.params_from_reference(ckpt["ema_state_dict"], cfg)
-    jax.tree_util.tree_map(np.testing.assert_array_equal, loaded, params)
-    (tmp_path / "bad.pth").write_bytes(b"not a checkpoint")
-    with pytest.raises(interop.CheckpointMismatchError, match="bad.pth"):
-        interop.load_reference_checkpoint(tmp_path / "bad.pth")

@@ -142,6 +142,9 @@ class Checkpointer:
         step = self.latest_step() if step is None else step
         if step is None:
             raise FileNotFoundError(f"no checkpoint in {self.directory}")
+        if not (self.directory / str(step) / "opt_state").exists():
+            raise ValueError(f"checkpoint {self.directory}/{step} holds weights only (e.g. "
+                             "converted by `eqr convert`): it can be evaluated, not resumed")
         saved = self.read_json(step, "config")
         diff = config_differences(saved, cfg)
         if diff:

@@ -4,6 +4,7 @@
     eqr train --preset P ...     train with the Optax loop       (eqr_jax.train)
     eqr eval --checkpoint ...    depth x breadth evaluation      (eqr_jax.evaluation_cli)
     eqr solve --checkpoint ...   solve puzzles from the shell    (eqr_jax.solve)
+    eqr convert FILE.pth --out D official checkpoint -> ours     (eqr_jax.convert_cli)
 
 Sub-commands are imported lazily so `eqr data` does not pay for importing JAX models.
 """
@@ -18,12 +19,14 @@ COMMANDS = {
     "train": ("eqr_jax.train", "train a model (presets: sudoku, maze, tiny)"),
     "eval": ("eqr_jax.evaluation_cli", "evaluate a checkpoint over depth x breadth"),
     "solve": ("eqr_jax.solve", "solve puzzles given on the command line or in a file"),
+    "convert": ("eqr_jax.convert_cli", "convert an official PyTorch .pth checkpoint"),
 }
 
 
 def _usage() -> str:
     lines = ["usage: eqr <command> [options]", "", "commands:"]
-    lines += [f"  {name:<6} {help_}" for name, (_, help_) in COMMANDS.items()]
+    width = max(map(len, COMMANDS))
+    lines += [f"  {name:<{width}}  {help_}" for name, (_, help_) in COMMANDS.items()]
     lines += ["", "Run `eqr <command> --help` for the options of a command."]
     return "\n".join(lines)
 

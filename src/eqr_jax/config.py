@@ -215,6 +215,11 @@ class EvalConfig:
     max_rows: int = 0
     # Size of the O(1) residual-vs-step record (exact for the first half, log-spaced after).
     trace_points: int = 64
+    # Std of the update noise at test time; None: the model's training value (model.noise_scale).
+    # The paper evaluates Sudoku with 0.5 (trained with 0.01) and its Maze control with 0.1.
+    # Applies to `eqr eval` / `eqr solve` (`evaluate_dataset`, `evaluate_batch`), not to the
+    # periodic evaluation inside training.
+    noise_scale: float | None = None
 
     def __post_init__(self):
         _check_choice("eval.halt", self.halt, ("fixed", "q_halt", "convergence"))
@@ -223,6 +228,8 @@ class EvalConfig:
         for name in ("depth", "breadth", "trace_points"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"eval.{name} must be >= 1, got {getattr(self, name)}")
+        if self.noise_scale is not None and not self.noise_scale >= 0:
+            raise ConfigError(f"eval.noise_scale must be >= 0 (or None), got {self.noise_scale}")
 
 
 @dataclass(frozen=True)

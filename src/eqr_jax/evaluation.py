@@ -12,6 +12,8 @@ even a traced argument: one compilation serves every depth). Per row and per cop
 * **breadth** -- ``n`` copies per puzzle with independent initial latents and noise run side by
   side under `vmap` (copy ``i`` uses keys folded with ``i``, so results do not depend on how the
   copies are chunked into calls).
+* **noise** -- the update noise std at test time (``noise_scale``, default the model's training
+  value; the paper evaluates Sudoku with 0.5).
 * **solvers** -- besides the noisy step map (``unroll``), jaxopt Anderson acceleration or plain
   fixed-point iteration of the noise-free map (``anderson`` | ``fixed_point``) with at most ``D``
   iterations.
@@ -338,6 +340,18 @@ def _solver_core(model: EqRModel, params, inputs, labels, mask, key, copy_ids, *
                 loop_steps=jnp.max(sol.iterations))
 
 
+def with_eval_noise(model: EqRModel, noise_scale: float | None) -> EqRModel:
+    """``model`` with update noise ``noise_scale`` at test time (None: its training value).
+
+    A different noise scale is a different static config, so it compiles separately.
+    """
+    if noise_scale is None or float(noise_scale) == float(model.cfg.noise_scale):
+        return model
+    if not noise_scale >= 0:
+        raise ValueError(f"noise_scale must be >= 0, got {noise_scale}")
+    return EqRModel(dataclasses.replace(model.cfg, noise_scale=float(noise_scale)))
+
+
 def copies_per_call(breadth: int, batch: int, max_rows: int = 0) -> int:
     """Copies run in one compiled call so that copies x batch <= max_rows (0: all at once)."""
     if max_rows <= 0:
@@ -348,7 +362,8 @@ def copies_per_call(breadth: int, batch: int, max_rows: int = 0) -> int:
 def evaluate_batch(model: EqRModel, params, inputs, labels, mask, key, *, depth: int,
                    breadth: int = 1, halt: str = "fixed", tol: float = 1e-3, window: int = 3,
                    solver: str = "unroll", convergence_metric: str = "logits",
-                   max_rows: int = 0, trace_points: int = 64, sharding=None) -> BatchResult:
+                   max_rows: int = 0, trace_points: int = 64, noise_scale: float | None = None,
+                   sharding=None) -> BatchResult:
     """Evaluate one batch at depth ``depth`` with ``breadth`` random initialisations per puzzle.
 
     Args:
@@ -367,6 +382,8 @@ def evaluate_batch(model: EqRModel, params, inputs, labels, mask, key, *, depth:
       solver: ``unroll`` | ``anderson`` | ``fixed_point``.
       convergence_metric: ``logits`` | ``latents`` (see `EvalConfig`).
       trace_points: slots of the residual-vs-step record.
+      noise_scale: std of the update noise (None: the model's ``noise_scale``; see
+        `with_eval_noise`). The jaxopt solvers iterate the noise-free map whatever it is.
       sharding: optional `NamedSharding` for the batch axis of inputs/labels/mask.
     Returns:
       `BatchResult`.
@@ -383,6 +400,7 @@ def evaluate_batch(model: EqRModel, params, inputs, labels, mask, key, *, depth:
                          "own residual tolerance)")
     if depth < 1 or breadth < 1:
         raise ValueError(f"depth and breadth must be >= 1, got {depth}, {breadth}")
+    model = with_eval_noise(model, noise_scale)
     inputs = jnp.asarray(inputs, jnp.int32)
     labels = jnp.asarray(labels, jnp.int32)
     mask = jnp.asarray(mask, bool)
@@ -545,13 +563,15 @@ def evaluate_dataset(model: EqRModel, params, loader: Iterable[Mapping[str, np.n
                                    window=eval_cfg.convergence_window, solver=eval_cfg.solver,
                                    convergence_metric=eval_cfg.convergence_metric,
                                    max_rows=eval_cfg.max_rows,
-                                   trace_points=eval_cfg.trace_points, sharding=sharding)
+                                   trace_points=eval_cfg.trace_points,
+                                   noise_scale=eval_cfg.noise_scale, sharding=sharding)
                 accs[(d, n)].add(r, mask, labels, time.perf_counter() - t0)
         num_batches += 1
     settings = [summarize(accs[(d, n)], d, n, eval_cfg.convergence_top_k)
                 for n in breadths for d in depths]
+    noise = with_eval_noise(model, eval_cfg.noise_scale).cfg.noise_scale
     for s in settings:
-        s.update(halt=eval_cfg.halt, solver=eval_cfg.solver)
+        s.update(halt=eval_cfg.halt, solver=eval_cfg.solver, noise_scale=noise)
     return {"settings": settings, "eval_config": dataclasses.asdict(eval_cfg),
             "num_batches": num_batches, "devices": jax.device_count(),
             "platform": jax.devices()[0].platform}
@@ -590,7 +610,7 @@ def results_rows(results: Mapping[str, Any]) -> list[dict[str, Any]]:
     rows = []
     for s in results["settings"]:
         row = {"depth": s["depth"], "breadth": s["breadth"], "halt": s.get("halt"),
-               "solver": s.get("solver")}
+               "solver": s.get("solver"), "noise_scale": s.get("noise_scale")}
         row.update(s["metrics"])
         rows.append(row)
     return rows

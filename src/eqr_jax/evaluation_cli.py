@@ -2,11 +2,14 @@
 
     eqr eval --checkpoint runs/tiny --data data/sudoku4-tiny --depth 4,16,64 --breadth 1,8
     eqr eval --checkpoint runs/sudoku --depth 16,64,256 --breadth 1,8,64 --halt convergence
+    eqr eval --reference eqr.pth --data data/sudoku-extreme-1k-aug-1000 --depth 64 --noise 0.5
 
 Prints a depth x breadth table of exact accuracy (and of majority vote, convergence top-k,
 any-correct and mean steps used), writes ``results.json`` and ``results.csv`` and, unless
 ``--no-plots``, ``accuracy_vs_depth.png``, ``residual_vs_step.png`` and ``steps_histogram.png``
-into ``--out`` (default ``<checkpoint>/eval``). Batches are sharded over all local devices.
+into ``--out`` (default ``<checkpoint>/eval``, or ``<reference>-eval`` beside a ``.pth``).
+``--reference`` runs an official PyTorch checkpoint directly (read safely, without torch; see
+``eqr convert`` to convert it once). Batches are sharded over all local devices.
 """
 
 from __future__ import annotations
@@ -21,6 +24,14 @@ from typing import Any, Iterable, Mapping, Sequence
 
 from eqr_jax import config as config_lib
 from eqr_jax.config import EvalConfig
+from eqr_jax.pth import PthError
+
+
+def load_errors() -> tuple[type[Exception], ...]:
+    """What `load_model` raises for bad input (reported as ``eqr <cmd>: message``, status 2)."""
+    from eqr_jax.interop import CheckpointMismatchError  # imports JAX: only once it is needed
+
+    return (FileNotFoundError, config_lib.ConfigError, PthError, CheckpointMismatchError)
 
 
 def int_list(text: str) -> list[int]:
@@ -37,8 +48,16 @@ def add_eval_options(p: argparse.ArgumentParser, depth_help: str, breadth_help: 
                      depth_type=int_list, breadth_type=int_list) -> None:
     """Options shared by `eqr eval` and `eqr solve`."""
     p.add_argument("--checkpoint", help="run directory, its checkpoints/ or one step directory")
+    p.add_argument("--reference", metavar="FILE.pth",
+                   help="an official PyTorch checkpoint instead of --checkpoint (read without "
+                   "torch; its seq_len/vocab_size come from --data, the flags below or its "
+                   "weights)")
+    p.add_argument("--seq-len", type=int, help="with --reference: the dataset's sequence length")
+    p.add_argument("--vocab-size", type=int, help="with --reference: the dataset's vocabulary")
     p.add_argument("--step", type=int, help="checkpoint step (default: latest)")
     p.add_argument("--no-ema", action="store_true", help="use raw instead of EMA weights")
+    p.add_argument("--noise", type=float, help="update-noise std at test time (default: the "
+                   "model's training value; the paper uses 0.5 for Sudoku, 0.1 for Maze)")
     p.add_argument("--depth", type=depth_type, help=depth_help)
     p.add_argument("--breadth", type=breadth_type, help=breadth_help)
     p.add_argument("--halt", choices=("fixed", "q_halt", "convergence"),
@@ -58,18 +77,36 @@ def eval_config_from_args(base: EvalConfig, args: argparse.Namespace) -> EvalCon
     upd = {"halt": args.halt, "solver": args.solver, "convergence_tol": args.tol,
            "convergence_window": args.window, "convergence_metric": args.convergence_metric,
            "convergence_top_k": args.top_k, "max_rows": args.max_rows, "seed": args.seed,
-           "max_batches": getattr(args, "max_batches", None)}
+           "max_batches": getattr(args, "max_batches", None), "noise_scale": args.noise}
     return dataclasses.replace(base, **{k: v for k, v in upd.items() if v is not None})
 
 
 def load_model(args: argparse.Namespace):
-    """(RunConfig, EqRModel, params) from ``--checkpoint``."""
-    from eqr_jax.checkpoint import load_for_inference
+    """(RunConfig, EqRModel, params) from ``--checkpoint`` or ``--reference``."""
     from eqr_jax.model import EqRModel
 
-    if not args.checkpoint:
-        raise SystemExit("error: --checkpoint DIR is required")
-    cfg, params = load_for_inference(args.checkpoint, step=args.step, use_ema=not args.no_ema)
+    if bool(args.checkpoint) == bool(args.reference):
+        raise config_lib.ConfigError("give exactly one of --checkpoint DIR or --reference "
+                                     "FILE.pth")
+    if args.reference:
+        from eqr_jax.interop import load_reference_model
+
+        if args.step is not None:
+            raise config_lib.ConfigError("--step applies to --checkpoint, not --reference")
+        cfg, params, which = load_reference_model(
+            args.reference, use_ema=not args.no_ema, data=getattr(args, "data", None),
+            seq_len=args.seq_len, vocab_size=args.vocab_size)
+        print(f"[eqr] {args.reference}: {which} weights, seq_len {cfg.model.seq_len}, "
+              f"vocab {cfg.model.vocab_size}", file=sys.stderr, flush=True)
+    else:
+        from eqr_jax.checkpoint import load_for_inference
+
+        for flag in ("seq_len", "vocab_size"):
+            if getattr(args, flag) is not None:
+                raise config_lib.ConfigError(f"--{flag.replace('_', '-')} applies to "
+                                             "--reference; a checkpoint records its sizes")
+        cfg, params = load_for_inference(args.checkpoint, step=args.step,
+                                         use_ema=not args.no_ema)
     return cfg, EqRModel(cfg.model), params
 
 
@@ -134,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg, model, params = load_model(args)
         eval_cfg = eval_config_from_args(cfg.eval, args)
-    except (FileNotFoundError, config_lib.ConfigError) as e:
+    except load_errors() as e:
         print(f"eqr eval: {e}", file=sys.stderr)
         return 2
     from eqr_jax.data.loader import EvalLoader
@@ -149,10 +186,13 @@ def main(argv: list[str] | None = None) -> int:
                         process_count=jax.process_count())
     depths = args.depth or [eval_cfg.depth]
     breadths = args.breadth or [eval_cfg.breadth]
-    out = args.out or os.path.join(args.checkpoint, "eval")
+    out = args.out or (os.path.join(args.checkpoint, "eval") if args.checkpoint else
+                       os.path.splitext(args.reference)[0] + "-eval")
+    from eqr_jax.evaluation import with_eval_noise
+    noise = with_eval_noise(model, eval_cfg.noise_scale).cfg.noise_scale
     print(f"[eqr eval] {data}: batch {bs}, depths {depths}, breadths {breadths}, "
-          f"halt={eval_cfg.halt}, solver={eval_cfg.solver}, {jax.device_count()} device(s)",
-          flush=True)
+          f"halt={eval_cfg.halt}, solver={eval_cfg.solver}, noise={noise:g}, "
+          f"{jax.device_count()} device(s)", flush=True)
     run(model, params, loader, eval_cfg, depths, breadths, out, plots=not args.no_plots,
         progress=not args.no_progress)
     return 0

@@ -3,7 +3,9 @@
 Reference tensors are named as ``EqRModel.state_dict()`` names them (``inner.L_level.layers.0.
 mlp.gate_up_proj.weight`` ...) with torch's (out, in) layout; our kernels are (in, out).
 Checkpoints saved by the reference trainer prefix names with ``model.`` and, for a compiled
-model, ``_orig_mod.``; both are accepted.
+model, ``_orig_mod.``; both are accepted. Official ``.pth`` files are read by `eqr_jax.pth`
+(no torch, nothing from the file is run) and converted by `convert_reference_checkpoint`
+(``eqr convert``) or loaded directly by `load_reference_model` (``--reference``).
 """
 
 from __future__ import annotations
@@ -172,33 +174,208 @@ def reference_step(cfg: ModelConfig, params: Params, inputs, z_H, z_L,
 
 
 def load_reference_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
-    """Read an official ``.pth`` checkpoint; returns a dict with ``state_dict`` (numpy arrays),
-    ``ema_state_dict`` (or None), ``config`` (the saved config dict, or None) and ``step``.
+    """Read an official ``.pth`` checkpoint without PyTorch and without running its pickle.
 
-    Needs the optional torch dependency (``pip install eqr-jax[torch]``).
+    Accepts what the reference trainer saves (a dict with ``model``, ``ema``, ``config``,
+    ``step``, ... in torch's zip or legacy layout) and a bare state dict. Classes of the
+    reference code inside it (the ACT carry, ...) load as inert placeholders; a pickle that names
+    any other callable is refused (see `eqr_jax.pth`).
+
+    Returns:
+      dict with ``state_dict`` (name -> NumPy array in its stored dtype), ``ema_state_dict``
+      (the EMA shadow, same form, or None), ``config`` (the saved run config dict, or None) and
+      ``step`` (or None).
+    Raises:
+      FileNotFoundError; `eqr_jax.pth.UnsafePickleError` (a disallowed callable, named);
+      `eqr_jax.pth.PthError` (truncated / corrupt / not a torch file); `CheckpointMismatchError`
+      (a readable file that holds neither a checkpoint nor a state dict).
     """
-    try:
-        import torch
-    except ImportError:
-        raise ImportError("loading a reference .pth checkpoint needs PyTorch: "
-                          "pip install 'eqr-jax[torch]'") from None
+    from eqr_jax import pth
+
     path = os.fspath(path)
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"no checkpoint at {path}")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:  # torch raises many types for corrupt files
-        raise CheckpointMismatchError(f"{path}: cannot be read as a torch checkpoint ({e})") from e
-    if isinstance(ckpt, Mapping) and "model" in ckpt and isinstance(ckpt["model"], Mapping):
+    ckpt = pth.load(path)
+    is_array = lambda v: isinstance(v, np.ndarray)
+    if isinstance(ckpt, Mapping) and isinstance(ckpt.get("model"), Mapping):
         state = ckpt["model"]
-    elif isinstance(ckpt, Mapping) and all(hasattr(v, "shape") for v in ckpt.values()):
-        state = ckpt  # a bare state dict
+    elif isinstance(ckpt, Mapping) and ckpt and all(is_array(v) for v in ckpt.values()):
+        state, ckpt = ckpt, {}  # a bare state dict
     else:
         raise CheckpointMismatchError(f"{path}: neither a reference checkpoint (no 'model' entry) "
                                       "nor a bare state dict")
+
+    def arrays(d: Mapping, what: str) -> dict[str, np.ndarray]:
+        bad = [k for k, v in d.items() if not is_array(v)]
+        if bad:
+            raise CheckpointMismatchError(f"{path}: {what} entries {bad[:5]} are not tensors")
+        return {str(k): v for k, v in d.items()}
+
+    ema = ckpt.get("ema")
+    shadow = ema.get("shadow") if isinstance(ema, Mapping) else None
+    cfg = ckpt.get("config")
+    return {"state_dict": arrays(state, "model"),
+            "ema_state_dict": arrays(shadow, "ema.shadow") if isinstance(shadow, Mapping)
+            else None,
+            "config": dict(cfg) if isinstance(cfg, Mapping) else None,
+            "step": ckpt.get("step")}
+
+
+# ----------------------------------------------------------------------------------------------
+# Official checkpoint -> this project's run config and parameters
+
+
+# Reference run-config keys that mean the same here (section, our key).
+_REFERENCE_RUN_KEYS = {"lr": ("train", "lr"), "lr_min_ratio": ("train", "lr_min_ratio"),
+                       "lr_warmup_steps": ("train", "lr_warmup_steps"),
+                       "weight_decay": ("train", "weight_decay"), "beta1": ("train", "beta1"),
+                       "beta2": ("train", "beta2"), "epochs": ("train", "epochs"),
+                       "seed": ("train", "seed"), "ema": ("train", "ema"),
+                       "ema_rate": ("train", "ema_rate"),
+                       "global_batch_size": ("data", "global_batch_size")}
+
+
+def reference_data_sizes(state_dict: Mapping[str, Any], *, data: str | os.PathLike | None = None,
+                         seq_len: int | None = None, vocab_size: int | None = None
+                         ) -> dict[str, int]:
+    """``seq_len`` and ``vocab_size`` for a reference model (the reference takes them from data).
+
+    Sources, in order: the explicit values; the metadata of the dataset folder ``data`` (its
+    ``test`` split, else ``train``); the weights themselves (``vocab_size`` is the embedding's
+    row count, ``seq_len`` the input width of an ``mlp_t`` token-mixing layer). Explicit values
+    that contradict ``data`` raise `ConfigError`, as does a size none of them gives.
+    """
+    sizes = {"seq_len": seq_len, "vocab_size": vocab_size}
+    if data is not None:
+        from eqr_jax.data.format import DataFormatError, dataset_info
+
+        split = next((s for s in ("test", "train") if os.path.isdir(os.path.join(data, s))),
+                     None)
+        if split is None:
+            raise ConfigError(f"--data {data}: no test/ or train/ split with a dataset.json")
+        try:
+            meta = dataset_info(data, split)
+        except DataFormatError as e:
+            raise ConfigError(str(e)) from None
+        for k in sizes:
+            if sizes[k] is not None and int(sizes[k]) != int(meta[k]):
+                raise ConfigError(f"{k}={sizes[k]} contradicts {data}/{split}/dataset.json "
+                                  f"({k}={meta[k]})")
+            sizes[k] = int(meta[k])
+    named = {_strip_prefixes(k): v for k, v in state_dict.items()}
+    emb = named.get("inner.embed_tokens.embedding_weight")
+    if sizes["vocab_size"] is None and emb is not None and np.ndim(emb) == 2:
+        sizes["vocab_size"] = int(np.shape(emb)[0])
+    mix = named.get("inner.L_level.layers.0.mlp_t.gate_up_proj.weight")
+    if sizes["seq_len"] is None and mix is not None and np.ndim(mix) == 2:
+        sizes["seq_len"] = int(np.shape(mix)[1])
+    missing = [k for k, v in sizes.items() if v is None]
+    if missing:
+        raise ConfigError(f"the checkpoint does not record {missing} (the reference takes them "
+                          "from the dataset): pass --data DATASET_DIR or "
+                          + " ".join(f"--{k.replace('_', '-')} N" for k in missing))
+    return {k: int(v) for k, v in sizes.items()}
+
+
+def run_config_from_reference(ckpt: Mapping[str, Any], *, data: str | os.PathLike | None = None,
+                              seq_len: int | None = None, vocab_size: int | None = None):
+    """A `RunConfig` for a checkpoint read by `load_reference_checkpoint`.
+
+    The model section comes from the saved ``config['arch']`` plus `reference_data_sizes`;
+    the training hyper-parameters that mean the same here (lr, betas, weight decay, EMA, ...)
+    are carried over for the record; ``data.path`` is ``data`` or the reference's data path.
+    Only EqR checkpoints are supported (a TRM checkpoint's fixed initial latents are buffers
+    this project does not load).
+    """
+    from eqr_jax import config as config_lib
+    from eqr_jax.config import RunConfig
+
+    ref = ckpt.get("config")
+    if not isinstance(ref, Mapping):
+        raise ConfigError("the checkpoint has no saved config (a bare state dict?): the "
+                          "architecture cannot be known")
+    arch = ref.get("arch", ref)
+    name = str(arch.get("name", "eqr")) if isinstance(arch, Mapping) else "eqr"
+    if not name.split("@")[0].lower().startswith("eqr"):
+        raise ConfigError(f"reference architecture {name!r} is not supported (only EqR)")
+    sizes = reference_data_sizes(ckpt["state_dict"], data=data, seq_len=seq_len,
+                                 vocab_size=vocab_size)
+    model = config_from_reference(ref, **sizes)
+    d = {"preset": "reference", "model": dataclasses.asdict(model), "train": {}, "data": {}}
+    for key, (section, ours) in _REFERENCE_RUN_KEYS.items():
+        if ref.get(key) is not None:
+            d[section][ours] = ref[key]
+    dataset = ref.get("dataset")
+    ref_path = dataset.get("data_path") if isinstance(dataset, Mapping) else None
+    path = os.fspath(data) if data is not None else ref_path
+    if path:
+        d["data"]["path"] = str(path)
+    return config_lib.from_dict(RunConfig, d, where="reference config")
+
+
+def load_reference_model(path: str | os.PathLike, *, use_ema: bool = True,
+                         data: str | os.PathLike | None = None, seq_len: int | None = None,
+                         vocab_size: int | None = None):
+    """Read an official ``.pth`` into ``(RunConfig, params, which)``.
+
+    ``which`` is ``"ema"`` when the EMA shadow was used (``use_ema`` and the checkpoint has one,
+    as the reference evaluates), else ``"raw"``. Sizes as in `reference_data_sizes`. The
+    parameters are placed on the default device as `load_for_inference` places them, so both
+    paths share compiled code.
+    """
+    ckpt = load_reference_checkpoint(path)
+    cfg = run_config_from_reference(ckpt, data=data, seq_len=seq_len, vocab_size=vocab_size)
+    which = "ema" if use_ema and ckpt["ema_state_dict"] is not None else "raw"
+    state = ckpt["ema_state_dict"] if which == "ema" else ckpt["state_dict"]
+    params = jax.device_put(params_from_reference(state, cfg.model),
+                            jax.sharding.SingleDeviceSharding(jax.devices()[0]))
+    return cfg, params, which
+
+
+def convert_reference_checkpoint(path: str | os.PathLike, out_dir: str | os.PathLike, *,
+                                 data: str | os.PathLike | None = None,
+                                 seq_len: int | None = None, vocab_size: int | None = None,
+                                 overwrite: bool = False):
+    """Convert an official ``.pth`` into this project's checkpoint layout under ``out_dir``.
+
+    Writes ``out_dir/config.json`` and ``out_dir/checkpoints/<step>/`` with ``params`` (raw
+    weights), ``ema`` (the EMA shadow, when saved), ``config`` and ``meta`` (step, source), which
+    `eqr_jax.checkpoint.load_for_inference`, ``eqr eval`` and ``eqr solve`` read. It holds no
+    optimiser state, so it cannot resume training. Sizes as in `reference_data_sizes`.
+
+    Returns the path of the written step directory. Refuses a non-empty ``checkpoints/`` unless
+    ``overwrite``.
+    """
+    import orbax.checkpoint as ocp
+
+    from eqr_jax import config as config_lib
+    from eqr_jax.checkpoint import Checkpointer
+
+    src = os.path.abspath(os.fspath(path))
+    ckpt = load_reference_checkpoint(src)
+    cfg = run_config_from_reference(ckpt, data=data, seq_len=seq_len, vocab_size=vocab_size)
+    params = params_from_reference(ckpt["state_dict"], cfg.model)
     ema = None
-    if isinstance(ckpt.get("ema"), Mapping) and "shadow" in ckpt["ema"]:
-        ema = {k: _to_numpy(v) for k, v in ckpt["ema"]["shadow"].items()}
-    cfg = ckpt.get("config") if isinstance(ckpt.get("config"), Mapping) else None
-    return {"state_dict": {k: _to_numpy(v) for k, v in state.items()}, "ema_state_dict": ema,
-            "config": cfg, "step": ckpt.get("step")}
+    if ckpt["ema_state_dict"] is not None:
+        ema = params_from_reference(ckpt["ema_state_dict"], cfg.model)
+    step = int(ckpt["step"]) if isinstance(ckpt["step"], (int, np.integer)) else 0
+    out = os.path.abspath(os.fspath(out_dir))
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, out_dir=out))
+    ck = Checkpointer(os.path.join(out, "checkpoints"))
+    try:
+        existing = ck.all_steps()
+        if existing and not overwrite:
+            raise FileExistsError(f"{out}/checkpoints already holds step(s) {existing}; choose "
+                                  "another output directory or overwrite")
+        for s in existing:
+            ck.manager.delete(s)
+        items = {"params": ocp.args.StandardSave(params),
+                 "config": ocp.args.JsonSave(config_lib.to_dict(cfg)),
+                 "meta": ocp.args.JsonSave({"step": step, "metrics": {},
+                                            "converted_from": src, "weights_only": True})}
+        if ema is not None:
+            items["ema"] = ocp.args.StandardSave(ema)
+        ck.manager.save(step, args=ocp.args.Composite(**items), force=True)
+        ck.manager.wait_until_finished()
+    finally:
+        ck.close()
+    config_lib.save(cfg, os.path.join(out, "config.json"))
+    return os.path.join(out, "checkpoints", str(step))

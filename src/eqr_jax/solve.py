@@ -3,6 +3,7 @@
     eqr solve --checkpoint runs/sudoku 53..7....6..195....98....6.8...6...34..8.3..17...2...6.6....28....419..5....8..79
     eqr solve --checkpoint runs/sudoku --puzzles puzzles.txt --depth 64 --breadth 8
     eqr solve --checkpoint runs/tiny --puzzles p.txt --trajectory traj.gif
+    eqr solve --reference eqr.pth --noise 0.5 --depth 64 --breadth 16 --puzzles puzzles.txt
 
 A puzzle is n*n characters for an n x n board (81 for 9x9, 16 for 4x4, 36 for 6x6, ...): digits
 1..n (A..G for 10..16), with '.' or '0' for blanks. In a file, each non-empty line (not starting
@@ -25,7 +26,6 @@ from typing import NamedTuple, Sequence
 
 import numpy as np
 
-from eqr_jax import config as config_lib
 from eqr_jax.evaluation_cli import add_eval_options, eval_config_from_args
 
 class PuzzleError(ValueError):
@@ -160,7 +160,8 @@ def solve_puzzles(model, params, puzzles: Sequence[Puzzle], eval_cfg, *, depth: 
                            depth=depth, breadth=breadth, halt=eval_cfg.halt,
                            tol=eval_cfg.convergence_tol, window=eval_cfg.convergence_window,
                            solver=eval_cfg.solver, convergence_metric=eval_cfg.convergence_metric,
-                           max_rows=eval_cfg.max_rows, trace_points=eval_cfg.trace_points)
+                           max_rows=eval_cfg.max_rows, trace_points=eval_cfg.trace_points,
+                           noise_scale=eval_cfg.noise_scale)
         mv = majority_vote(r.preds, labels) if select == "majority" else None
         for i, p in enumerate(chunk):
             cand = from_tokens(r.preds[i], n)  # (breadth, n, n)
@@ -180,15 +181,20 @@ def solve_puzzles(model, params, puzzles: Sequence[Puzzle], eval_cfg, *, depth: 
 
 
 def trajectory(model, params, puzzle: Puzzle, depth: int, seed: int = 0,
-               max_frames: int = 60) -> tuple[list[int], list[np.ndarray]]:
+               max_frames: int = 60, noise_scale: float | None = None
+               ) -> tuple[list[int], list[np.ndarray]]:
     """Predicted grids of one noisy trajectory (copy 0) after each of ``depth`` steps.
 
-    Returns (steps, grids), subsampled to at most ``max_frames`` log-spaced steps.
+    ``noise_scale``: test-time update noise (None: the model's). Returns (steps, grids),
+    subsampled to at most ``max_frames`` log-spaced steps.
     """
     import jax
     import jax.numpy as jnp
 
     from eqr_jax import dynamics
+    from eqr_jax.evaluation import with_eval_noise
+
+    model = with_eval_noise(model, noise_scale)
 
     n = puzzle.grid.shape[0]
     key = jax.random.PRNGKey(seed)
@@ -215,6 +221,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_eval_options(p, "reasoning steps (default: the config's eval.depth)",
                      "random initialisations per puzzle (default 1)", depth_type=int,
                      breadth_type=int)
+    p.add_argument("--data", help="with --reference: a dataset directory whose metadata gives "
+                   "seq_len / vocab_size")
     p.add_argument("puzzle", nargs="?", help="one puzzle string (or use --puzzles FILE)")
     p.add_argument("--puzzles", help="file with one puzzle per line, optional solution after it")
     p.add_argument("--select", choices=("convergence", "majority", "valid"),
@@ -252,10 +260,10 @@ def main(argv: list[str] | None = None) -> int:
             err(line)
         return 2
     try:
-        from eqr_jax.evaluation_cli import load_model
+        from eqr_jax.evaluation_cli import load_errors, load_model
         cfg, model, params = load_model(args)
         eval_cfg = eval_config_from_args(cfg.eval, args)
-    except (FileNotFoundError, config_lib.ConfigError) as e:
+    except load_errors() as e:
         err(str(e))
         return 2
     n_model = math.isqrt(cfg.model.seq_len)
@@ -291,7 +299,8 @@ def main(argv: list[str] | None = None) -> int:
             print()
     if args.trajectory:
         from eqr_jax.analysis import save_trajectory
-        steps, grids = trajectory(model, params, keep[0], depth, seed=eval_cfg.seed)
+        steps, grids = trajectory(model, params, keep[0], depth, seed=eval_cfg.seed,
+                                  noise_scale=eval_cfg.noise_scale)
         for path in save_trajectory(grids, args.trajectory, givens=keep[0].grid,
                                     solution=keep[0].solution, steps=steps)[:1]:
             print(f"wrote {path}" + (f" (+{len(steps) - 1} more frames)"
