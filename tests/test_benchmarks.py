@@ -1,4 +1,5 @@
-"""The benchmark scripts run (smallest form, in-process) and their numbers are well-formed.
+"""The benchmark scripts run (smallest form, in-process, so they cannot rot) and their numbers are
+well-formed.
 
 Nothing here asserts on speed: only that every script still runs and writes what it promises, that
 the analytic FLOP formula matches the known Sudoku figure, and that the gradient-memory benchmark
@@ -10,17 +11,20 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import re
+import sys
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import pytest
 
-from eqr_jax import benchmarking as bm
 from eqr_jax import flops
 from eqr_jax.config import preset
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+sys.path.insert(0, str(BENCH))  # the scripts import their sibling `common`, as when run
+import common as bm  # noqa: E402
 
 
 def _script(name: str):
@@ -114,3 +118,24 @@ def test_tuning_quick(tmp_path):
         assert r["max_abs_diff"] < 1e-4, r
     for r in sections["remat"]["rows"]:
         assert r["loss_diff"] < 1e-5, r
+
+
+def test_train_throughput_quick(capsys):
+    assert _script("train_throughput").main(["--quick", "--modes", "truncated", "--calls", "1"]) == 0
+    out = capsys.readouterr().out
+    row = re.search(r"\| truncated\s+\|\s+([\d.]+) \|\s+([\d.]+) \|", out)
+    assert row, out
+    steps_per_s, puzzles_per_s = float(row.group(1)), float(row.group(2))
+    assert steps_per_s > 0 and puzzles_per_s == _approx(32 * steps_per_s)
+
+
+def _approx(v):
+    return pytest.approx(v, rel=0.1)
+
+
+def test_eval_depth_memory_is_flat(capsys):
+    assert _script("eval_depth_memory").main(["--batch", "2", "--breadth", "1",
+                                              "--depths", "4,256", "--no-baseline"]) == 0
+    out = capsys.readouterr().out
+    ratio = float(re.search(r"peak ratio D=256 / D=4: ([\d.]+)", out).group(1))
+    assert ratio == _approx(1.0)

@@ -1,6 +1,6 @@
-"""Numerics of the training path: stablemax cross-entropy values and gradients at the points where
-a `where` with a singular unused branch used to give NaN, and the EqR update's float32
-coefficients (rounded to the compute dtype once)."""
+"""Losses: stablemax cross-entropy (values and gradients at the branch points, against a float64
+NumPy formula), the ACT loss against the reference fixture, and the per-step training metrics
+against their definitions written out in NumPy."""
 
 from __future__ import annotations
 
@@ -9,9 +9,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import fixture_path
 from eqr_jax import losses
-from eqr_jax.config import ModelConfig
-from eqr_jax.model import update
+from eqr_jax.act import ACTCarry
+from eqr_jax.metrics import train_scalars
+from eqr_jax.model import LatentState
 
 
 def _stablemax_logp_f64(x: np.ndarray) -> np.ndarray:
@@ -76,53 +78,72 @@ def test_stablemax_gradient_finite_at_branch_points(dtype, point):
     np.testing.assert_allclose(g[0], num, rtol=tol, atol=1e-4)
 
 
-def test_update_uses_float32_coefficients_rounded_once():
-    """A bf16 EqR update is the float32 computation (1-lam) h + lam f + sigma eps with float32
-    coefficients, rounded to bf16 once; quantised coefficients (bf16 lambda = 0.94921875) or
-    bf16 arithmetic would miss on many elements."""
-    cfg = ModelConfig(seq_len=8, vocab_size=5, H_cycles=1, L_cycles=1, L_layers=1, hidden_size=16,
-                      num_heads=2, expansion=1.0, mlp_t=True, pos_encodings="none",
-                      forward_dtype="bfloat16", lambda_=0.95, noise_scale=0.01)
-    from eqr_jax.model import apply_blocks, init_params
-    params = jax.jit(lambda k: init_params(cfg, k))(jax.random.PRNGKey(0))
-    k1, k2, k3 = jax.random.split(jax.random.PRNGKey(1), 3)
-    h = jax.random.normal(k1, (4, 8, 16), jnp.float32).astype(jnp.bfloat16)
-    u = jax.random.normal(k2, (4, 8, 16), jnp.float32).astype(jnp.bfloat16)
-    # jitted: eager Flax ops are slow to dispatch one by one
-    upd = jax.jit(lambda p, a, b, k: update(cfg, p, a, b, k))
-    got = np.asarray(upd(params, h, u, k3).astype(jnp.float32))
-    f = np.asarray(jax.jit(lambda p, a: apply_blocks(cfg, p, a))(params, h + u)
-                   .astype(jnp.float32))
-    eps = np.asarray(jax.random.normal(k3, h.shape, jnp.float32).astype(jnp.bfloat16)
-                     .astype(jnp.float32))
-    hf = np.asarray(h.astype(jnp.float32))
-    # The coefficients are the Python doubles 1 - 0.95, 0.95, 0.01 rounded to float32 (as torch
-    # does with a Python scalar times a bf16 tensor); the arithmetic is float32.
-    one_m, lam, sig = np.float32(1 - 0.95), np.float32(0.95), np.float32(0.01)
-    bf = lambda a: np.asarray(jnp.asarray(a, jnp.float32).astype(jnp.bfloat16)
-                              .astype(jnp.float32))
-    want = bf((one_m * hf + lam * f) + sig * eps)
 
-    def mismatch(a, b):
-        """Share of differing elements; a difference may be at most one bf16 ulp."""
-        return float((a != b).mean())
+@pytest.mark.parametrize("name", ["parity_sudoku_mlpt.npz", "parity_maze_attn_rope.npz"])
+def test_loss_matches_reference_stablemax(name):
+    f = np.load(fixture_path(name))
+    logits, labels = jnp.asarray(f["step1/logits"]), jnp.asarray(f["labels_for_loss"])
+    ref = f["stablemax_ce_tokenwise"]
+    ce = np.asarray(losses.stablemax_cross_entropy(logits, labels))
+    np.testing.assert_allclose(ce, ref, rtol=1e-5, atol=1e-6)
+    # The ACT loss: per-row mean CE over valid tokens + 0.5 BCE(q_halt, exact), / global batch.
+    q = jnp.asarray(f["step1/q_halt"])
+    G = 7
+    loss, parts = losses.act_loss(logits, q, labels, G)
+    lab = f["labels_for_loss"]
+    valid = lab != -100
+    lm = ref.sum(-1) / np.maximum(valid.sum(-1), 1)
+    exact = ((np.argmax(f["step1/logits"], -1) == lab) | ~valid).all(-1) & valid.any(-1)
+    qf = f["step1/q_halt"].astype(np.float64)
+    bce = np.maximum(qf, 0) - qf * exact + np.log1p(np.exp(-np.abs(qf)))
+    np.testing.assert_allclose(np.asarray(parts["lm"]), lm, rtol=1e-5)
+    np.testing.assert_allclose(float(loss), (lm + 0.5 * bce).sum() / G, rtol=1e-5)
 
-    def within_one_ulp(a, b):
-        ulp = np.spacing(np.abs(b).astype(np.float32)) * 2.0 ** 16  # bf16 has 16 fewer bits
-        return bool((np.abs(a - b) <= ulp).all())
 
-    # XLA may contract a*b + c into one fused multiply-add (one float32 rounding fewer), which
-    # moves a rare element across a bf16 rounding boundary: allow 1% of elements, by one ulp.
-    assert mismatch(got, want) <= 0.01 and within_one_ulp(got, want)
-    # The alternatives differ on many elements, so the check above tells them apart:
-    # bf16-stored coefficients (lambda 0.94921875, sigma 0.0100098) ...
-    lam_b, sig_b = (np.float32(jnp.asarray(v, jnp.bfloat16)) for v in (0.95, 0.01))
-    one_b = np.float32(jnp.asarray(1 - lam_b, jnp.bfloat16))
-    assert mismatch(got, bf((one_b * hf + lam_b * f) + sig_b * eps)) > 0.05
-    # ... and bf16 arithmetic, rounding after every operation.
-    assert mismatch(got, bf(bf(bf(one_m * hf) + bf(lam * f)) + bf(sig * eps))) > 0.05
-    # Without a key the update is noise-free and still rounded once.
-    got0 = np.asarray(jax.jit(lambda p, a, b: update(cfg, p, a, b, None))(params, h, u)
-                      .astype(jnp.float32))
-    want0 = bf(one_m * hf + lam * f)
-    assert mismatch(got0, want0) <= 0.01 and within_one_ulp(got0, want0)
+def test_step_metrics_definitions():
+    """q-halt precision/recall, steps extrema/histogram, latent RMS and residual binning on a
+    hand-made step, against the definitions written out in NumPy."""
+    rng = np.random.default_rng(0)
+    B, N, H = 6, 3, 4
+    old = LatentState(*(jnp.asarray(rng.normal(size=(B, N, H)), jnp.float32) for _ in range(2)))
+    new = LatentState(*(jnp.asarray(rng.normal(size=(B, N, H)), jnp.float32) for _ in range(2)))
+    prev_halted = np.array([1, 0, 0, 1, 0, 0], bool)         # rows 0, 3 were reset this step
+    steps = np.array([1, 2, 3, 1, 4, 2], np.int32)
+    halted = np.array([1, 1, 0, 0, 1, 1], bool)
+    n_valid = np.array([3, 3, 3, 3, 0, 3], np.int32)          # row 4: no labels
+    n_correct = np.array([3, 1, 3, 2, 0, 3], np.int32)
+    exact = (n_correct == n_valid) & (n_valid > 0)
+    q = np.array([0.5, -1.0, 2.0, 0.0, 1.0, -0.5], np.float32)
+    data = {"inputs": jnp.zeros((B, N), jnp.int32)}
+    c_old = ACTCarry(old, jnp.zeros(B, jnp.int32), jnp.asarray(prev_halted), data)
+    c_new = ACTCarry(new, jnp.asarray(steps), jnp.asarray(halted), data)
+    parts = {"n_correct": jnp.asarray(n_correct), "n_valid": jnp.asarray(n_valid),
+             "exact": jnp.asarray(exact), "lm": jnp.ones(B), "bce": jnp.ones(B),
+             "total": jnp.float32(9.0)}
+    m = {k: np.asarray(v) for k, v in losses.act_metrics(4, c_old, c_new, jnp.asarray(q), parts).items()}
+    valid = halted & (n_valid > 0)                           # rows 0, 1, 5
+    count = valid.sum()
+    assert m["count"] == count == 3
+    hit = ((q > 0) & exact).sum()                            # rows 0, 2
+    np.testing.assert_allclose(m["q_halt_precision"], count * hit / max((q >= 0).sum(), 1))
+    np.testing.assert_allclose(m["q_halt_recall"], count * hit / max(exact.sum(), 1))
+    assert m["q_halt_accuracy"] == ((q > 0) == exact)[valid].sum()
+    assert (m["min_steps"], m["max_steps"], m["steps"]) == (1, 2, 5)
+    np.testing.assert_array_equal(m["steps_hist"], [1, 2, 0, 0])
+    on = lambda z: np.asarray(z, np.float64)
+    rms = np.sqrt((on(new.z_H) ** 2).mean(axis=(1, 2)))
+    np.testing.assert_allclose(m["zH_rms"], rms.sum(), rtol=1e-5)
+    res = np.sqrt(((on(new.z_H) - on(old.z_H)) ** 2).sum((1, 2))
+                  + ((on(new.z_L) - on(old.z_L)) ** 2).sum((1, 2)))
+    cont = ~prev_halted                                       # rows 1, 2, 4, 5 at steps 2, 3, 4, 2
+    np.testing.assert_array_equal(m["residual_count"], [0, 2, 1, 1])
+    np.testing.assert_allclose(m["residual_sum"], [0, res[1] + res[5], res[2], res[4]], rtol=1e-5)
+    assert cont.sum() == m["residual_count"].sum()
+    out = train_scalars(dict(m, num_steps=1.0, grad_norm=2.0), B)
+    assert out["train/q_halt_precision"] == pytest.approx(hit / max((q >= 0).sum(), 1))
+    assert out["train/residual/act_step_02"] == pytest.approx((res[1] + res[5]) / 2, rel=1e-5)
+    assert "train/residual/act_step_01" not in out
+    assert out["train/zH_rms"] == pytest.approx(rms.sum() / B, rel=1e-5)
+    # no halted row: the per-halted-row keys are dropped, not divided by zero
+    out0 = train_scalars(dict(m, count=0.0, num_steps=1.0), B)
+    assert "train/min_steps" not in out0 and "train/q_halt_recall" not in out0

@@ -1,12 +1,14 @@
 """The `eqr` command: one entry point, one sub-command per stage of the pipeline.
 
-    eqr data sudoku|maze ...     build or import datasets        (eqr_jax.data.build)
-    eqr train --preset P ...     train with the Optax loop       (eqr_jax.train)
-    eqr eval --checkpoint ...    depth x breadth evaluation      (eqr_jax.evaluation_cli)
-    eqr solve --checkpoint ...   solve puzzles from the shell    (eqr_jax.solve)
-    eqr convert FILE.pth --out D official checkpoint -> ours     (eqr_jax.convert_cli)
+    eqr data sudoku|maze ...     build or import datasets        (eqr_jax.cli.data)
+    eqr train --preset P ...     train with the Optax loop       (eqr_jax.cli.train)
+    eqr eval --checkpoint ...    depth x breadth evaluation      (eqr_jax.cli.eval)
+    eqr solve --checkpoint ...   solve puzzles from the shell    (eqr_jax.cli.solve)
+    eqr convert FILE.pth --out D official checkpoint -> ours     (eqr_jax.cli.convert)
 
-Sub-commands are imported lazily so `eqr data` does not pay for importing JAX models.
+Each sub-command is a module of this package with ``build_parser()`` and ``main(argv)``; the
+options they share live in `eqr_jax.cli.common`. Sub-commands are imported lazily so `eqr data`
+does not pay for importing JAX models.
 """
 
 from __future__ import annotations
@@ -15,11 +17,11 @@ import importlib
 import sys
 
 COMMANDS = {
-    "data": ("eqr_jax.data.build", "build or import Sudoku / Maze datasets"),
-    "train": ("eqr_jax.train", "train a model (presets: sudoku, maze, tiny)"),
-    "eval": ("eqr_jax.evaluation_cli", "evaluate a checkpoint over depth x breadth"),
-    "solve": ("eqr_jax.solve", "solve puzzles given on the command line or in a file"),
-    "convert": ("eqr_jax.convert_cli", "convert an official PyTorch .pth checkpoint"),
+    "data": ("eqr_jax.cli.data", "build or import Sudoku / Maze datasets"),
+    "train": ("eqr_jax.cli.train", "train a model (presets: sudoku, maze, tiny)"),
+    "eval": ("eqr_jax.cli.eval", "evaluate a checkpoint over depth x breadth"),
+    "solve": ("eqr_jax.cli.solve", "solve puzzles given on the command line or in a file"),
+    "convert": ("eqr_jax.cli.convert", "convert an official PyTorch .pth checkpoint"),
 }
 
 
