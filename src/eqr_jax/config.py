@@ -245,6 +245,10 @@ class EvalConfig:
         if self.noise_scale is not None and not self.noise_scale >= 0:
             raise ConfigError(f"eval.noise_scale must be >= 0 (or None), got {self.noise_scale}")
 
+    def depth_for(self, halt_max_steps: int) -> int:
+        """The evaluation depth: ``depth``, or the model's ``halt_max_steps`` when it is 0."""
+        return self.depth or int(halt_max_steps)
+
 
 @dataclass(frozen=True)
 class RunConfig:
@@ -259,7 +263,7 @@ class RunConfig:
     @property
     def eval_depth(self) -> int:
         """Evaluation depth: ``eval.depth``, or ``model.halt_max_steps`` when it is 0."""
-        return self.eval.depth or self.model.halt_max_steps
+        return self.eval.depth_for(self.model.halt_max_steps)
 
 
 def _check_choice(name: str, value: Any, choices: Sequence[Any]) -> None:

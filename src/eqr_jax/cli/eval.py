@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     bs = args.batch_size or cfg.data.eval_batch
     loader = EvalLoader(data, bs, process_index=jax.process_index(),
                         process_count=jax.process_count())
-    depths = args.depth or [eval_cfg.depth or cfg.model.halt_max_steps]
+    depths = args.depth or [eval_cfg.depth_for(cfg.model.halt_max_steps)]
     breadths = args.breadth or [eval_cfg.breadth]
     out = args.out or (os.path.join(args.checkpoint, "eval") if args.checkpoint else
                        os.path.splitext(args.reference)[0] + "-eval")

@@ -102,7 +102,7 @@ class Evaluator:
         self.cfg = cfg
         self.model = with_eval_noise(model, cfg.noise_scale)
         self.mesh = sharding_lib.make_mesh() if mesh is None else mesh
-        self.depth = cfg.depth or model.cfg.halt_max_steps
+        self.depth = cfg.depth_for(model.cfg.halt_max_steps)
 
     @property
     def noise_scale(self) -> float:
