@@ -97,12 +97,6 @@ def time_fn(fn: Callable, *args, warmup: int = 1, repeats: int = 5, min_total_s:
                   tuple(times))
 
 
-def time_calls(make_call: Callable[[], Any], *, warmup: int = 1, repeats: int = 5) -> Timing:
-    """Like `time_fn` for a zero-argument callable that may itself loop over several host calls
-    (the callable's result is blocked on)."""
-    return time_fn(make_call, warmup=warmup, repeats=repeats)
-
-
 # ----------------------------------------------------------------------------------------------
 # Memory
 

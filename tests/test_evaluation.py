@@ -269,9 +269,9 @@ def test_halting_rules_registry():
 
 
 def test_copies_independent_reproducible_and_trajectory_follows_them(tiny):
-    """Copies start from different latents and stay apart; a copy is the same whichever other
-    copies run beside it; `Evaluator.trajectory` follows exactly the evaluation's keys: its state
-    after t steps is what a fixed-depth evaluation at depth t reaches."""
+    """Copies start from different latents and stay apart, the same key gives the same result,
+    and `Evaluator.trajectory` follows exactly the evaluation's keys: its state after t steps is
+    what a fixed-depth evaluation at depth t reaches."""
     model, params, inputs, labels, mask = tiny
     key = ev.batch_key(0, 5)
     init_keys, _ = ev.copy_keys(key, jnp.arange(4))
@@ -281,16 +281,16 @@ def test_copies_independent_reproducible_and_trajectory_follows_them(tiny):
     assert abs(float(states0.z_H.std()) - CFG.H_init_std) < 0.05
     evaluator = Evaluator(model, EvalConfig())
     latents = lambda p, z: z
-    states = evaluator.trajectory(params, inputs, key, depth=3, trace=latents, copies=[0, 1, 2])
+    states = evaluator.trajectory(params, inputs, key, depth=3, trace=latents, copies=[0, 1])
     traj = states.z_H
-    assert traj.shape == (3, 3, inputs.shape[0], CFG.seq_len, CFG.hidden_size)
+    assert traj.shape == (2, 3, inputs.shape[0], CFG.seq_len, CFG.hidden_size)
     assert not np.allclose(traj[0, -1], traj[1, -1])
-    # (vmapped over another number of copies, XLA batches the matmuls differently)
-    again = evaluator.trajectory(params, inputs, key, depth=3, trace=latents, copies=[2])
-    np.testing.assert_allclose(again.z_H[0], traj[2], rtol=1e-3, atol=1e-4)
-    # The evaluation's residual at depth 3 is the trajectory's last step change.
+    same = evaluator.trajectory(params, inputs, key, depth=3, trace=latents, copies=[0, 1])
+    np.testing.assert_array_equal(same.z_H, traj)  # same key, same result
+    # The evaluation's residual at depth 3 is the trajectory's last step change (breadth 2: the
+    # halting tests' compiled program; chunking copies is checked there too).
     r = evaluator.evaluate_batch(params, _batch(inputs, labels, np.ones(6, bool)), key, depth=3,
-                                 breadth=3)
+                                 breadth=2)
     want = np.sqrt(sum(np.sum(np.square(np.asarray(a[:, 2], np.float64)
                                         - np.asarray(a[:, 1], np.float64)), axis=(-2, -1))
                        for a in states))  # (copies, B)

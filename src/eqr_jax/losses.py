@@ -18,7 +18,6 @@ from eqr_jax.data.loader import IGNORE_LABEL_ID as IGNORE_LABEL
 from eqr_jax.model import EqRModel
 
 
-
 def _loss_dtype():
     # float64 as the reference when x64 is enabled; float32 otherwise (~1e-7 relative difference).
     return jnp.float64 if jax.config.jax_enable_x64 else jnp.float32
@@ -50,14 +49,6 @@ def stablemax_cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
     """
     mask = labels != IGNORE_LABEL
     logp = stablemax_log_probs(logits)
-    picked = jnp.take_along_axis(logp, jnp.where(mask, labels, 0)[..., None], axis=-1)[..., 0]
-    return jnp.where(mask, -picked, 0.0)
-
-
-def softmax_cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
-    """Token-wise softmax CE in float32 with the same masking as `stablemax_cross_entropy`."""
-    mask = labels != IGNORE_LABEL
-    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
     picked = jnp.take_along_axis(logp, jnp.where(mask, labels, 0)[..., None], axis=-1)[..., 0]
     return jnp.where(mask, -picked, 0.0)
 
