@@ -4,6 +4,7 @@
     eqr train --preset P ...     train with the Optax loop       (eqr_jax.train)
     eqr eval --checkpoint ...    depth x breadth evaluation      (eqr_jax.evaluation_cli)
     eqr solve --checkpoint ...   solve puzzles from the shell    (eqr_jax.solve)
+    eqr analyze --checkpoint ... attractor landscape analysis    (eqr_jax.analysis_cli)
 
 Sub-commands are imported lazily so `eqr data` does not pay for importing JAX models.
 """
@@ -18,12 +19,13 @@ COMMANDS = {
     "train": ("eqr_jax.train", "train a model (presets: sudoku, maze, tiny)"),
     "eval": ("eqr_jax.evaluation_cli", "evaluate a checkpoint over depth x breadth"),
     "solve": ("eqr_jax.solve", "solve puzzles given on the command line or in a file"),
+    "analyze": ("eqr_jax.analysis_cli", "attractor landscape: stability, census, difficulty"),
 }
 
 
 def _usage() -> str:
     lines = ["usage: eqr <command> [options]", "", "commands:"]
-    lines += [f"  {name:<6} {help_}" for name, (_, help_) in COMMANDS.items()]
+    lines += [f"  {name:<7} {help_}" for name, (_, help_) in COMMANDS.items()]
     lines += ["", "Run `eqr <command> --help` for the options of a command."]
     return "\n".join(lines)
 
