@@ -280,6 +280,13 @@ def test_trace_reproduces_evaluation_trajectories(trained):
     steps, _ = L.steps_to_convergence(tr.logit_change, tol, 2)
     np.testing.assert_array_equal(steps.T, conv.steps)
     assert len(np.unique(conv.steps)) > 1
+    rms = tr.residual / np.sqrt(tr.state_size)
+    tol = float(np.median(rms[2:]))
+    conv = evaluate_batch(model, params, x, y, mask, key, depth=7, breadth=3,
+                          halt="convergence", tol=tol, window=2, convergence_metric="latents")
+    steps, _ = L.steps_to_convergence(rms, tol, 2, skip_first=False)
+    np.testing.assert_array_equal(steps.T, conv.steps)
+    assert len(np.unique(conv.steps)) > 1
     qh = evaluate_batch(model, params, x, y, mask, key, depth=7, breadth=3, halt="q_halt")
     np.testing.assert_array_equal(L.steps_to_halt(tr.q_halt)[0].T, qh.steps)
 
@@ -303,6 +310,7 @@ def test_eqr_analyze_end_to_end(trained, tmp_path, capsys):
     assert len(res["per_puzzle"]) == 5
     for e in res["per_puzzle"]:
         assert all(1 <= a <= 4 for a in e["attractors"])
+        assert all(0 <= s <= a for s, a in zip(e["settled_attractors"], e["attractors"]))
         assert all(0 <= s <= 1 for s in e["solution_basin"])
         assert 1 <= e["steps_convergence"] <= 6 and e["rating"] >= 0
         assert e["blanks"] == int((x[e["index"]] == 1).sum())
@@ -313,7 +321,8 @@ def test_eqr_analyze_end_to_end(trained, tmp_path, capsys):
     assert len(st["rows"]["radius"]) == 5 * 4
     assert all(r > 0 for r in st["rows"]["radius"])
     assert st["correct"]["n"] + st["wrong"]["n"] == 20
-    assert len(res["pca"]["coords"]) == 7 and len(res["pca"]["coords"][0]) == 4
+    assert len(res["pca"]["coords"]) == 6 and len(res["pca"]["coords"][0]) == 4  # steps 1..6
+    assert len(res["pca"]["attractor"]) == 4 and res["pca"]["steps"] == [1, 2, 3, 4, 5, 6]
     assert res["pca"]["puzzle"] == 4
     assert "rating" in res["difficulty"] and "blanks" in res["difficulty"]
     for name in ("spectral_radius", "census_vs_depth", "convergence_curves",
@@ -361,3 +370,27 @@ def test_eqr_analyze_reference_checkpoint_matches_native(trained, tmp_path):
     assert a["accuracy"] == b["accuracy"]
     np.testing.assert_allclose(a["stability"]["rows"]["radius"], b["stability"]["rows"]["radius"],
                                rtol=1e-4)
+
+
+def test_analyze_bf16_attention_model_without_ratings(tmp_path):
+    """The presets' bf16 compute with attention + RoPE, on data that is not Sudoku."""
+    from eqr_jax.analysis.report import AnalysisOptions, analyze, save_plots, summary_lines
+
+    cfg = MICRO["attention_rope"]
+    model = EqRModel(cfg)
+    params = jax.jit(model.init)(jax.random.PRNGKey(1))
+    rng = np.random.default_rng(0)
+    x = rng.integers(1, 6, (3, cfg.seq_len)).astype(np.int32)
+    y = rng.integers(2, 6, (3, cfg.seq_len)).astype(np.int32)
+    res = analyze(model, params, x, y, AnalysisOptions(inits=2, depth=3, batch_size=2, krylov=4,
+                                                       restarts=0),
+                  blanks=(x == 1).sum(1).tolist())
+    assert "rating" not in res["difficulty"] and "no difficulty ratings" in res["difficulty"]["note"]
+    assert res["difficulty"]["blanks"]["range"] == [int((x == 1).sum(1).min()),
+                                                    int((x == 1).sum(1).max())]
+    assert len(res["stability"]["rows"]["radius"]) == 6
+    assert np.all(np.isfinite(res["stability"]["rows"]["radius"]))
+    assert res["pca"]["puzzle"] in (0, 1, 2)
+    names = [os.path.basename(p) for p in save_plots(res, str(tmp_path))]
+    assert "compute_vs_difficulty.png" in names and "pca_trajectories.png" in names
+    assert any("Spearman(blanks" in line for line in summary_lines(res))

@@ -41,13 +41,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-noise", action="store_true", help="run the noise-free step map")
     p.add_argument("--cluster-tol", type=float, default=0.05,
                    help="RMS latent distance per element joining two final states")
-    p.add_argument("--tol", type=float, default=1e-3, help="convergence tolerance (logit change)")
+    p.add_argument("--convergence-metric", choices=("latents", "logits"), default="latents",
+                   help="what steps-to-convergence watches (as eqr eval's option)")
+    p.add_argument("--tol", type=float, default=0.0,
+                   help="convergence tolerance (default: 3 x noise_scale for latents with noise, "
+                        "else 1e-3)")
     p.add_argument("--window", type=int, default=3, help="consecutive steps below --tol")
     p.add_argument("--krylov", type=int, default=32, help="Arnoldi Krylov dimension")
     p.add_argument("--restarts", type=int, default=2, help="Arnoldi restarts")
     p.add_argument("--radius-copies", type=int, default=0,
                    help="inits per puzzle whose end state gets a spectral radius (0: all)")
-    p.add_argument("--pca-puzzle", type=int, default=0, help="puzzle drawn in the PCA plot")
+    p.add_argument("--pca-puzzle", type=int, default=-1,
+                   help="puzzle drawn in the PCA plot (default: the most mixed one)")
     p.add_argument("--out", help="output directory")
     p.add_argument("--no-plots", action="store_true")
     return p
@@ -142,7 +147,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.checkpoint:
             from eqr_jax.evaluation_cli import load_model
             cfg, model, params = load_model(args)
-            source = f"{args.checkpoint} ({'raw' if args.no_ema else 'EMA if saved'} weights)"
+            source = f"{args.checkpoint} ({'raw' if args.no_ema else 'EMA when saved, else raw'} " \
+                     "weights)"
             out = args.out or os.path.join(args.checkpoint, "analysis")
         else:
             model, params, source = load_reference_model(args.reference, meta.seq_len,
@@ -163,7 +169,8 @@ def main(argv: list[str] | None = None) -> int:
                                snapshots=tuple(args.snapshots or ()),
                                batch_size=args.batch_size, seed=args.seed,
                                noise=not args.no_noise, cluster_tol=args.cluster_tol,
-                               conv_tol=args.tol, window=args.window, krylov=args.krylov,
+                               conv_metric=args.convergence_metric, conv_tol=args.tol,
+                               window=args.window, krylov=args.krylov,
                                restarts=args.restarts, radius_copies=args.radius_copies,
                                pca_puzzle=args.pca_puzzle)
         if args.pca_puzzle >= len(inputs):

@@ -407,14 +407,17 @@ def first_streak(below, window: int) -> tuple[np.ndarray, np.ndarray]:
     return steps, reached
 
 
-def steps_to_convergence(logit_change, tol: float, window: int):
-    """Steps until the logit change stayed below ``tol`` for ``window`` steps (from step 2 on).
+def steps_to_convergence(change, tol: float, window: int, skip_first: bool = True):
+    """Steps until ``change`` stayed below ``tol`` for ``window`` consecutive steps.
 
-    (T, ...) -> (steps (...), reached (...)); unreached rows get T (censored).
+    (T, ...) -> (steps (...), reached (...)); unreached rows get T (censored). The rule of
+    ``eqr eval --halt convergence``: with the logit change (``skip_first``: step 1 compares with
+    the initial latents' logits and never counts) or with the RMS latent residual per element
+    (``--convergence-metric latents``, ``skip_first=False``).
     """
-    d = np.asarray(logit_change)
-    below = d < tol
-    below[:1] = False  # step 1 compares with the initial latents' logits: never "converged"
+    below = np.asarray(change) < tol
+    if skip_first:
+        below[:1] = False
     return first_streak(below, window)
 
 
@@ -479,7 +482,8 @@ def rating_bucket(r: int) -> tuple[int, int]:
 
 
 def bucket_stats(ratings, values) -> list[dict[str, Any]]:
-    """Quartiles of ``values`` per rating bucket (see `rating_bucket`), in rating order."""
+    """Count, mean and quartiles of ``values`` per rating bucket (see `rating_bucket`), in
+    rating order."""
     r = np.asarray(ratings, np.int64).ravel()
     v = np.asarray(values, np.float64).ravel()
     if r.shape != v.shape:
@@ -491,7 +495,8 @@ def bucket_stats(ratings, values) -> list[dict[str, Any]]:
     for (lo, hi), vals in sorted(groups.items()):
         q = np.percentile(vals, [25, 50, 75])
         out.append({"bucket": str(lo) if lo == hi else f"{lo}-{hi}", "lo": lo, "hi": hi,
-                    "count": len(vals), "q25": float(q[0]), "median": float(q[1]),
+                    "count": len(vals), "mean": float(np.mean(vals)), "q25": float(q[0]),
+                    "median": float(q[1]),
                     "q75": float(q[2])})
     return out
 

@@ -21,11 +21,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from eqr_jax.analysis import landscape as L
-from eqr_jax.analysis.plots import _plt, _save
+from eqr_jax.analysis.plots import _plain_ticks, _plt, _save
 from eqr_jax.analysis.stability import float32_model, jacobian_spectral_radius
 from eqr_jax.evaluation import convergence_top_k, majority_vote
 from eqr_jax.losses import IGNORE_LABEL
 from eqr_jax.model import EqRModel, LatentState
+
+
+CONV_METRICS = ("latents", "logits")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,11 +39,14 @@ class AnalysisOptions:
     the attractor census (default D/16, D/4, D). batch_size: puzzles per compiled call (rows =
     inits x batch_size). seed: as ``eqr eval --seed``. noise: run the noisy map (as evaluation)
     or the noise-free one. cluster_tol: RMS latent distance per element under which two final
-    states with the same decoded grid join one attractor. conv_tol, window: the convergence rule
-    of ``eqr eval --halt convergence`` (logit change < conv_tol for window steps). krylov,
-    restarts: Arnoldi settings of the spectral radius. radius_copies: initialisations per puzzle
-    whose end state gets a spectral radius (0: all). radius_rows: end states per Arnoldi call.
-    pca_puzzle: index of the puzzle whose latent paths are drawn. path_points: path samples.
+    states with the same decoded grid join one attractor. conv_metric, conv_tol, window: a row
+    has converged once its ``latents`` RMS residual per element (or its ``logits`` change) stayed
+    below conv_tol for window steps, the rule of ``eqr eval --halt convergence``; conv_tol 0
+    picks 3 x noise_scale for latents with noise on (the residual cannot fall below the noise
+    the map injects), else 1e-3. krylov, restarts: Arnoldi settings of the spectral radius.
+    radius_copies: initialisations per puzzle whose end state gets a spectral radius (0: all).
+    radius_rows: end states per Arnoldi call. pca_puzzle: the puzzle whose latent paths are
+    drawn (-1: the most mixed one, solution basin nearest 1/2). path_points: path samples.
     """
 
     inits: int = 16
@@ -50,13 +56,14 @@ class AnalysisOptions:
     seed: int = 0
     noise: bool = True
     cluster_tol: float = 0.05
-    conv_tol: float = 1e-3
+    conv_metric: str = "latents"
+    conv_tol: float = 0.0
     window: int = 3
     krylov: int = 32
     restarts: int = 2
     radius_copies: int = 0
     radius_rows: int = 256
-    pca_puzzle: int = 0
+    pca_puzzle: int = -1
     path_points: int = 128
 
     def __post_init__(self):
@@ -64,9 +71,14 @@ class AnalysisOptions:
                      "path_points"):
             if getattr(self, name) < 1:
                 raise ValueError(f"analysis option {name} must be >= 1, got {getattr(self, name)}")
-        for name in ("radius_copies", "restarts", "pca_puzzle", "cluster_tol", "conv_tol"):
+        for name in ("radius_copies", "restarts", "cluster_tol", "conv_tol"):
             if getattr(self, name) < 0:
                 raise ValueError(f"analysis option {name} must be >= 0, got {getattr(self, name)}")
+        if self.pca_puzzle < -1:
+            raise ValueError(f"analysis option pca_puzzle must be >= -1, got {self.pca_puzzle}")
+        if self.conv_metric not in CONV_METRICS:
+            raise ValueError(f"analysis option conv_metric must be one of {CONV_METRICS}, got "
+                             f"{self.conv_metric!r}")
         snaps = self.census_depths
         if list(snaps) != sorted(set(snaps)) or snaps[0] < 1 or snaps[-1] > self.depth:
             raise ValueError(f"snapshots must be increasing depths in [1, {self.depth}], got "
@@ -77,6 +89,14 @@ class AnalysisOptions:
         if self.snapshots:
             return tuple(int(s) for s in self.snapshots)
         return tuple(sorted({max(1, self.depth // 16), max(1, self.depth // 4), self.depth}))
+
+    def convergence_tol(self, noise_scale: float) -> float:
+        """The tolerance in force (resolves conv_tol = 0)."""
+        if self.conv_tol > 0:
+            return float(self.conv_tol)
+        if self.conv_metric == "latents" and self.noise and noise_scale > 0:
+            return 3.0 * float(noise_scale)
+        return 1e-3
 
 
 def _quantiles(v) -> dict[str, Any]:
@@ -114,6 +134,21 @@ def _radius_rows(model, params, states: LatentState, x, rows: int, iters: int, r
     return np.concatenate(rad), np.concatenate(lam), np.concatenate(res)
 
 
+def _census_rows(tr: L.Trajectories, labels, nb: int, snaps, tol: float, settle: float):
+    """Census of every real row of a batch at every snapshot depth: [row][snapshot] dicts."""
+    out = []
+    for b in range(nb):
+        row = []
+        for mi, dm in enumerate(snaps):
+            rms = tr.residual[dm - 1, :, b] / math.sqrt(tr.state_size)
+            c = L.attractor_census(_flat_states(tr.states, mi, b), tr.preds[mi, :, b], labels[b],
+                                   tol, residual=rms)
+            c["n_settled"] = int(sum(e["residual"] <= settle for e in c["attractors"]))
+            row.append(c)
+        out.append(row)
+    return out
+
+
 def analyze(model: EqRModel, params, inputs, labels, opts: AnalysisOptions = AnalysisOptions(),
             ratings: Sequence[int] | None = None, blanks: Sequence[int] | None = None,
             progress: bool = False) -> dict[str, Any]:
@@ -125,7 +160,7 @@ def analyze(model: EqRModel, params, inputs, labels, opts: AnalysisOptions = Ana
       progress: print one line per batch.
     Returns:
       A JSON-ready dict: ``accuracy``, ``stability``, ``census``, ``convergence``,
-      ``difficulty``, ``pca`` and ``per_puzzle`` (see docs/analysis.md).
+      ``difficulty``, ``pca``, ``per_puzzle`` and ``timing`` (see docs/analysis.md).
     """
     inputs = np.asarray(inputs, np.int32)
     labels = np.asarray(labels, np.int32)
@@ -135,63 +170,69 @@ def analyze(model: EqRModel, params, inputs, labels, opts: AnalysisOptions = Ana
     p, n_tok = inputs.shape
     if p == 0:
         raise ValueError("no puzzles to analyse")
-    if not 0 <= opts.pca_puzzle < p:
+    if opts.pca_puzzle >= p:
         raise ValueError(f"pca_puzzle {opts.pca_puzzle} outside the {p} puzzles analysed")
     for name, arr in (("ratings", ratings), ("blanks", blanks)):
         if arr is not None and len(arr) != p:
             raise ValueError(f"{len(arr)} {name} for {p} puzzles")
-    t0 = time.perf_counter()
+    t_start = time.perf_counter()
+    timing = {"trace_s": 0.0, "census_s": 0.0, "radius_s": 0.0, "pca_s": 0.0}
     k, d, snaps = opts.inits, opts.depth, opts.census_depths
+    conv_tol = opts.convergence_tol(model.cfg.noise_scale)
+    # "Settled" (at a fixed point up to the injected noise) is judged on the latent residual.
+    settle_tol = conv_tol if opts.conv_metric == "latents" else dataclasses.replace(
+        opts, conv_metric="latents", conv_tol=0.0).convergence_tol(model.cfg.noise_scale)
     bs = min(opts.batch_size, p)
     rc = opts.inits if opts.radius_copies == 0 else min(opts.radius_copies, opts.inits)
     f32 = float32_model(model)
     root = jax.random.PRNGKey(opts.seed)
-    per_step = {name: [] for name in ("residual", "logit_change", "q_halt", "exact")}
-    final_preds, census, radius = [], [], {"radius": [], "eig": [], "res": [], "puzzle": [],
-                                          "copy": []}
-    path = None
-    for bi, start in enumerate(range(0, p, bs)):
+
+    def batch(bi):
+        start = bi * bs
         nb = min(bs, p - start)
         xi = np.zeros((bs, n_tok), np.int32)
         yi = np.full((bs, n_tok), IGNORE_LABEL, np.int32)
         xi[:nb], yi[:nb] = inputs[start:start + nb], labels[start:start + nb]
-        key = jax.random.fold_in(root, bi)
-        prow = opts.pca_puzzle - start if start <= opts.pca_puzzle < start + nb else None
+        return start, nb, xi, yi, jax.random.fold_in(root, bi)
+
+    per_step = {name: [] for name in ("residual", "logit_change", "q_halt", "exact")}
+    final_preds, census = [], []
+    radius = {"radius": [], "eig": [], "res": [], "puzzle": [], "copy": []}
+    for bi in range(math.ceil(p / bs)):
+        start, nb, xi, yi, key = batch(bi)
+        t0 = time.perf_counter()
+        # Row 0's path is recorded and dropped: the PCA re-run below then reuses this
+        # compilation with another (traced) row.
         tr = L.trace_trajectories(model, params, xi, yi, key, copies=k, depth=d, snapshots=snaps,
-                                  noise=opts.noise, path_row=prow, path_points=opts.path_points)
+                                  noise=opts.noise, path_row=0, path_points=opts.path_points)
+        t1 = time.perf_counter()
         for name in per_step:
             per_step[name].append(getattr(tr, name)[:, :, :nb])
         final_preds.append(tr.preds[-1][:, :nb])
-        numel = tr.state_size
-        for b in range(nb):
-            row = []
-            for mi, depth_m in enumerate(snaps):
-                c = L.attractor_census(_flat_states(tr.states, mi, b), tr.preds[mi, :, b],
-                                       yi[b], opts.cluster_tol,
-                                       residual=tr.residual[depth_m - 1, :, b] / math.sqrt(numel))
-                row.append(c)
-            census.append(row)
-        if prow is not None:
-            path = (tr.path, tr.path_steps, [c["ids"] for c in census[opts.pca_puzzle]])
+        census += _census_rows(tr, yi, nb, snaps, opts.cluster_tol, settle_tol)
+        t2 = time.perf_counter()
         # Spectral radius at the final states of the first rc copies of the real rows.
         fin = LatentState(*(np.asarray(a[-1, :rc, :nb]).reshape((rc * nb,) + a.shape[-2:])
                             for a in tr.states))
         x = np.asarray(f32.embed(params, jnp.asarray(xi[:nb])))
         x = np.broadcast_to(x[None], (rc,) + x.shape).reshape((rc * nb,) + x.shape[1:])
-        rad, lam, res = _radius_rows(model, params, fin, x, min(opts.radius_rows, rc * nb),
+        # One chunk size for every batch (the last, partial one is padded): one compilation.
+        rad, lam, res = _radius_rows(model, params, fin, x, min(opts.radius_rows, rc * bs),
                                      opts.krylov, opts.restarts, jax.random.fold_in(key, 2))
         radius["radius"].append(rad)
         radius["eig"].append(lam)
         radius["res"].append(res)
         radius["copy"].append(np.repeat(np.arange(rc), nb))
         radius["puzzle"].append(np.tile(np.arange(start, start + nb), rc))
+        timing["trace_s"] += t1 - t0
+        timing["census_s"] += t2 - t1
+        timing["radius_s"] += time.perf_counter() - t2
         if progress:
-            print(f"[eqr analyze] puzzles {start + nb}/{p} ({time.perf_counter() - t0:.0f} s)",
+            print(f"[eqr analyze] puzzles {start + nb}/{p} ({time.perf_counter() - t_start:.0f} s)",
                   flush=True)
 
     S = {name: np.concatenate(v, axis=2) for name, v in per_step.items()}  # (T, K, P)
-    numel = 2 * n_tok * model.cfg.hidden_size
-    rms = S["residual"] / math.sqrt(numel)
+    rms = S["residual"] / math.sqrt(2 * n_tok * model.cfg.hidden_size)
     exact_tk = S["exact"]
     final_ok = exact_tk[-1].T  # (P, K)
     preds = np.concatenate(final_preds, axis=1).transpose(1, 0, 2)  # (P, K, N)
@@ -210,9 +251,12 @@ def analyze(model: EqRModel, params, inputs, labels, opts: AnalysisOptions = Ana
     eres = np.concatenate(radius["res"])
     rp, rk = np.concatenate(radius["puzzle"]), np.concatenate(radius["copy"])
     r_ok = final_ok[rp, rk]
+    r_settled = final_rms[rp, rk] <= settle_tol
     stab = {"krylov": opts.krylov, "restarts": opts.restarts, "copies_per_puzzle": rc,
-            "unconverged": int((eres > 1e-2).sum())}
-    for name, sel in (("correct", r_ok), ("wrong", ~r_ok)):
+            "unconverged": int((eres > 1e-2).sum()), "settle_tol": settle_tol}
+    for name, sel in (("correct", r_ok), ("wrong", ~r_ok),
+                      ("correct_settled", r_ok & r_settled), ("correct_moving", r_ok & ~r_settled),
+                      ("wrong_settled", ~r_ok & r_settled), ("wrong_moving", ~r_ok & ~r_settled)):
         stab[name] = {**_quantiles(rad[sel]),
                       "frac_below_1": float((rad[sel] < 1).mean()) if sel.any() else None,
                       "frac_complex": float((np.abs(lam[sel].imag) > 1e-6 * rad[sel]).mean())
@@ -225,18 +269,19 @@ def analyze(model: EqRModel, params, inputs, labels, opts: AnalysisOptions = Ana
     # -- census ----------------------------------------------------------------------------
     per_depth = []
     for mi, dm in enumerate(snaps):
-        na = np.array([c[mi]["n_attractors"] for c in census])
-        basin = np.array([c[mi]["solution_basin"] for c in census])
+        get = lambda key: np.array([c[mi][key] for c in census])
+        na, basin = get("n_attractors"), get("solution_basin")
         per_depth.append({"depth": dm, "attractors": _quantiles(na),
-                          "grids": _quantiles([c[mi]["n_grids"] for c in census]),
-                          "solution_attractors": _quantiles(
-                              [c[mi]["n_solution_attractors"] for c in census]),
+                          "settled_attractors": _quantiles(get("n_settled")),
+                          "grids": _quantiles(get("n_grids")),
+                          "solution_attractors": _quantiles(get("n_solution_attractors")),
                           "solution_basin": _quantiles(basin),
-                          "largest_basin": _quantiles([c[mi]["largest_basin"] for c in census]),
+                          "largest_basin": _quantiles(get("largest_basin")),
                           "frac_puzzles_all_solved": float((basin == 1).mean()),
                           "frac_puzzles_none_solved": float((basin == 0).mean()),
                           "frac_puzzles_single_attractor": float((na == 1).mean())})
-    census_out = {"tol": opts.cluster_tol, "depths": list(snaps), "per_depth": per_depth}
+    census_out = {"tol": opts.cluster_tol, "settle_tol": settle_tol, "depths": list(snaps),
+                  "per_depth": per_depth}
 
     # -- convergence vs correctness ---------------------------------------------------------
     conv = {"residual_rms": L.curves_by_outcome(rms, exact_tk[-1]),
@@ -247,15 +292,18 @@ def analyze(model: EqRModel, params, inputs, labels, opts: AnalysisOptions = Ana
                                    "wrong": _quantiles(final_rms[~final_ok])}}
 
     # -- compute vs difficulty --------------------------------------------------------------
-    sc, rc_conv = L.steps_to_convergence(S["logit_change"], opts.conv_tol, opts.window)
+    if opts.conv_metric == "latents":
+        sc, rc_conv = L.steps_to_convergence(rms, conv_tol, opts.window, skip_first=False)
+    else:
+        sc, rc_conv = L.steps_to_convergence(S["logit_change"], conv_tol, opts.window)
     sh, rc_halt = L.steps_to_halt(S["q_halt"])
     ss, rc_sol = L.steps_to_solution(exact_tk)
     med = lambda a: np.median(a.T, axis=1)  # (K, P) -> per puzzle median over inits
     steps = {"convergence": med(sc), "q_halt": med(sh), "solution": med(ss)}
     reached = {"convergence": rc_conv.T.mean(1), "q_halt": rc_halt.T.mean(1),
                "solution": rc_sol.T.mean(1)}
-    diff: dict[str, Any] = {"conv_tol": opts.conv_tol, "window": opts.window,
-                            "censored_at": d,
+    diff: dict[str, Any] = {"conv_metric": opts.conv_metric, "conv_tol": conv_tol,
+                            "window": opts.window, "censored_at": d,
                             "reached": {k2: float(v.mean()) for k2, v in reached.items()}}
     for proxy, vals in (("rating", ratings), ("blanks", blanks)):
         if vals is None:
@@ -269,20 +317,32 @@ def analyze(model: EqRModel, params, inputs, labels, opts: AnalysisOptions = Ana
     else:
         diff["note"] = "no difficulty ratings (not a Sudoku dataset): only blanks are used"
 
-    # -- PCA -------------------------------------------------------------------------------
-    pca = None
-    if path is not None:
-        pts, psteps, ids = path
-        coords, ratio = L.pca_2d(pts)
-        fin_ids = ids[-1]
-        pca = {"puzzle": opts.pca_puzzle, "steps": psteps.tolist(),
-               "explained": ratio.tolist(), "coords": np.round(coords, 5).tolist(),
-               "attractor": fin_ids.tolist(), "correct": final_ok[opts.pca_puzzle].tolist()}
+    # -- PCA: re-run the chosen puzzle's batch (same key: the same trajectories) with its path --
+    t0 = time.perf_counter()
+    pz = opts.pca_puzzle
+    if pz < 0:
+        # The most mixed landscape at depth D: solution basin nearest 1/2, then the most
+        # attractors, then the first puzzle.
+        pz = int(min(range(p), key=lambda i: (-min(census[i][-1]["solution_basin"],
+                                                   1 - census[i][-1]["solution_basin"]),
+                                              -census[i][-1]["n_attractors"], i)))
+    start, nb, xi, yi, key = batch(pz // bs)
+    tr = L.trace_trajectories(model, params, xi, yi, key, copies=k, depth=d, snapshots=snaps,
+                              noise=opts.noise, path_row=pz - start, path_points=opts.path_points)
+    # The random initial latents are far from everything else and would take the first
+    # component: the projection is fitted on steps >= 1 and drawn from step 1 on.
+    coords, ratio = L.pca_2d(tr.path[1:])
+    pca = {"puzzle": pz, "steps": tr.path_steps[1:].tolist(), "explained": ratio.tolist(),
+           "coords": np.round(coords, 5).tolist(), "attractor": census[pz][-1]["ids"].tolist(),
+           "correct": final_ok[pz].tolist(),
+           "attractor_residual": [e["residual"] for e in census[pz][-1]["attractors"]]}
+    timing["pca_s"] = time.perf_counter() - t0
 
     per_puzzle = []
     for i in range(p):
         e = {"index": i, "solution_basin": [c["solution_basin"] for c in census[i]],
              "attractors": [c["n_attractors"] for c in census[i]],
+             "settled_attractors": [c["n_settled"] for c in census[i]],
              "solution_attractors": [c["n_solution_attractors"] for c in census[i]],
              "steps_convergence": float(steps["convergence"][i]),
              "steps_q_halt": float(steps["q_halt"][i]),
@@ -293,10 +353,11 @@ def analyze(model: EqRModel, params, inputs, labels, opts: AnalysisOptions = Ana
         if blanks is not None:
             e["blanks"] = int(blanks[i])
         per_puzzle.append(e)
+    timing["total_s"] = time.perf_counter() - t_start
     return {"num_puzzles": p, "inits": k, "depth": d, "options": dataclasses.asdict(opts),
             "model": dataclasses.asdict(model.cfg), "accuracy": accuracy, "stability": stab,
             "census": census_out, "convergence": conv, "difficulty": diff, "pca": pca,
-            "per_puzzle": per_puzzle, "time_s": time.perf_counter() - t0,
+            "per_puzzle": per_puzzle, "timing": timing, "time_s": timing["total_s"],
             "platform": jax.devices()[0].platform}
 
 
@@ -324,8 +385,12 @@ def summary_lines(res: Mapping[str, Any]) -> list[str]:
                          f"{100 * e['frac_below_1']:.0f}% < 1 (n={e['n']})")
     out.append("spectral radius at end states: " + "; ".join(parts)
                + (f" ({s['unconverged']} estimates unconverged)" if s["unconverged"] else ""))
+    out.append(f"settled end states (RMS residual <= {s['settle_tol']:.3g}): "
+               f"{s['correct_settled']['n']} of {s['correct']['n']} correct, "
+               f"{s['wrong_settled']['n']} of {s['wrong']['n']} wrong")
     out.append(f"census (tol {c['tol']}): " + "; ".join(
-        f"D={e['depth']}: {e['attractors']['mean']:.2f} attractors, solution basin "
+        f"D={e['depth']}: {e['attractors']['mean']:.2f} attractors "
+        f"({e['settled_attractors']['mean']:.2f} settled), solution basin "
         f"{e['solution_basin']['mean']:.2f}" for e in c["per_depth"]))
     fr = res["convergence"]["final_rms_residual"]
     sel = res["convergence"]["selection_by_residual"]
@@ -337,7 +402,8 @@ def summary_lines(res: Mapping[str, Any]) -> list[str]:
     for proxy in ("rating", "blanks"):
         if proxy in diff:
             sp = diff[proxy]["spearman"]
-            out.append(f"Spearman({proxy}, steps): convergence {_fmt(sp['convergence'])}, "
+            out.append(f"Spearman({proxy}, steps): {diff['conv_metric']} convergence "
+                       f"{_fmt(sp['convergence'])}, "
                        f"q_halt {_fmt(sp['q_halt'])}, solution {_fmt(sp['solution'])} "
                        f"({proxy} {diff[proxy]['range'][0]}..{diff[proxy]['range'][1]})")
     return out
@@ -364,10 +430,11 @@ def plot_stability(res, path):
     bins = np.linspace(0, hi, 40)
     for sel, color, name in ((ok, "tab:green", "correct"), (~ok, "tab:red", "wrong")):
         if sel.any():
-            ax.hist(r[sel], bins=bins, color=color, alpha=0.6, label=f"{name} (n={sel.sum()})")
+            ax.hist(r[sel], bins=bins, color=color, alpha=0.6, label=f"{name} (n={sel.sum()})",
+                    weights=np.full(sel.sum(), 1.0 / sel.sum()))
     ax.axvline(1.0, color="k", ls="--", lw=1)
     ax.set_xlabel("spectral radius of the step map's Jacobian at the end state")
-    ax.set_ylabel("end states")
+    ax.set_ylabel("fraction of the class's end states")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     return _save(fig, path)
@@ -432,6 +499,8 @@ def plot_selection(res, path):
         ax.axhline(s["baseline"], color="0.5", lw=1, ls="-.", label="mean accuracy")
         if tau.size and tau.min() > 0:
             ax.set_xscale("log")
+            from matplotlib.ticker import NullFormatter
+            ax.xaxis.set_minor_formatter(NullFormatter())
         ax.set_ylim(-0.02, 1.02)
         ax.set_xlabel(xlab)
         ax.grid(alpha=0.3)
@@ -459,8 +528,12 @@ def plot_difficulty(res, path):
                     label="median per bucket")
             ax.legend(fontsize=8)
         ax.axhline(res["depth"], color="0.6", ls=":", lw=1)
+        if res["depth"] >= 32:
+            ax.set_yscale("log")
+            _plain_ticks(ax.yaxis)
         ax.set_xlabel(f"difficulty ({proxy})")
-        ax.set_ylabel(f"steps to {name} (median over inits)")
+        ax.set_ylabel(f"steps to {name} (median over inits)" if name == "q_halt" else
+                      f"steps to {diff['conv_metric']} convergence (median)")
         ax.set_title(f"Spearman {_fmt(diff[proxy]['spearman'][name], '.2f')}", fontsize=9)
         ax.grid(alpha=0.3)
     return _save(fig, path)
@@ -474,25 +547,37 @@ def plot_pca(res, path):
     coords = np.asarray(pca["coords"])  # (P, C, 2)
     ids = np.asarray(pca["attractor"])
     ok = np.asarray(pca["correct"], bool)
+    settle = res["census"]["settle_tol"]
     fig, ax = plt.subplots(figsize=(5.5, 4.4))
-    cmap = plt.get_cmap("tab10")
-    seen = set()
+    # Groups that settled get their own colour; states still moving at depth D (not at a
+    # fixed point, usually one init per group) share one colour and one legend entry each for
+    # right and wrong.
+    palette = [c for i, c in enumerate(plt.get_cmap("tab10").colors) if i not in (3, 7)]
+    moving_color = {True: "tab:olive", False: "tab:red"}
+    labelled = set()
     for c in range(coords.shape[1]):
         a = int(ids[c])
-        lab = None
-        if a not in seen:
-            seen.add(a)
-            lab = f"attractor {a} ({'solution' if ok[c] else 'wrong'})"
-        ax.plot(coords[:, c, 0], coords[:, c, 1], "-", color=cmap(a % 10), lw=0.8, alpha=0.8,
-                label=lab)
-        ax.plot(coords[0, c, 0], coords[0, c, 1], "o", color=cmap(a % 10), ms=3)
-        ax.plot(coords[-1, c, 0], coords[-1, c, 1], "*", color=cmap(a % 10), ms=9, mec="k",
-                mew=0.4)
+        moving = pca["attractor_residual"][a] > settle
+        if moving:
+            color, tag = moving_color[bool(ok[c])], ("moving", bool(ok[c]))
+            n_in = int(sum(pca["attractor_residual"][int(i)] > settle and ok[j] == ok[c]
+                           for j, i in enumerate(ids)))
+            text = f"{'right' if ok[c] else 'wrong'} grid, still moving ({n_in} inits)"
+        else:
+            color, tag = palette[a % len(palette)], a
+            text = (f"attractor {a}: {'solution' if ok[c] else 'wrong'} "
+                    f"({int((ids == a).sum())} inits)")
+        lab = None if tag in labelled else text
+        labelled.add(tag)
+        ax.plot(coords[:, c, 0], coords[:, c, 1], "-", color=color, lw=0.8,
+                alpha=0.5 if moving else 0.9, label=lab)
+        ax.plot(coords[0, c, 0], coords[0, c, 1], "o", color=color, ms=3)
+        ax.plot(coords[-1, c, 0], coords[-1, c, 1], "*", color=color, ms=9, mec="k", mew=0.4)
     ev = pca["explained"]
     ax.set_xlabel(f"PC1 ({100 * ev[0]:.0f}% var.)")
     ax.set_ylabel(f"PC2 ({100 * ev[1]:.0f}% var.)")
-    ax.set_title(f"puzzle {pca['puzzle']}: {coords.shape[1]} inits, o start, * step "
-                 f"{pca['steps'][-1]}", fontsize=9)
+    ax.set_title(f"puzzle {pca['puzzle']}: {coords.shape[1]} inits, o step {pca['steps'][0]}, "
+                 f"* step {pca['steps'][-1]}", fontsize=9)
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
     return _save(fig, path)
