@@ -343,6 +343,13 @@ def test_eqr_analyze_reports_bad_input(trained, tmp_path, capsys):
     write_split(tmp_path / "d", "test", x[:, :9], y[:, :9], vocab_size=6)
     assert main(["analyze", "--checkpoint", run, "--data", str(tmp_path / "d")]) == 2
     assert "does not fit" in capsys.readouterr().err
+    write_split(tmp_path / "ok", "test", x, y, vocab_size=6)
+    assert main(["analyze", "--checkpoint", run, "--data", str(tmp_path / "ok"), "--inits",
+                 "0"]) == 2
+    assert "inits must be >= 1" in capsys.readouterr().err
+    assert main(["analyze", "--checkpoint", run, "--data", str(tmp_path / "ok"),
+                 "--pca-puzzle", "3"]) == 2  # only 3 puzzles in the split
+    assert "--pca-puzzle 3 outside the 3 puzzles" in capsys.readouterr().err
 
 
 def test_eqr_analyze_reference_checkpoint_matches_native(trained, tmp_path):

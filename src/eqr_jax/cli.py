@@ -25,7 +25,7 @@ COMMANDS = {
 
 def _usage() -> str:
     lines = ["usage: eqr <command> [options]", "", "commands:"]
-    lines += [f"  {name:<7} {help_}" for name, (_, help_) in COMMANDS.items()]
+    lines += [f"  {name:<8} {help_}" for name, (_, help_) in COMMANDS.items()]
     lines += ["", "Run `eqr <command> --help` for the options of a command."]
     return "\n".join(lines)
 

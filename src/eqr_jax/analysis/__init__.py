@@ -19,6 +19,7 @@ from eqr_jax.analysis.plots import (convergence_statistics, logit_delta_norms,
                                     render_grid, save_all_plots, save_trajectory)
 from eqr_jax.analysis.stability import (SpectralEstimate, exact_jacobian_eigenvalues,
                                         jacobian_spectral_radius, map_spectral_radius)
+from eqr_jax.analysis.report import AnalysisOptions, analyze, save_plots, summary_lines
 
 __all__ = [
     "Trajectories", "attractor_census", "bucket_stats", "convergence_score", "curves_by_outcome",
@@ -27,5 +28,5 @@ __all__ = [
     "trace_trajectories", "convergence_statistics", "logit_delta_norms", "plot_accuracy_vs_depth",
     "plot_residuals", "plot_steps_histogram", "render_grid", "save_all_plots", "save_trajectory",
     "SpectralEstimate", "exact_jacobian_eigenvalues", "jacobian_spectral_radius",
-    "map_spectral_radius",
+    "map_spectral_radius", "AnalysisOptions", "analyze", "save_plots", "summary_lines",
 ]

@@ -26,6 +26,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+# The evaluation loop's own key derivation, residual, logit change and exactness, so that a trace
+# and an `eqr eval` run of the same key are the same trajectories measured the same way.
 from eqr_jax.evaluation import _copy_keys, _finish, _latent_residual, _logit_change
 from eqr_jax.losses import IGNORE_LABEL
 from eqr_jax.model import EqRModel, LatentState
