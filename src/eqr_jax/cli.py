@@ -5,6 +5,7 @@
     eqr eval --checkpoint ...    depth x breadth evaluation      (eqr_jax.evaluation_cli)
     eqr solve --checkpoint ...   solve puzzles from the shell    (eqr_jax.solve)
     eqr convert FILE.pth --out D official checkpoint -> ours     (eqr_jax.convert_cli)
+    eqr analyze --checkpoint ... attractor landscape analysis    (eqr_jax.analysis_cli)
 
 Sub-commands are imported lazily so `eqr data` does not pay for importing JAX models.
 """
@@ -20,6 +21,7 @@ COMMANDS = {
     "eval": ("eqr_jax.evaluation_cli", "evaluate a checkpoint over depth x breadth"),
     "solve": ("eqr_jax.solve", "solve puzzles given on the command line or in a file"),
     "convert": ("eqr_jax.convert_cli", "convert an official PyTorch .pth checkpoint"),
+    "analyze": ("eqr_jax.analysis_cli", "attractor landscape: stability, census, difficulty"),
 }
 
 

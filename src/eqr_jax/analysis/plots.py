@@ -1,4 +1,4 @@
-"""Plots of evaluation results, Sudoku trajectory GIFs and convergence statistics (spec §8).
+"""Plots of evaluation results, Sudoku trajectory GIFs and convergence statistics.
 
 Everything here works on host data (NumPy, results dicts from `eqr_jax.evaluation`) and uses the
 non-interactive Agg backend, so it runs on headless machines.
@@ -204,7 +204,7 @@ def save_trajectory(grids: Sequence[np.ndarray], path: str, givens: np.ndarray |
 
 
 # ----------------------------------------------------------------------------------------------
-# Convergence statistics (spec §8), over per-step logits of one or more samples
+# Convergence statistics over per-step logits of one or more samples
 
 
 def logit_delta_norms(logits: np.ndarray, last_k: int = 3) -> np.ndarray:
