@@ -165,12 +165,14 @@ def _jsonable(obj: Any) -> Any:
         return {str(k): _jsonable(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
         return [_jsonable(v) for v in obj]
+    if isinstance(obj, np.bool_):
+        return bool(obj)
     if isinstance(obj, (np.integer,)):
         return int(obj)
     if isinstance(obj, (np.floating,)):
-        return float(obj)
+        return _jsonable(float(obj))
     if isinstance(obj, np.ndarray):
-        return obj.tolist()
+        return _jsonable(obj.tolist())
     if isinstance(obj, float) and not math.isfinite(obj):
         return None
     return obj
@@ -178,11 +180,15 @@ def _jsonable(obj: Any) -> Any:
 
 def write_json(path: str | os.PathLike, payload: Mapping[str, Any], *,
                machine: bool = True) -> Path:
-    """Write ``payload`` (plus ``machine: machine_info()`` unless present or disabled) as JSON."""
+    """Write ``payload`` (plus ``machine: machine_info()`` unless present or disabled) as JSON,
+    atomically (a temporary file renamed over the target). NaN and infinities become null,
+    NumPy scalars and arrays plain numbers and lists."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     data = dict(payload)
     if machine and "machine" not in data:
         data["machine"] = machine_info()
-    path.write_text(json.dumps(_jsonable(data), indent=2) + "\n")
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(_jsonable(data), indent=2, allow_nan=False) + "\n")
+    os.replace(tmp, path)
     return path

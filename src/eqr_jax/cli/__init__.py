@@ -5,6 +5,7 @@
     eqr eval --checkpoint ...    depth x breadth evaluation      (eqr_jax.cli.eval)
     eqr solve --checkpoint ...   solve puzzles from the shell    (eqr_jax.cli.solve)
     eqr convert FILE.pth --out D official checkpoint -> ours     (eqr_jax.cli.convert)
+    eqr analyze --checkpoint ... attractor landscape analysis    (eqr_jax.cli.analyze)
 
 Each sub-command is a module of this package with ``build_parser()`` and ``main(argv)``; the
 options they share live in `eqr_jax.cli.common`. Sub-commands are imported lazily so `eqr data`
@@ -22,6 +23,7 @@ COMMANDS = {
     "eval": ("eqr_jax.cli.eval", "evaluate a checkpoint over depth x breadth"),
     "solve": ("eqr_jax.cli.solve", "solve puzzles given on the command line or in a file"),
     "convert": ("eqr_jax.cli.convert", "convert an official PyTorch .pth checkpoint"),
+    "analyze": ("eqr_jax.cli.analyze", "attractor landscape: stability, census, difficulty"),
 }
 
 

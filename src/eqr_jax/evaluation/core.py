@@ -133,7 +133,9 @@ def logit_change(new: jax.Array, old: jax.Array) -> jax.Array:
     return jnp.mean(jnp.sqrt(jnp.sum(jnp.square(d), axis=-1)), axis=-1)
 
 
-def _score(logits, labels):
+def score_predictions(logits, labels):
+    """(preds (C, B, N), correct tokens (C, B), supervised tokens (B,), exact (C, B)) of the
+    logits (C, B, N, V) of C copies against labels (B, N)."""
     preds = jnp.argmax(logits, axis=-1).astype(jnp.int32)
     n_correct, n_valid, exact = jax.vmap(lambda lg: sequence_exact(lg, labels))(logits)
     return preds, n_correct, n_valid[0], exact
@@ -214,7 +216,7 @@ def evaluate_copies(model: EqRModel, params, inputs, labels, mask, key, copy_ids
         score = jnp.sum(s.recent_changes, -1) / jnp.maximum(jnp.minimum(s.changes_seen, w), 1)
     else:
         score = s.recent_changes[..., 0] / jnp.maximum(s.changes_seen, 1)
-    preds, n_correct, n_valid, exact = _score(s.logits, labels)
+    preds, n_correct, n_valid, exact = score_predictions(s.logits, labels)
     return CopyResults(preds, n_correct, n_valid, exact, s.steps, score, s.residual, s.q_halt,
                        s.trace, s.t)
 
@@ -247,7 +249,7 @@ def solve_copies(model: EqRModel, params, inputs, labels, mask, key, copy_ids, *
     nxt = jax.vmap(lambda z: model.step(params, z, x, None))(sol.state)
     res = latent_residual(nxt, sol.state)
     score = logit_change(readout(nxt).logits, out.logits)
-    preds, n_correct, n_valid, exact = _score(out.logits, labels)
+    preds, n_correct, n_valid, exact = score_predictions(out.logits, labels)
     steps = (jnp.broadcast_to(sol.iterations[:, None], (c, b)) * mask[None, :]).astype(jnp.int32)
     empty = ResidualTrace(jnp.zeros((1,), jnp.int32), jnp.zeros((1,), jnp.float32),
                           jnp.zeros((1,), jnp.int32))
