@@ -10,12 +10,12 @@ import jax
 from jax.sharding import Mesh
 
 from eqr_jax import flops
-from eqr_jax.config import ConfigError, RunConfig
+from eqr_jax.config import RunConfig
 from eqr_jax.data.format import DataFormatError, dataset_info
 from eqr_jax.data.loader import steps_per_epoch
 from eqr_jax.data.prepare import check_matches_model, data_build_command
 from eqr_jax.model import EqRModel, num_params
-from eqr_jax.sharding import make_mesh
+from eqr_jax.sharding import check_divisible, make_mesh
 from eqr_jax.training import total_steps
 
 
@@ -46,9 +46,7 @@ def plan(cfg: RunConfig, mesh: Mesh | None = None) -> dict[str, Any]:
     d, tc, G = cfg.data, cfg.train, cfg.data.global_batch_size
     mesh = make_mesh() if mesh is None else mesh
     n_dev = mesh.devices.size
-    if G % n_dev:
-        raise ConfigError(
-            f"data.global_batch_size={G} is not divisible by the {n_dev} devices of the mesh")
+    check_divisible(G, mesh, "data.global_batch_size")
     out: dict[str, Any] = {"preset": cfg.preset, "data_path": d.path}
     if Path(d.path).exists():
         check_matches_model(cfg)

@@ -16,6 +16,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from eqr_jax.config import ConfigError
+
 DATA_AXIS = "data"
 
 
@@ -43,10 +45,10 @@ def train_state_shardings(state, mesh: Mesh):
 
 
 def check_divisible(rows: int, mesh: Mesh, what: str) -> None:
-    """Raise ValueError unless ``rows`` split evenly over the mesh's devices."""
+    """Raise `ConfigError` (a ValueError) unless ``rows`` split evenly over the mesh's devices."""
     n = mesh.devices.size
     if rows % n:
-        raise ValueError(f"{what}={rows} is not divisible by the {n} devices of the mesh")
+        raise ConfigError(f"{what}={rows} is not divisible by the {n} devices of the mesh")
 
 
 def to_global(batch: Mapping[str, Any], sharding: NamedSharding) -> dict:

@@ -276,10 +276,7 @@ def train(cfg: RunConfig, loaders: tuple[Any, Callable[[], Iterable]], mesh: Mes
     out_dir = Path(tc.out_dir)
     train_loader, eval_batches = loaders
     mesh = sharding_lib.make_mesh() if mesh is None else mesh
-    try:
-        sharding_lib.check_divisible(G, mesh, "data.global_batch_size")
-    except ValueError as e:
-        raise config_lib.ConfigError(str(e)) from None
+    sharding_lib.check_divisible(G, mesh, "data.global_batch_size")
     out_dir.mkdir(parents=True, exist_ok=True)
     if jax.process_index() == 0:
         config_lib.save(cfg, str(out_dir / "config.json"))
