@@ -14,8 +14,6 @@ import argparse
 import os
 import time
 
-import numpy as np
-
 from eqr_jax.data.build import rating_summary
 from eqr_jax.data.generate import generate_chunk, generate_puzzles
 from eqr_jax.data.sudoku import rate

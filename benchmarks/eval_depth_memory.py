@@ -3,7 +3,8 @@
     python benchmarks/eval_depth_memory.py                 # tiny 4x4 model (seconds on CPU)
     python benchmarks/eval_depth_memory.py --preset sudoku --batch 64 --breadth 8
 
-The evaluation core (`eqr_jax.evaluation`) iterates with `lax.while_loop`, keeping only the
+The evaluator's program (`eqr_jax.evaluation.core.evaluate_copies`) iterates with
+`lax.while_loop`, keeping only the
 current latents, logits and per-row counters, so its temporary memory does not depend on the
 depth. For contrast the script also compiles a *materialising* variant (a `lax.scan` that stacks
 every step's logits, as a convergence top-k evaluator that keeps all logits would), whose memory
@@ -17,10 +18,9 @@ import argparse
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from eqr_jax import config as config_lib
-from eqr_jax import evaluation as ev
+from eqr_jax.evaluation import core
 from eqr_jax.model import EqRModel
 
 
@@ -53,19 +53,19 @@ def main(argv=None) -> int:
           f"backend={jax.default_backend()}")
 
     def loop_fn(depth):
-        return jax.jit(lambda pr, x, y, m: ev._unroll_core(
-            model, pr, x, y, m, key, ids, args.breadth, depth, 1e-3, 2, 0, window=3,
-            trace_points=64))
+        return jax.jit(lambda pr, x, y, m: core.evaluate_copies(
+            model, pr, x, y, m, key, ids, args.breadth, depth, core.stopping("convergence"),
+            window=3, trace_points=64))
 
     def scan_fn(depth):  # materialising baseline: all per-step logits kept
         def f(pr, x, y, m):
             xe = model.embed(pr, x)
-            s0 = jax.vmap(lambda k: model.init_state(k, x.shape[0]))(
-                jax.vmap(lambda i: jax.random.fold_in(key, i))(ids))
+            init_keys, noise_keys = core.copy_keys(key, ids)
+            s0 = jax.vmap(lambda k: model.init_latents(k, x.shape[0]))(init_keys)
 
             def body(s, t):
-                s = jax.vmap(lambda z, i: model.step(pr, z, xe, jax.random.fold_in(
-                    jax.random.fold_in(key, i), t)))(s, ids)
+                s = jax.vmap(lambda z, k: model.step(pr, z, xe, jax.random.fold_in(k, t)))(
+                    s, noise_keys)
                 return s, jax.vmap(lambda z: model.readout(pr, z).logits)(s)
 
             _, logits = jax.lax.scan(body, s0, jnp.arange(depth))
@@ -74,7 +74,7 @@ def main(argv=None) -> int:
         return jax.jit(f)
 
     rows = {}
-    for name, make in [("while_loop (eqr_jax.evaluation)", loop_fn)] + (
+    for name, make in [("while_loop (eqr_jax.evaluation.core)", loop_fn)] + (
             [] if args.no_baseline else [("scan keeping logits (baseline)", scan_fn)]):
         rows[name] = [stats(make(d).lower(params, inputs, labels, mask).compile()) for d in depths]
     for name, ss in rows.items():

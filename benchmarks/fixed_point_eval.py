@@ -13,36 +13,33 @@ Without ``--checkpoint`` a tiny model is trained for a few hundred steps first (
 from __future__ import annotations
 
 import argparse
-import os
-import sys
+import dataclasses
 import time
 
 import jax
 import numpy as np
 
-from eqr_jax import evaluation as ev
+from eqr_jax.config import EvalConfig
+from eqr_jax.data.arrays import ArrayTrainLoader, eval_batches, make_puzzles
+from eqr_jax.evaluation import Evaluator
 from eqr_jax.model import EqRModel
 
 
 def _puzzles(n, seed):
-    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
-    from _train_data import make_puzzles
     return make_puzzles(n, seed, blanks=(6, 10))
 
 
 def _train_tiny(steps: int, out: str):
-    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
-    from _train_data import ArrayTrainLoader, eval_batches
     from eqr_jax import config as C
-    from eqr_jax.train import train
+    from eqr_jax.training import train
 
     cfg = C.apply_overrides(C.preset("tiny"), [
         f"train.out_dir={out}", f"train.max_steps={steps}", "train.ema=false",
         "train.eval_every=100000", "train.checkpoint_every=100000", "train.log_every=100000"])
     xi, yi = _puzzles(4000, 0)
     xe, ye = _puzzles(128, 1)
-    train(cfg, loaders=(ArrayTrainLoader(xi, yi, cfg.data.global_batch_size),
-                        lambda: eval_batches(xe, ye, 128)), progress=False)
+    train(cfg, (ArrayTrainLoader(xi, yi, cfg.data.global_batch_size),
+                lambda: eval_batches(xe, ye, 128)), progress=False)
     return out
 
 
@@ -69,20 +66,20 @@ def main(argv=None) -> int:
     cfg, params = load_for_inference(ckpt, use_ema=not args.no_ema)
     model = EqRModel(cfg.model)
     x, y = _puzzles(args.batch, args.data_seed)
-    mask = np.ones(len(x), bool)
+    batch = {"inputs": x, "labels": y, "mask": np.ones(len(x), bool)}
     key = jax.random.PRNGKey(0)
+    unroll = Evaluator(model, EvalConfig())
     print(f"checkpoint={ckpt} batch={args.batch} backend={jax.default_backend()}")
     print(f"{'solver':<12} {'tol':>8} {'iters':>6} {'time_s':>8} {'residual_rms':>13} "
           f"{'exact_acc':>9} | unroll@iters exact_acc  time_s")
     numel = 2 * cfg.model.seq_len * cfg.model.hidden_size
     for tol in (float(t) for t in args.tols.split(",")):
         for solver in ("anderson", "fixed_point"):
-            run = lambda: ev.evaluate_batch(model, params, x, y, mask, key, depth=args.maxiter,
-                                            solver=solver, tol=tol)
-            r, dt = timed(run)
+            ev = Evaluator(model, dataclasses.replace(EvalConfig(), solver=solver,
+                                                      convergence_tol=tol))
+            r, dt = timed(lambda: ev.evaluate_batch(params, batch, key, depth=args.maxiter))
             iters = int(r.steps.max())
-            u, du = timed(lambda: ev.evaluate_batch(model, params, x, y, mask, key,
-                                                    depth=max(iters, 1)))
+            u, du = timed(lambda: unroll.evaluate_batch(params, batch, key, depth=max(iters, 1)))
             print(f"{solver:<12} {tol:>8.0e} {iters:>6d} {dt:>8.3f} "
                   f"{float(np.sqrt(np.mean(r.residual ** 2)) / np.sqrt(numel)):>13.2e} "
                   f"{r.exact.mean():>9.4f} | {u.exact.mean():>21.4f} {du:>7.3f}")

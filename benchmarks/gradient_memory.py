@@ -4,14 +4,15 @@ A "training step" here is the loss and parameter gradient (`jax.value_and_grad`)
 supervision segment: embed the puzzle, apply the step map ``n`` times from a given latent state,
 read out logits, stablemax cross-entropy against the labels. Modes:
 
-* ``full``        backprop through all ``n`` steps (`dynamics.unroll(grad="full")`);
-* ``full+remat``  the same with each step rematerialised in the backward pass (``remat=True``);
+* ``full``        backprop through all ``n`` steps (`dynamics.Full`);
+* ``full+remat``  the same with each step rematerialised in the backward pass
+  (``dynamics.Full(remat=True)``);
 * ``truncated``   the reference's gradient: only the last recursion of the last step;
 * ``one_step``    all recursions of the last step (phantom gradient);
 * ``implicit``    `dynamics.fixed_point(maxiter=n, tol=0, implicit_diff=True)`: n solver
   iterations on the noise-free map, gradient by the implicit function theorem.
 
-Memory is XLA's compiled buffer assignment for the jitted step (`benchmarking.compiled_memory`):
+Memory is XLA's compiled buffer assignment for the jitted step (`common.compiled_memory`):
 ``temp`` is the scratch/activation memory (what autodiff residuals occupy), ``peak`` is
 ``argument + output + temp - alias`` bytes.
 Time is the median wall-clock of a few calls after a warm-up. ``full`` should grow linearly with
@@ -29,13 +30,13 @@ import time
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 
-from eqr_jax import benchmarking as bm
-from eqr_jax import dynamics, losses
+import common as bm
+from eqr_jax import dynamics, losses, modes
 from eqr_jax.model import EqRModel
 
-MODES = ("full", "full+remat", "truncated", "one_step", "implicit")
+# The registry's gradient modes, with `full` also measured rematerialised.
+MODES = ("full", "full+remat") + tuple(m for m in modes.GRAD_MODES if m != "full")
 
 
 def make_train_step(model: EqRModel, mode: str, n: int, *, implicit_method: str = "anderson"):
@@ -48,9 +49,9 @@ def make_train_step(model: EqRModel, mode: str, n: int, *, implicit_method: str 
             z = dynamics.fixed_point(model.step, params, state, x, method=implicit_method,
                                      tol=0.0, maxiter=n, implicit_diff=True).state
         else:
-            grad = "full" if mode.startswith("full") else mode
-            z, _ = dynamics.unroll(model.step, params, state, x, key, n, grad=grad,
-                                   remat=mode == "full+remat")
+            adjoint = (dynamics.Full(remat=mode == "full+remat") if mode.startswith("full")
+                       else dynamics.adjoint(mode))
+            z, _ = dynamics.unroll(model.step, params, state, x, key, n, adjoint=adjoint)
         logits = model.readout(params, z).logits
         return losses.stablemax_cross_entropy(logits, labels).mean()
 
@@ -62,7 +63,7 @@ def measure(model: EqRModel, batch: int, modes, ns, repeats: int, implicit_metho
     params = model.init(jax.random.PRNGKey(0))
     inputs = jax.random.randint(jax.random.PRNGKey(1), (batch, cfg.seq_len), 1, cfg.vocab_size)
     labels = jax.random.randint(jax.random.PRNGKey(2), (batch, cfg.seq_len), 1, cfg.vocab_size)
-    state = model.init_state(jax.random.PRNGKey(3), batch)
+    state = model.init_latents(jax.random.PRNGKey(3), batch)
     args = (params, state, inputs, labels, jax.random.PRNGKey(4))
     rows = []
     for mode in modes:

@@ -12,8 +12,11 @@ from `eqr_jax.flops` over the square-matmul rate measured at the start of the sa
 latency per reasoning step, and peak device memory (XLA's compiled estimate; the allocator's
 high-water mark too on GPU/TPU).
 
-The depth is a *runtime* argument (``lax.fori_loop`` with a traced trip count), so one compiled
-program serves a whole depth sweep; the state is the noisy EqR step map exactly as in evaluation.
+Each point runs the evaluator's own program (`eqr_jax.evaluation.core.evaluate_copies`, fixed
+halting): the depth is a *runtime* argument of its ``lax.while_loop``, so one compiled program
+serves a whole depth sweep, and the numbers are those of ``eqr eval``. (Results measured before
+this script used the evaluator, with a bare ``fori_loop`` of the step map and one read-out per
+call, are marked as such in docs/performance.md.)
 
 Sizes adapt to the backend: full sweeps on GPU/TPU, small ones on CPU; ``--quick`` is smaller
 still (under a minute on a 2-core CPU for the sudoku preset). Examples::
@@ -26,7 +29,6 @@ still (under a minute on a 2-core CPU for the sudoku preset). Examples::
 from __future__ import annotations
 
 import argparse
-import functools
 import sys
 import time
 from pathlib import Path
@@ -34,8 +36,10 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 
-from eqr_jax import benchmarking as bm
+import common as bm
 from eqr_jax import flops
+from eqr_jax.config import EvalConfig
+from eqr_jax.evaluation import core
 from eqr_jax.model import EqRModel
 
 # (depths, depth-sweep batch), (batches, batch-sweep depth), (breadths, puzzles, breadth depth)
@@ -59,22 +63,20 @@ CPU_SLOW = {"maze"}
 
 
 def make_runner(model: EqRModel, breadth: int):
-    """jit(params, x, states, key, depth) -> predictions (argmax tokens), ``depth`` steps.
+    """jit(params, inputs, labels, mask, key, depth) -> `CopyResults` of ``depth`` steps.
 
-    ``states`` leaves are (breadth, batch, seq, hidden); copy ``i`` draws noise from
-    ``fold_in(key, i)`` and step ``t`` from ``fold_in(copy_key, t)`` (as `dynamics.unroll`).
+    The evaluator's own program (`eqr_jax.evaluation.core.evaluate_copies`, fixed halting, its
+    default window and residual record), so the numbers are those of ``eqr eval``; the depth is
+    traced. Copy ``i`` and step ``t`` draw their keys as every evaluation does (`copy_keys`).
     """
+    ids = jnp.arange(breadth, dtype=jnp.int32)
+    cfg = EvalConfig()
 
-    def one_copy(params, x, state, key, depth):
-        def body(t, z):
-            return model.step(params, z, x, jax.random.fold_in(key, t))
-        z = jax.lax.fori_loop(0, depth, body, state)
-        return jnp.argmax(model.readout(params, z).logits, axis=-1).astype(jnp.int8)
-
-    def run(params, x, states, key, depth):
-        keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(breadth))
-        return jax.vmap(one_copy, in_axes=(None, None, 0, 0, None))(params, x, states, keys,
-                                                                     depth)
+    def run(params, inputs, labels, mask, key, depth):
+        return core.evaluate_copies(model, params, inputs, labels, mask, key, ids, breadth,
+                                    depth, core.stopping("fixed"),
+                                    window=cfg.convergence_window,
+                                    trace_points=cfg.trace_points)
 
     return jax.jit(run)
 
@@ -111,11 +113,9 @@ def run_preset(name: str, dtype: str, sizes: dict, peak: dict, quick: bool, args
         if (batch, breadth) not in cache:
             inputs = jax.random.randint(jax.random.PRNGKey(1), (batch, cfg.seq_len), 1,
                                         cfg.vocab_size)
-            x = model.embed(params, inputs)
-            from eqr_jax.dynamics import breadth_init  # noqa: PLC0415
-            states = breadth_init(model.init_state, jax.random.PRNGKey(2), breadth, batch)
+            mask = jnp.ones((batch,), bool)
             runner = make_runner(model, breadth)
-            call_args = (params, x, states, jax.random.PRNGKey(3))
+            call_args = (params, inputs, inputs, mask, jax.random.PRNGKey(3))
             t0 = time.perf_counter()
             compiled = runner.lower(*call_args, jnp.asarray(1, jnp.int32)).compile()
             mem = bm.memory_of(compiled)
@@ -143,7 +143,9 @@ def run_preset(name: str, dtype: str, sizes: dict, peak: dict, quick: bool, args
                 raise
             rows.append({**row, "status": "oom"})
             continue
-        fl = flops.forward_flops(cfg, depth, batch, breadth)
+        # The evaluator reads out every step (and the initial latents).
+        fl = flops.forward_flops(cfg, depth, batch, breadth) + (
+            n_rows * depth * flops.readout_flops(cfg))
         tflops = fl / t.median_s / 1e12
         peak_tf = peak[dtype]["tflops"]
         runtime_peak = bm.runtime_peak_bytes()
@@ -276,7 +278,7 @@ def main(argv=None) -> dict:
               "flops": flop_rows, "rows": rows, "bf16_over_f32": ratios, "wall_s": wall,
               "flop_formula": "eqr_jax.flops: per block mlp_t 2HN(2I_N)+2HI_N N or attention "
                               "2NH(3H)+4N^2H+2NH^2, plus channel SwiGLU 2NH(2I_H)+2NI_H H; "
-                              "x blocks_per_step per step; lm head once per call"}
+                              "x blocks_per_step per step; read-out every step (the evaluator's program)"}
     bm.write_json(out, result)
     print(f"\nwrote {out}")
     if args.plot != "none":

@@ -5,8 +5,8 @@
 
 Needs torch and a checkout of github.com/locuslab/EqR (its model, ACT loss head, EMA helper and
 lr schedule are imported from there; its CUDA-only AdamATan2 is re-implemented in
-``benchmarks/_official.py``). ``tests/test_train_parity.py`` replays the steps with
-``eqr_jax.train.make_train_step`` and compares at atol = rtol = 1e-4.
+``benchmarks/_official.py``). ``tests/test_training_parity.py`` replays the steps with
+``eqr_jax.training.make_train_step`` and compares at atol = rtol = 1e-4.
 
 With update noise 0, exploration 0 and latent init std 0, three optimiser steps from given weights,
 carry and batches are deterministic as long as no row halts on its q-halt logit (the q head starts

@@ -15,7 +15,7 @@ side is driven as its ``pretrain.py`` drives it (persistent ACT carry built from
 ``loss / global_batch_size`` back-propagated, the official cosine/warm-up schedule evaluated at the
 1-based step, AdamATan2, the official ``EMAHelper`` after every step); its AdamATan2 is a CUDA
 extension, so the script carries a few lines of torch with the same rule (``adam-atan2`` 0.0.3).
-The JAX side is ``eqr_jax.train.make_train_step``, the project's real training step.
+The JAX side is ``eqr_jax.training.make_train_step``, the project's real training step.
 
 Modes:
   * ``preset``: update noise, exploration and random latent init as the presets have them. The
@@ -51,7 +51,8 @@ from eqr_jax import interop, optim
 from eqr_jax.act import init_carry
 from eqr_jax.config import DataConfig, RunConfig, TrainConfig
 from eqr_jax.model import EqRModel
-from eqr_jax.train import TrainState, example_batch, make_train_step
+from eqr_jax.reporting import format_table
+from eqr_jax.training import TrainState, example_batch, make_train_step
 
 REPORT_KEYS = ("loss", "lm_loss", "accuracy", "exact_accuracy", "steps", "grad_norm")
 
@@ -147,7 +148,10 @@ class JaxTrainer:
         self.step += 1
         stacked = {k: jnp.asarray(v)[None] for k, v in batch.items()}
         self.state, m = self.fn(self.state, stacked)
-        out = {k: float(v) for k, v in jax.device_get(m).items() if k != "num_steps"}
+        # The sums the official side reports too: not the per-ACT-step vectors (steps_hist,
+        # residual_*) nor the extrema min_/max_steps (+-inf while no row halted).
+        out = {k: float(v) for k, v in jax.device_get(m).items()
+               if k != "num_steps" and np.ndim(v) == 0 and not k.startswith(("min_", "max_"))}
         out["lr"] = float(self.schedule(self.step))
         return out
 
@@ -462,14 +466,14 @@ def print_summary(result: dict) -> None:
                       f"finite {r['finite']}")
         return
     f = lambda v: "n/a" if v is None else f"{v:.4f}"
-    print("| mode/dtype | max loss gap jax | official spread | max acc gap jax | official spread "
-          "| per-step loss gap | final EMA max diff |")
-    print("|---|---|---|---|---|---|---|")
-    for k in rows:
-        r = s[k]
-        print(f"| {k} | {f(r['jax_max_gap_loss'])} | {f(r.get('official_spread_max_loss'))} | "
-              f"{f(r['jax_max_gap_accuracy'])} | {f(r.get('official_spread_max_accuracy'))} | "
-              f"{r['per_step_loss_gap_max']:.2e} | {r['final_ema_max_abs_diff']:.2e} |")
+    table = [{"mode/dtype": k, "max loss gap jax": f(r["jax_max_gap_loss"]),
+              "official spread (loss)": f(r.get("official_spread_max_loss")),
+              "max acc gap jax": f(r["jax_max_gap_accuracy"]),
+              "official spread (acc)": f(r.get("official_spread_max_accuracy")),
+              "per-step loss gap": f"{r['per_step_loss_gap_max']:.2e}",
+              "final EMA max diff": f"{r['final_ema_max_abs_diff']:.2e}"}
+             for k, r in ((k, s[k]) for k in rows)]
+    print(format_table(table, markdown=True))
     print(f"[curves] all finite: {s['all_finite']}; total {result['total_wall_s']:.0f} s")
 
 

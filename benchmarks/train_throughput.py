@@ -19,10 +19,11 @@ import jax
 import numpy as np
 
 from eqr_jax import config as config_lib
-from eqr_jax import optim
+from eqr_jax import modes, optim
 from eqr_jax.model import EqRModel
-from eqr_jax.train import (batch_sharding, init_state, make_mesh, make_train_step,
-                           state_shardings, to_global)
+from eqr_jax.reporting import format_table
+from eqr_jax.sharding import batch_sharding, make_mesh, to_global, train_state_shardings
+from eqr_jax.training import example_batch, init_train_state, make_train_step
 
 
 def bench_mode(cfg, mode: str, calls: int, warmup: int = 1) -> dict:
@@ -31,10 +32,9 @@ def bench_mode(cfg, mode: str, calls: int, warmup: int = 1) -> dict:
     G, N, S = cfg.data.global_batch_size, cfg.model.seq_len, max(1, cfg.train.steps_per_call)
     opt, _ = optim.make_optimizer(cfg.train, 10_000)
     rng = np.random.default_rng(0)
-    example = {"inputs": np.zeros((G, N), np.int32), "labels": np.zeros((G, N), np.int32),
-               "puzzle_identifiers": np.zeros((G,), np.int32)}
-    make = functools.partial(init_state, model, cfg, opt)
-    sh = state_shardings(jax.eval_shape(make, example), mesh)
+    example = example_batch(cfg)
+    make = functools.partial(init_train_state, model, cfg, opt)
+    sh = train_state_shardings(jax.eval_shape(make, example), mesh)
     state = jax.jit(make, out_shardings=sh)(example)
     fn = make_train_step(model, cfg, opt, mesh=mesh, state_sharding=sh, steps_per_call=S)
     host = {"inputs": rng.integers(1, cfg.model.vocab_size, (S, G, N)).astype(np.int32),
@@ -60,7 +60,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--preset", default="tiny", choices=sorted(config_lib.PRESETS))
     p.add_argument("--modes", default="truncated,one_step,full",
-                   help="comma list of gradient modes (truncated, full, one_step, implicit)")
+                   help=f"comma list of gradient modes ({', '.join(modes.GRAD_MODES)})")
     p.add_argument("--calls", type=int, default=5, help="timed jitted calls per mode")
     p.add_argument("--quick", action="store_true",
                    help="tiny model, batch 32, 2 timed calls of 2 steps (< 1 min on CPU)")
@@ -80,12 +80,12 @@ def main(argv=None) -> int:
           flush=True)
     rows = [bench_mode(cfg, m.strip(), a.calls) for m in a.modes.split(",") if m.strip()]
     base = next((r["steps_per_s"] for r in rows if r["mode"] == "truncated"), None)
-    print(f"| {'mode':<10} | steps/s | puzzles/s | ms/step | first call s | vs truncated |")
-    print(f"|{'-' * 12}|--------:|----------:|--------:|-------------:|-------------:|")
-    for r in rows:
-        ratio = f"{r['steps_per_s'] / base:.2f}x" if base else "n/a"
-        print(f"| {r['mode']:<10} | {r['steps_per_s']:7.2f} | {r['puzzles_per_s']:9.1f} | "
-              f"{r['ms_per_step']:7.1f} | {r['first_call_s']:12.1f} | {ratio:>12} |")
+    table = [{"mode": r["mode"], "steps/s": f"{r['steps_per_s']:.2f}",
+              "puzzles/s": f"{r['puzzles_per_s']:.1f}", "ms/step": f"{r['ms_per_step']:.1f}",
+              "first call s": f"{r['first_call_s']:.1f}",
+              "vs truncated": f"{r['steps_per_s'] / base:.2f}x" if base else "n/a"}
+             for r in rows]
+    print(format_table(table, markdown=True))
     return 0
 
 

@@ -11,7 +11,7 @@ Sections:
   attention  `jax.nn.dot_product_attention` implementation: backend default vs ``xla`` vs ``cudnn``
              (cuDNN only on NVIDIA GPUs; skipped with a message elsewhere).
   remat      full-gradient training step through ``--remat-steps`` steps: no remat, per-step remat
-             (`dynamics.unroll(remat=True)`), per-block remat (``ModelConfig.remat_blocks``), both.
+             (`dynamics.Full(remat=True)`), per-block remat (``ModelConfig.remat_blocks``), both.
   host       steps per host call: K jitted single-step calls vs one `lax.scan` of K steps vs one
              `fori_loop` with a runtime K.
   donation   a K-step call with the latent state donated (`donate_argnums`) or not.
@@ -38,10 +38,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from eqr_jax import benchmarking as bm
+import common as bm
 from eqr_jax import dynamics, losses
-from eqr_jax.model import (EqRModel, apply_blocks, compute_dtype, rms_norm,
-                           swiglu_intermediate)
+from eqr_jax.model import EqRModel, apply_blocks, compute_dtype, rms_norm
 
 SECTIONS = ("mlp_t", "attention", "remat", "host", "donation", "flags")
 GPU_FLAG_SETS = [
@@ -127,7 +126,7 @@ def _step_setup(cfg, batch, key=0):
     params = model.init(jax.random.PRNGKey(key))
     inputs = jax.random.randint(jax.random.PRNGKey(1), (batch, cfg.seq_len), 1, cfg.vocab_size)
     x = model.embed(params, inputs)
-    state = model.init_state(jax.random.PRNGKey(2), batch)
+    state = model.init_latents(jax.random.PRNGKey(2), batch)
     return model, params, x, state, inputs
 
 
@@ -171,8 +170,8 @@ def section_remat(args, cfg):
 
         def loss(p, s, m=model, r=step_remat):
             xx = m.embed(p, inputs)
-            z, _ = dynamics.unroll(m.step, p, s, xx, jax.random.PRNGKey(5), n, grad="full",
-                                   remat=r)
+            z, _ = dynamics.unroll(m.step, p, s, xx, jax.random.PRNGKey(5), n,
+                                   adjoint=dynamics.Full(remat=r))
             return losses.stablemax_cross_entropy(m.readout(p, z).logits, inputs).mean()
 
         fn = jax.jit(jax.value_and_grad(loss))
@@ -199,7 +198,8 @@ def section_host(args, cfg):
             s = single(params, s, x, jax.random.fold_in(key, i))
         return s
 
-    scan = jax.jit(lambda p, s, x, kk: dynamics.unroll(model.step, p, s, x, kk, k, grad="none")[0])
+    scan = jax.jit(lambda p, s, x, kk: dynamics.unroll(model.step, p, s, x, kk, k,
+                                                       adjoint=dynamics.NoGrad())[0])
 
     @jax.jit
     def fori(p, s, x, kk, depth):
@@ -223,11 +223,12 @@ def section_donation(args, cfg):
     k = args.steps_per_call
     model, params, x, _, _ = _step_setup(cfg, args.batch)
     key = jax.random.PRNGKey(3)
-    f = lambda p, s, x, kk: dynamics.unroll(model.step, p, s, x, kk, k, grad="none")[0]
+    f = lambda p, s, x, kk: dynamics.unroll(model.step, p, s, x, kk, k,
+                                            adjoint=dynamics.NoGrad())[0]
     rows, base = [], None
     for name, donate in (("no donation", ()), ("state donated", (1,))):
         fn = jax.jit(f, donate_argnums=donate)
-        fresh = lambda: model.init_state(jax.random.PRNGKey(2), args.batch)
+        fresh = lambda: model.init_latents(jax.random.PRNGKey(2), args.batch)
         compiled = fn.lower(params, fresh(), x, key).compile()
         mem = bm.memory_of(compiled)
         states = [bm.block(fresh()) for _ in range(args.repeats + 1)]
@@ -272,8 +273,8 @@ def section_flags(args, cfg):
 
 def child_host(args, cfg):
     model, params, x, state, _ = _step_setup(cfg, args.batch)
-    scan = jax.jit(lambda p, s, x, kk: dynamics.unroll(model.step, p, s, x, kk,
-                                                       args.steps_per_call, grad="none")[0])
+    scan = jax.jit(lambda p, s, x, kk: dynamics.unroll(
+        model.step, p, s, x, kk, args.steps_per_call, adjoint=dynamics.NoGrad())[0])
     t = bm.time_fn(scan, params, state, x, jax.random.PRNGKey(3), **_timing(args))
     print("CHILD " + json.dumps(t.as_dict()), flush=True)
 

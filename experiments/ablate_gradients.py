@@ -1,4 +1,4 @@
-"""Train one config with each gradient mode and compare them (see eqr_jax.ablation).
+"""Train one config with each gradient mode and compare them (see experiments/ablation.py).
 
     python experiments/ablate_gradients.py                         # tiny preset, CPU, minutes
     python experiments/ablate_gradients.py --preset sudoku --data data/sudoku-extreme-1k-aug-1000 \
@@ -12,8 +12,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
+from pathlib import Path
 
-from eqr_jax import ablation, config
+from eqr_jax import config
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import ablation  # noqa: E402  (experiments/ablation.py)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -31,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     data = dataclasses.replace(cfg.data, path=args.data) if args.data else cfg.data
     cfg = dataclasses.replace(cfg, data=data, train=dataclasses.replace(
         cfg.train, max_steps=args.steps, eval_every=0, checkpoint_every=0, log_every=0))
-    report = ablation.run(cfg, args.out, modes=args.modes.split(","),
+    report = ablation.run(cfg, args.out, grad_modes=args.modes.split(","),
                           depths=[int(d) for d in args.depths.split(",")],
                           progress=args.progress)
     print(ablation.markdown_table(report["rows"]))

@@ -9,13 +9,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import micro_model
+from eqr_jax import dynamics
 from eqr_jax.act import ACTCarry, act_step, halting, init_carry, reset_carry
-from eqr_jax.config import ModelConfig
 from eqr_jax.model import EqRModel, LatentState
 
-CFG = ModelConfig(seq_len=16, vocab_size=6, H_cycles=2, L_cycles=1, L_layers=1, hidden_size=32,
-                  num_heads=2, expansion=1.0, mlp_t=True, pos_encodings="none",
-                  halt_max_steps=3, halt_exploration_prob=0.1, forward_dtype="float32")
+CFG = micro_model(H_cycles=2, expansion=1.0, halt_max_steps=3, halt_exploration_prob=0.1)
 B = 4
 
 
@@ -125,7 +124,7 @@ def test_gradient_modes_and_q_halt_gradient(model_params, mode):
 
     def q_loss(p):
         new, out = act_step(model, p, carry, _batch(0), jax.random.PRNGKey(0), training=True,
-                            grad_mode=mode, unroll_steps=2, implicit_maxiter=5)
+                            adjoint=dynamics.adjoint(mode, implicit_maxiter=5), unroll_steps=2)
         return jnp.sum(out.q_halt), new
 
     g, new = jax.jit(jax.grad(q_loss, has_aux=True))(params)

@@ -1,5 +1,6 @@
-"""Landscape analysis: spectral radius vs exact eigenvalues, census and difficulty statistics on
-cases with known answers, the trace against the evaluation loop, and `eqr analyze` end to end."""
+"""Analysis: spectral radius vs exact eigenvalues, census and difficulty statistics on cases with
+known answers, the trace against the evaluation loop, `eqr analyze` end to end, and the
+convergence statistics of the plots module."""
 
 from __future__ import annotations
 
@@ -11,22 +12,21 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import micro_model, trained_checkpoint
 from eqr_jax.analysis import landscape as L
 from eqr_jax.analysis.stability import (exact_jacobian_eigenvalues, jacobian_spectral_radius,
                                         map_spectral_radius)
-from eqr_jax.config import ModelConfig
+from eqr_jax.analysis.trace import trace_trajectories
+from eqr_jax.config import EvalConfig
+from eqr_jax.data.arrays import make_puzzles
+from eqr_jax.evaluation import Evaluator
 from eqr_jax.model import EqRModel
-
-from _eval_model import make_puzzles, trained_checkpoint
 
 # Shrunk versions of the presets' block types, in the presets' bf16 (the radius is computed on
 # the float32 version of the map; the exact reference below does the same).
 MICRO = {
-    "mlp_t": ModelConfig(seq_len=16, vocab_size=6, H_cycles=2, L_cycles=2, L_layers=1,
-                         hidden_size=16, num_heads=2, expansion=2.0, mlp_t=True,
-                         pos_encodings="none", forward_dtype="bfloat16"),
-    "attention_rope": ModelConfig(seq_len=12, vocab_size=6, H_cycles=2, L_cycles=1, L_layers=1,
-                                  hidden_size=16, num_heads=2, expansion=2.0, mlp_t=False,
+    "mlp_t": micro_model(H_cycles=2, L_cycles=2, hidden_size=16, forward_dtype="bfloat16"),
+    "attention_rope": micro_model(seq_len=12, H_cycles=2, hidden_size=16, mlp_t=False,
                                   pos_encodings="rope", forward_dtype="bfloat16"),
 }
 
@@ -42,7 +42,7 @@ def test_spectral_radius_matches_exact_eigendecomposition(name, seed):
     params = jax.jit(model.init)(jax.random.PRNGKey(seed))
     inputs = jax.random.randint(jax.random.PRNGKey(seed + 10), (3, cfg.seq_len), 1, 6)
     x = jax.jit(model.embed)(params, inputs)
-    state = jax.jit(model.init_state, static_argnums=1)(jax.random.PRNGKey(seed + 20), 3)
+    state = jax.jit(model.init_latents, static_argnums=1)(jax.random.PRNGKey(seed + 20), 3)
     step = jax.jit(model.step)
     for _ in range(4):  # move off the random init onto the map's typical states
         state = step(params, state, x, None)
@@ -182,7 +182,7 @@ def test_rankdata_and_spearman_on_known_rankings():
 
 
 def test_bucket_stats_and_puzzle_ratings():
-    from eqr_jax.analysis_cli import sudoku_difficulty
+    from eqr_jax.analysis import sudoku_difficulty
     from eqr_jax.data import sudoku
 
     assert [L.rating_bucket(r) for r in (0, 1, 2, 3, 4, 7, 8, 100)] == \
@@ -259,14 +259,15 @@ def trained():
 
 
 def test_trace_reproduces_evaluation_trajectories(trained):
-    from eqr_jax.evaluation import evaluate_batch
-
     _, model, params = trained
     x, y = make_puzzles(6, 5, blanks=(3, 7))
     key = jax.random.PRNGKey(11)
-    mask = np.ones(len(x), bool)
-    tr = L.trace_trajectories(model, params, x, y, key, copies=3, depth=7, snapshots=(2, 7))
-    fixed = evaluate_batch(model, params, x, y, mask, key, depth=7, breadth=3, halt="fixed")
+    batch = {"inputs": x, "labels": y, "mask": np.ones(len(x), bool)}
+    run = lambda **cfg: Evaluator(model, EvalConfig(**cfg)).evaluate_batch(
+        params, batch, key, depth=7, breadth=3)
+    tr = trace_trajectories(Evaluator(model), params, x, y, key, copies=3, depth=7,
+                            snapshots=(2, 7))
+    fixed = run(halt="fixed")
     np.testing.assert_array_equal(tr.exact[-1].T, fixed.exact)
     np.testing.assert_array_equal(tr.preds[-1].transpose(1, 0, 2), fixed.preds)
     np.testing.assert_allclose(tr.residual[-1].T, fixed.residual, rtol=1e-5)
@@ -275,19 +276,18 @@ def test_trace_reproduces_evaluation_trajectories(trained):
     np.testing.assert_allclose(tr.q_halt[-1].T, fixed.q_halt, rtol=1e-5)
     # Per-row halting rules recomputed from the trace give the loop's step counts.
     tol = float(np.median(tr.logit_change[1:]))  # a tolerance some rows meet and some do not
-    conv = evaluate_batch(model, params, x, y, mask, key, depth=7, breadth=3,
-                          halt="convergence", tol=tol, window=2)
+    conv = run(halt="convergence", convergence_tol=tol, convergence_window=2)
     steps, _ = L.steps_to_convergence(tr.logit_change, tol, 2)
     np.testing.assert_array_equal(steps.T, conv.steps)
     assert len(np.unique(conv.steps)) > 1
     rms = tr.residual / np.sqrt(tr.state_size)
     tol = float(np.median(rms[2:]))
-    conv = evaluate_batch(model, params, x, y, mask, key, depth=7, breadth=3,
-                          halt="convergence", tol=tol, window=2, convergence_metric="latents")
+    conv = run(halt="convergence", convergence_tol=tol, convergence_window=2,
+               convergence_metric="latents")
     steps, _ = L.steps_to_convergence(rms, tol, 2, skip_first=False)
     np.testing.assert_array_equal(steps.T, conv.steps)
     assert len(np.unique(conv.steps)) > 1
-    qh = evaluate_batch(model, params, x, y, mask, key, depth=7, breadth=3, halt="q_halt")
+    qh = run(halt="q_halt")
     np.testing.assert_array_equal(L.steps_to_halt(tr.q_halt)[0].T, qh.steps)
 
 
@@ -356,8 +356,7 @@ def test_eqr_analyze_reference_checkpoint_matches_native(trained, tmp_path):
     """A .pth in the reference layout gives the same analysis as the native checkpoint."""
     torch = pytest.importorskip("torch")
     from eqr_jax.analysis.report import AnalysisOptions, analyze
-    from eqr_jax.analysis_cli import load_reference_model
-    from eqr_jax.interop import params_to_reference
+    from eqr_jax.interop import load_reference_checkpoint, load_reference_model, params_to_reference
 
     _, model, params = trained
     cfg = model.cfg
@@ -368,8 +367,10 @@ def test_eqr_analyze_reference_checkpoint_matches_native(trained, tmp_path):
                                          "halt_max_steps")}
     path = tmp_path / "ref.pth"
     torch.save({"model": sd, "config": {"arch": arch}, "step": 40}, path)
-    ref_model, ref_params, desc = load_reference_model(str(path), cfg.seq_len, cfg.vocab_size)
-    assert "step 40" in desc
+    ref_cfg, ref_params, which = load_reference_model(str(path), seq_len=cfg.seq_len,
+                                                      vocab_size=cfg.vocab_size)
+    ref_model = EqRModel(ref_cfg.model)
+    assert which == "raw" and load_reference_checkpoint(str(path))["step"] == 40
     x, y = make_puzzles(3, 2)
     opts = AnalysisOptions(inits=2, depth=3, krylov=4, restarts=0)
     a = analyze(model, params, x, y, opts)
@@ -381,7 +382,7 @@ def test_eqr_analyze_reference_checkpoint_matches_native(trained, tmp_path):
 
 def test_analyze_bf16_attention_model_without_ratings(tmp_path):
     """The presets' bf16 compute with attention + RoPE, on data that is not Sudoku."""
-    from eqr_jax.analysis.report import AnalysisOptions, analyze, save_plots, summary_lines
+    from eqr_jax.analysis import AnalysisOptions, analyze, save_landscape_plots, summary_lines
 
     cfg = MICRO["attention_rope"]
     model = EqRModel(cfg)
@@ -398,6 +399,21 @@ def test_analyze_bf16_attention_model_without_ratings(tmp_path):
     assert len(res["stability"]["rows"]["radius"]) == 6
     assert np.all(np.isfinite(res["stability"]["rows"]["radius"]))
     assert res["pca"]["puzzle"] in (0, 1, 2)
-    names = [os.path.basename(p) for p in save_plots(res, str(tmp_path))]
+    names = [os.path.basename(p) for p in save_landscape_plots(res, str(tmp_path))]
     assert "compute_vs_difficulty.png" in names and "pca_trajectories.png" in names
     assert any("Spearman(blanks" in line for line in summary_lines(res))
+
+
+def test_convergence_statistics_hand_values():
+    from eqr_jax.analysis import convergence_statistics, logit_delta_norms
+
+    # One sample, one token, vocab 2: logits move by (3, 4) * a_t, i.e. delta norms 5 a_t.
+    steps = np.cumsum([0.0, 1.0, 0.5, 0.25, 0.125])[:, None, None, None] * np.array([3.0, 4.0])
+    d = logit_delta_norms(steps, last_k=3)
+    np.testing.assert_allclose(d[:, 0, 0], [2.5, 1.25, 0.625])
+    st = convergence_statistics(steps, last_k=3)
+    assert st["score"][0] == pytest.approx((2.5 + 1.25 + 0.625) / 3)
+    assert st["final_residual"][0] == pytest.approx(0.625)
+    assert st["rate_mean"][0] == pytest.approx(0.5, abs=1e-8)  # (the +1e-9 in the ratio)
+    assert st["rate_std"][0] == pytest.approx(0.0, abs=1e-8)
+    assert st["discounted_residual"][0] == pytest.approx(2.5 + 0.95 * 1.25 + 0.95 ** 2 * 0.625)

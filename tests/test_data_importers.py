@@ -7,7 +7,8 @@ import sys
 import numpy as np
 import pytest
 
-from eqr_jax.data import build, importers
+from eqr_jax.cli import data as data_cli
+from eqr_jax.data import importers
 from eqr_jax.data.format import load_split
 from eqr_jax.data.importers import ValidationError, read_puzzle_lines, read_sudoku_csv
 from eqr_jax.data.sudoku import count_solutions, format_grid, is_valid_solution, parse_grid, solve
@@ -129,11 +130,11 @@ def test_build_from_csv_dir_and_cli(tmp_path, capsys):
     _write_csv(src / "train.csv", good + [(EASY[:-1], _sol(EASY))])
     _write_csv(src / "test.csv", good[:2])
     out = tmp_path / "ds"
-    rc = build.main(["sudoku", "--out", str(out), "--source", "csv", str(src), "--num-aug", "4",
+    rc = data_cli.main(["sudoku", "--out", str(out), "--source", "csv", str(src), "--num-aug", "4",
                      "--no-progress"])
     assert rc == 1
     assert f"{src / 'train.csv'}:5:" in capsys.readouterr().err
-    rc = build.main(["sudoku", "--out", str(out), "--source", "csv", str(src), "--num-aug", "4",
+    rc = data_cli.main(["sudoku", "--out", str(out), "--source", "csv", str(src), "--num-aug", "4",
                      "--skip-invalid", "--no-progress"])
     assert rc == 0
     assert "skipped invalid rows: {'train': 1, 'test': 0}" in capsys.readouterr().out
@@ -142,4 +143,4 @@ def test_build_from_csv_dir_and_cli(tmp_path, capsys):
     assert tr.meta.vocab_size == 11 and tr.meta.seq_len == 81
     for x, y in zip(tr.inputs.astype(int) - 1, tr.labels.astype(int) - 1):
         assert is_valid_solution(x, y)
-    assert rc == 0 and build.main(["sudoku", "--out", str(out), "--source", "ftp"]) == 2
+    assert rc == 0 and data_cli.main(["sudoku", "--out", str(out), "--source", "ftp"]) == 2

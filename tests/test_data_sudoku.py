@@ -101,6 +101,20 @@ def test_parse_format_roundtrip_and_errors():
     assert (sd.grid_from_tokens(t) == g).all()
 
 
+def test_token_codec_round_trip_and_predictions():
+    """The one codec (used by the datasets and by `eqr solve`): blank -> 1, digit d -> d + 1;
+    back, PAD 0, blank 1 and tokens that are no digit of the board (a model may predict them)
+    are blanks; batches keep their leading axes."""
+    grid = np.array([[1, 0, 0, 2], [0, 0, 0, 0], [0, 0, 0, 0], [0, 0, 0, 3]])
+    np.testing.assert_array_equal(sd.tokens_from_grid(grid)[[0, 1, 3, 15]], [2, 1, 3, 4])
+    preds = np.array([[2, 0, 1, 3] + [1] * 11 + [9], [5] * 16])
+    back = sd.grid_from_tokens(preds, 4)
+    assert back.shape == (2, 4, 4)
+    np.testing.assert_array_equal(back[0].ravel()[[0, 1, 2, 3, 15]], [1, 0, 0, 2, 0])
+    np.testing.assert_array_equal(back[1], 4)
+    np.testing.assert_array_equal(sd.grid_from_tokens(sd.tokens_from_grid(grid)), grid)
+
+
 def test_box_shapes():
     assert sd.box_shape(4) == (2, 2)
     assert sd.box_shape(6) == (2, 3)

@@ -1,4 +1,5 @@
-"""Evaluation: O(1)-in-depth memory, halting, breadth aggregation, and the eval table."""
+"""Evaluation: aggregations against hand-worked values, O(1)-in-depth memory, halting rules,
+breadth chunking, test-time noise, trajectories, and a trained model's depth x breadth table."""
 
 from __future__ import annotations
 
@@ -11,15 +12,24 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import eval_data, micro_model, trained_checkpoint
 from eqr_jax import evaluation as ev
-from eqr_jax.config import EvalConfig, ModelConfig
+from eqr_jax import modes
+from eqr_jax.config import EvalConfig
+from eqr_jax.evaluation import Evaluator, core
 from eqr_jax.model import EqRModel
 
-from _eval_model import eval_data, trained_checkpoint
+CFG = micro_model()
 
-CFG = ModelConfig(seq_len=16, vocab_size=6, H_cycles=1, L_cycles=1, L_layers=1, hidden_size=32,
-                  num_heads=2, expansion=2.0, mlp_t=True, pos_encodings="none",
-                  forward_dtype="float32")
+
+def _batch(inputs, labels, mask):
+    return {"inputs": inputs, "labels": labels, "mask": mask}
+
+
+def _run(model, params, batch, key, depth, breadth, **cfg):
+    """`Evaluator.evaluate_batch` with `EvalConfig` fields ``cfg``."""
+    return Evaluator(model, EvalConfig(**cfg)).evaluate_batch(params, batch, key, depth=depth,
+                                                              breadth=breadth)
 
 
 @pytest.fixture(scope="module")
@@ -89,8 +99,9 @@ def test_convergence_top_k_hand_values():
 
 def _mem(model, params, inputs, labels, mask, depth):
     ids = jnp.arange(2, dtype=jnp.int32)
-    fn = jax.jit(lambda p: ev._unroll_core(model, p, inputs, labels, mask, jax.random.PRNGKey(0),
-                                           ids, 2, depth, 1e-3, 2, 0, window=3, trace_points=16))
+    fn = jax.jit(lambda p: core.evaluate_copies(
+        model, p, inputs, labels, mask, jax.random.PRNGKey(0), ids, 2, depth,
+        core.stopping("convergence"), window=3, trace_points=16))
     return fn.lower(params).compile().memory_analysis()
 
 
@@ -112,8 +123,8 @@ def test_q_halt_freezes_rows_and_stops_batch(tiny):
     kernel = np.zeros(params["q_head"]["kernel"].shape, np.float32)
     kernel[0, 0] = 1.0
     p["q_head"] = {"kernel": jnp.asarray(kernel), "bias": jnp.zeros((2,), jnp.float32)}
-    halt = ev.evaluate_batch(model, p, inputs, labels, mask, key, depth=6, breadth=2,
-                             halt="q_halt")
+    batch = _batch(inputs, labels, mask)
+    halt = _run(model, p, batch, key, 6, 2, halt="q_halt")
     real = np.broadcast_to(mask[:, None], halt.steps.shape)
     assert np.all(halt.steps[~real] == 0)  # padding rows never run
     stopped = set(halt.steps[real].tolist())
@@ -121,20 +132,18 @@ def test_q_halt_freezes_rows_and_stops_batch(tiny):
     for s in stopped:
         # A row that halted at step s is frozen there: same result as a fixed run of depth s
         # (rows that keep running see exactly the same noise as without halting).
-        ref = ev.evaluate_batch(model, p, inputs, labels, mask, key, depth=s, breadth=2)
+        ref = _run(model, p, batch, key, s, 2)
         rows = real & (halt.steps == s)
         np.testing.assert_array_equal(halt.preds[rows], ref.preds[rows])
         np.testing.assert_allclose(halt.residual[rows], ref.residual[rows], rtol=1e-5)
         np.testing.assert_allclose(halt.q_halt[rows], ref.q_halt[rows], rtol=1e-5, atol=1e-6)
         assert np.all(ref.q_halt[rows] > 0) or s == 6
         if s > 1:
-            assert np.all(ev.evaluate_batch(model, p, inputs, labels, mask, key, depth=s - 1,
-                                            breadth=2).q_halt[rows] <= 0)
+            assert np.all(_run(model, p, batch, key, s - 1, 2).q_halt[rows] <= 0)
     # Everything halts at step 1 with a positive bias: the batch loop stops after one step.
     p["q_head"] = {"kernel": jnp.zeros_like(p["q_head"]["kernel"]),
                    "bias": jnp.full((2,), 5.0, jnp.float32)}
-    early = ev.evaluate_batch(model, p, inputs, labels, mask, key, depth=6, breadth=2,
-                              halt="q_halt")
+    early = _run(model, p, batch, key, 6, 2, halt="q_halt")
     assert early.loop_steps == 1
     np.testing.assert_array_equal(early.steps, np.where(mask[:, None], 1, 0) * np.ones((1, 2)))
 
@@ -142,8 +151,9 @@ def test_q_halt_freezes_rows_and_stops_batch(tiny):
 def test_convergence_halting_window_and_padding(tiny):
     model, params, inputs, labels, mask = tiny
     key = jax.random.PRNGKey(1)
-    r = ev.evaluate_batch(model, params, inputs, labels, mask, key, depth=50, breadth=2,
-                          halt="convergence", tol=1e9, window=3)
+    batch = _batch(inputs, labels, mask)
+    conv = dict(halt="convergence", convergence_tol=1e9, convergence_window=3)
+    r = _run(model, params, batch, key, 50, 2, **conv)
     # The first logit change exists at step 2, so 3 changes below tol end the row at step 4.
     np.testing.assert_array_equal(r.steps, np.where(mask[:, None], 4, 0) * np.ones((1, 2)))
     assert r.loop_steps == 4
@@ -151,8 +161,7 @@ def test_convergence_halting_window_and_padding(tiny):
     np.testing.assert_array_equal(r.trace_count[:4], [8, 8, 8, 8])  # 4 real rows x 2 copies
     # Breadth 3 in chunks of 2 copies (the last chunk overruns by one copy that must not run):
     # the first two copies are the same as above.
-    c = ev.evaluate_batch(model, params, inputs, labels, mask, key, depth=50, breadth=3,
-                          halt="convergence", tol=1e9, window=3, max_rows=12)
+    c = _run(model, params, batch, key, 50, 3, max_rows=12, **conv)
     assert c.preds.shape == (6, 3, 16)
     np.testing.assert_array_equal(c.preds[:, :2], r.preds)
     np.testing.assert_allclose(c.score[:, :2], r.score, rtol=1e-5)
@@ -162,14 +171,14 @@ def test_convergence_halting_window_and_padding(tiny):
 
 def test_anderson_solver_mode(tiny):
     model, params, inputs, labels, mask = tiny
-    r = ev.evaluate_batch(model, params, inputs, labels, mask, jax.random.PRNGKey(0), depth=5,
-                          breadth=2, solver="anderson", tol=1e-6)
+    batch = _batch(inputs, labels, mask)
+    r = _run(model, params, batch, jax.random.PRNGKey(0), 5, 2, solver="anderson",
+             convergence_tol=1e-6)
     assert r.preds.shape == (6, 2, 16)
     assert np.all(r.steps[mask] <= 5) and np.all(r.steps[mask] >= 1)
     assert np.all(r.steps[~mask] == 0)
-    with pytest.raises(ValueError):
-        ev.evaluate_batch(model, params, inputs, labels, mask, jax.random.PRNGKey(0), depth=5,
-                          solver="anderson", halt="q_halt")
+    with pytest.raises(ValueError, match="needs solver='unroll'"):
+        Evaluator(model, EvalConfig(solver="anderson", halt="q_halt"))
 
 
 def test_eval_noise_scale(tiny):
@@ -177,8 +186,8 @@ def test_eval_noise_scale(tiny):
     key = jax.random.PRNGKey(3)
     # Breadth 2 at the model's own noise: the compilation the halting tests already made; noise 0
     # adds one more.
-    run = lambda m, noise: ev.evaluate_batch(m, params, inputs, labels, mask, key, depth=3,
-                                             breadth=2, noise_scale=noise)
+    batch = _batch(inputs, labels, mask)
+    run = lambda m, noise: _run(m, params, batch, key, 3, 2, noise_scale=noise)
     assert EvalConfig().noise_scale is None
     default, quiet = run(model, None), run(model, 0.0)
     # Unset means the model's training value; an override equals a model trained with it.
@@ -188,7 +197,7 @@ def test_eval_noise_scale(tiny):
     np.testing.assert_array_equal(run(silent, CFG.noise_scale).residual, default.residual)
     # Noise 0 is the deterministic map: copy 0 from its initial latents, three noise-free steps.
     step = jax.jit(lambda s, x: model.step(params, s, x, None))
-    s = model.init_state(jax.random.fold_in(jax.random.fold_in(key, 0), 0), inputs.shape[0])
+    s = model.init_latents(jax.random.fold_in(jax.random.fold_in(key, 0), 0), inputs.shape[0])
     x = model.embed(params, jnp.asarray(inputs))
     for _ in range(3):
         prev, s = s, step(s, x)
@@ -214,7 +223,7 @@ def trained():
 
 
 def test_eval_table_for_trained_model(trained, tmp_path, capsys):
-    from eqr_jax.evaluation_cli import run
+    from eqr_jax.cli.eval import run
 
     cfg, model, params = trained
     batches, x, y = eval_data(n=20, batch=8)
@@ -224,6 +233,8 @@ def test_eval_table_for_trained_model(trained, tmp_path, capsys):
               out_dir=str(tmp_path), plots=True)
     out = capsys.readouterr().out
     assert "all/exact_accuracy:" in out and "depth \\ breadth" in out
+    assert out.strip().splitlines()[-1] == (
+        f"exact_accuracy: {res['settings'][-1]['metrics']['all/exact_accuracy']:.6g}")
     settings = {(s["depth"], s["breadth"]): s["metrics"] for s in res["settings"]}
     assert set(settings) == {(1, 1), (4, 1), (1, 3), (4, 3)}
     for (d, n), m in settings.items():
@@ -243,16 +254,44 @@ def test_eval_table_for_trained_model(trained, tmp_path, capsys):
     assert "depth" in (tmp_path / "results.csv").read_text().splitlines()[0]
 
 
-def test_convergence_statistics_hand_values():
-    from eqr_jax.analysis import convergence_statistics, logit_delta_norms
+# ---------------------------------------------------------------------------------------------
+# Keys, copies and trajectories: one rule
 
-    # One sample, one token, vocab 2: logits move by (3, 4) * a_t, i.e. delta norms 5 a_t.
-    steps = np.cumsum([0.0, 1.0, 0.5, 0.25, 0.125])[:, None, None, None] * np.array([3.0, 4.0])
-    d = logit_delta_norms(steps, last_k=3)
-    np.testing.assert_allclose(d[:, 0, 0], [2.5, 1.25, 0.625])
-    st = convergence_statistics(steps, last_k=3)
-    assert st["score"][0] == pytest.approx((2.5 + 1.25 + 0.625) / 3)
-    assert st["final_residual"][0] == pytest.approx(0.625)
-    assert st["rate_mean"][0] == pytest.approx(0.5, abs=1e-8)  # (the +1e-9 in the ratio)
-    assert st["rate_std"][0] == pytest.approx(0.0, abs=1e-8)
-    assert st["discounted_residual"][0] == pytest.approx(2.5 + 0.95 * 1.25 + 0.95 ** 2 * 0.625)
+
+def test_halting_rules_registry():
+    assert tuple(core.HALT_RULES) == modes.HALT_RULES
+    for name in modes.HALT_RULES:
+        stop = core.stopping(name)
+        assert bool(stop.on_q_halt) == (name == "q_halt")
+        assert bool(stop.on_convergence) == (name == "convergence")
+    with pytest.raises(ValueError, match="unknown halting rule 'never'"):
+        core.stopping("never")
+
+
+def test_copies_independent_reproducible_and_trajectory_follows_them(tiny):
+    """Copies start from different latents and stay apart, the same key gives the same result,
+    and `Evaluator.trajectory` follows exactly the evaluation's keys: its state after t steps is
+    what a fixed-depth evaluation at depth t reaches."""
+    model, params, inputs, labels, mask = tiny
+    key = ev.batch_key(0, 5)
+    init_keys, _ = ev.copy_keys(key, jnp.arange(4))
+    states0 = jax.vmap(lambda k: model.init_latents(k, inputs.shape[0]))(init_keys)
+    assert states0.z_H.shape == (4, inputs.shape[0], CFG.seq_len, CFG.hidden_size)
+    assert not np.allclose(states0.z_H[0], states0.z_H[1])
+    assert abs(float(states0.z_H.std()) - CFG.H_init_std) < 0.05
+    evaluator = Evaluator(model, EvalConfig())
+    latents = lambda p, z: z
+    states = evaluator.trajectory(params, inputs, key, depth=3, trace=latents, copies=[0, 1])
+    traj = states.z_H
+    assert traj.shape == (2, 3, inputs.shape[0], CFG.seq_len, CFG.hidden_size)
+    assert not np.allclose(traj[0, -1], traj[1, -1])
+    same = evaluator.trajectory(params, inputs, key, depth=3, trace=latents, copies=[0, 1])
+    np.testing.assert_array_equal(same.z_H, traj)  # same key, same result
+    # The evaluation's residual at depth 3 is the trajectory's last step change (breadth 2: the
+    # halting tests' compiled program; chunking copies is checked there too).
+    r = evaluator.evaluate_batch(params, _batch(inputs, labels, np.ones(6, bool)), key, depth=3,
+                                 breadth=2)
+    want = np.sqrt(sum(np.sum(np.square(np.asarray(a[:, 2], np.float64)
+                                        - np.asarray(a[:, 1], np.float64)), axis=(-2, -1))
+                       for a in states))  # (copies, B)
+    np.testing.assert_allclose(r.residual, want.T, rtol=1e-3, atol=1e-4)

@@ -102,7 +102,7 @@ def test_config_from_reference_rejects_bad_keys():
 
 
 def test_preset_parameter_counts_match_reference():
-    # The reference training script logs these counts (spec §2.1).
+    # The reference training script logs these counts (docs/model.md, "Parameters").
     for cfg, want in [(sudoku_model(), 4_855_298), (maze_model(), 263_938)]:
         shapes = jax.eval_shape(lambda c=cfg: init_params(c, jax.random.PRNGKey(0)))
         assert num_params(shapes) == want

@@ -1,4 +1,5 @@
-"""AdamATan2 (spec §5.3 hand check), the learning-rate schedule (§5.4) and the EMA (§5.5)."""
+"""AdamATan2 (a hand check), the learning-rate schedule and the EMA, as docs/training.md
+defines them."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from eqr_jax.config import TrainConfig
 
 
 def _reference_adam_atan2(p, grads, lrs, b1=0.9, b2=0.95, wd=1.0):
-    """The §5.3 rule in float64 NumPy, step by step."""
+    """The AdamATan2 rule (docs/training.md) in float64 NumPy, step by step."""
     p = np.asarray(p, np.float64)
     m = np.zeros_like(p)
     v = np.zeros_like(p)

@@ -1,17 +1,14 @@
-"""`eqr train --dry-run` (the reference's step count from the data's metadata, nothing written)
-and what each preset builds when its data folder is missing."""
+"""`eqr train --dry-run` (`eqr_jax.plan`): the reference's step count from the data's metadata,
+nothing written, mismatched data refused."""
 
 from __future__ import annotations
 
 import json
-import sys
 
 import numpy as np
-import pytest
 
-from eqr_jax import config as config_lib
 from eqr_jax.data import format as fmt
-from eqr_jax.train import ensure_dataset, main
+from eqr_jax.cli.train import main
 
 
 def _reference_layout(root, groups: int, per_group: int, seq_len: int = 81, vocab: int = 11,
@@ -85,45 +82,3 @@ def test_dry_run_rejects_mismatched_data(tmp_path, capsys):
     _reference_layout(data, 10, 1, seq_len=16, vocab=6, test=4)
     assert main(["--preset", "sudoku", "--dry-run", "--data", str(data)]) == 2
     assert "model.seq_len=81 does not match" in capsys.readouterr().err
-
-
-def test_sudoku_preset_without_hub_names_the_offline_command(tmp_path, monkeypatch):
-    class OfflineHub:
-        @staticmethod
-        def hf_hub_download(*a, **k):
-            raise OSError("Network is unreachable")
-    monkeypatch.setitem(sys.modules, "huggingface_hub", OfflineHub)
-    from eqr_jax.data.importers import HubUnavailableError
-    data = tmp_path / "sudoku-extreme-1k-aug-1000"
-    cfg = config_lib.apply_overrides(config_lib.preset("sudoku"), [f"data.path={data}"])
-    with pytest.raises(HubUnavailableError, match=r"(?s)Network is unreachable.*"
-                       r"eqr data sudoku --out .*sudoku-extreme-1k-aug-1000 --source csv DIR "
-                       r"--train 1000 --num-aug 1000 --seed 42"):
-        ensure_dataset(cfg, progress=False)
-    assert not data.exists()
-
-
-def test_generated_data_never_named_sudoku_extreme(tmp_path):
-    cfg = config_lib.apply_overrides(config_lib.preset("tiny"),
-                                     [f"data.path={tmp_path / 'sudoku-extreme-tiny'}"])
-    with pytest.raises(ValueError, match="not Sudoku-Extreme"):
-        ensure_dataset(cfg, progress=False)
-    from eqr_jax.data import build
-    assert build.main(["sudoku", "--out", str(tmp_path / "my-Sudoku-Extreme"), "--size", "4",
-                       "--train", "4", "--test", "2", "--num-aug", "1", "--no-progress"]) == 1
-    assert list(tmp_path.iterdir()) == []
-
-
-def test_maze_preset_builds_maze_data_with_seed_42(tmp_path):
-    data = tmp_path / "maze"
-    cfg = config_lib.apply_overrides(config_lib.preset("maze"), [
-        f"data.path={data}", "data.build_train=3", "data.build_test=2"])
-    ensure_dataset(cfg, progress=False)
-    info = fmt.dataset_info(data)
-    assert (info.seq_len, info.vocab_size, info.total_groups) == (900, 6, 3)
-    built = json.loads((data / "build_info.json").read_text())
-    assert built["kind"] == "maze" and built["seed"] == 42 and built["grid"] == 30
-    # the same draws as the reference builder: the first mazes of its seed-42 stream
-    from eqr_jax.data.maze import MazeConfig, generate_mazes
-    (x, _, _), _ = generate_mazes(MazeConfig(), [3, 2], 42)
-    np.testing.assert_array_equal(fmt.load_split(data, "train").inputs, x)

@@ -15,7 +15,8 @@ import pytest
 from eqr_jax import config as config_lib
 from eqr_jax import optim
 from eqr_jax.model import EqRModel
-from eqr_jax.train import init_state, make_train_step, stack_batches, summarize
+from eqr_jax.metrics import train_scalars
+from eqr_jax.training import init_train_state, make_train_step, stack_batches
 
 SHRINK = {
     # the Sudoku block at 81 tokens (mlp_t over tokens, 2 layers, H_cycles 3, L_cycles 6)
@@ -45,7 +46,7 @@ def _run(name: str):
     model = EqRModel(cfg.model)
     opt, _ = optim.make_optimizer(cfg.train, 100)
     batches = _batches(cfg, 2, 0)
-    state = init_state(model, cfg, opt, batches[0])
+    state = init_train_state(model, cfg, opt, batches[0])
     params0 = jax.device_get(state.params)
     fn = make_train_step(model, cfg, opt, steps_per_call=2)
     state, m = fn(state, {k: jnp.asarray(v) for k, v in stack_batches(batches).items()})
@@ -59,7 +60,7 @@ def test_preset_bf16_train_steps_are_finite(name):
     assert int(state.step) == 2 and float(m["num_steps"]) == 2
     assert int(m["nonfinite_step"]) == 0
     assert np.isfinite(m["total_loss"]) and np.isfinite(m["grad_norm"]) and m["grad_norm"] > 0
-    s = summarize(m, cfg.data.global_batch_size)
+    s = train_scalars(m, cfg.data.global_batch_size)
     assert all(np.isfinite(v) for v in s.values()), s
     # the parameters moved and stayed finite (float32 master weights)
     moved = 0.0

@@ -12,7 +12,8 @@ import pytest
 
 from conftest import fixture_path, reference_step_jit
 from eqr_jax import config as config_lib
-from eqr_jax import cli, convert_cli, evaluation_cli, interop, solve
+from eqr_jax import cli, interop
+from eqr_jax.cli import convert as convert_cli, eval as eval_cli, solve as solve_cli
 from eqr_jax.checkpoint import Checkpointer, load_for_inference
 from eqr_jax.data.format import write_split
 
@@ -96,7 +97,7 @@ def test_eval_reference_matches_converted_checkpoint(setup, tmp_path, capsys):
             "raw": ["--reference", str(pth_path), "--data", str(ds), "--no-ema"]}
     res = {}
     for name, args in runs.items():
-        assert evaluation_cli.main(args + EVAL_ARGS + ["--out", str(tmp_path / name)]) == 0
+        assert eval_cli.main(args + EVAL_ARGS + ["--out", str(tmp_path / name)]) == 0
         res[name] = json.loads((tmp_path / name / "results.json").read_text())["settings"][0]
     out = capsys.readouterr()
     assert "noise=0.5" in out.out and "ema weights" in out.err and "raw weights" in out.err
@@ -113,7 +114,7 @@ def test_solve_reference_and_flag_errors(setup, tmp_path, capsys):
     # seq_len and vocab_size come from the (mlp_t) weights here: no --data needed.
     args = ["--reference", str(pth_path), "--puzzles", str(f), "--depth", "2", "--breadth", "2",
             "--batch-size", "4", "--noise", "0.5", "--quiet"]
-    assert solve.main(args) == 0
+    assert solve_cli.main(args) == 0
     out = capsys.readouterr().out.strip().splitlines()
     assert out[-2].startswith("valid: ") and out[-2].endswith("/4")
     assert out[-1].startswith("exact_accuracy: ")
@@ -121,8 +122,8 @@ def test_solve_reference_and_flag_errors(setup, tmp_path, capsys):
            ("--step", "3"): "--step applies to --checkpoint",
            ("--noise", "-1"): "eval.noise_scale must be >= 0"}
     for extra, message in bad.items():
-        assert solve.main(args + list(extra)) == 2
+        assert solve_cli.main(args + list(extra)) == 2
         assert message in capsys.readouterr().err
-    assert solve.main(["--checkpoint", str(tmp_path), "--seq-len", "81", "--puzzles",
+    assert solve_cli.main(["--checkpoint", str(tmp_path), "--seq-len", "81", "--puzzles",
                        str(f)]) == 2
     assert "--seq-len applies to --reference" in capsys.readouterr().err

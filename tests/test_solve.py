@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 
+from conftest import eval_data, solution_strings, trained_checkpoint
 from eqr_jax import solve
-
-from _eval_model import eval_data, solution_strings, trained_checkpoint
+from eqr_jax.cli import solve as solve_cli
 
 GOOD9 = ("53..7....6..195....98....6.8...6...34..8.3..17...2...6.6....28....419..5....8..79")
 SOL9 = ("534678912672195348198342567859761423426853791713924856961537284287419635345286179")
@@ -50,13 +49,13 @@ def test_read_puzzles_collects_all_errors_or_skips():
 def test_main_rejects_bad_input_before_loading(tmp_path, capsys):
     f = tmp_path / "p.txt"
     f.write_text(f"{GOOD9}\n{GOOD9[:-1]}x\n")
-    code = solve.main(["--checkpoint", str(tmp_path / "none"), "--puzzles", str(f)])
+    code = solve_cli.main(["--checkpoint", str(tmp_path / "none"), "--puzzles", str(f)])
     err = capsys.readouterr().err
     assert code == 2 and "line 2: puzzle: bad character 'x' at position 81" in err
-    assert solve.main(["--checkpoint", "x"]) == 2  # neither a puzzle nor a file
-    assert solve.main(["--checkpoint", "x", "1.3"]) == 2  # a puzzle on the command line
+    assert solve_cli.main(["--checkpoint", "x"]) == 2  # neither a puzzle nor a file
+    assert solve_cli.main(["--checkpoint", "x", "1.3"]) == 2  # a puzzle on the command line
     assert "puzzle: length 3" in capsys.readouterr().err
-    assert solve.main(["--checkpoint", "x", "--puzzles", str(tmp_path / "missing.txt")]) == 2
+    assert solve_cli.main(["--checkpoint", "x", "--puzzles", str(tmp_path / "missing.txt")]) == 2
 
 
 def test_solve_file_end_to_end(tmp_path, capsys):
@@ -71,9 +70,9 @@ def test_solve_file_end_to_end(tmp_path, capsys):
     # Batch 8, one copy per call: the compilation the eval-table test already made.
     args = ["--checkpoint", ckpt, "--puzzles", str(f), "--depth", "4", "--breadth", "2",
             "--batch-size", "8", "--max-rows", "8"]
-    assert solve.main(args) == 2
+    assert solve_cli.main(args) == 2
     assert "line 3: a 9x9 puzzle" in capsys.readouterr().err
-    code = solve.main(args + ["--skip-invalid", "--trajectory", str(gif)])
+    code = solve_cli.main(args + ["--skip-invalid", "--trajectory", str(gif)])
     out = capsys.readouterr().out.strip().splitlines()
     assert code == 0
     assert out[-2].startswith("valid: ") and out[-2].endswith("/8")
@@ -85,11 +84,3 @@ def test_solve_file_end_to_end(tmp_path, capsys):
     assert gif.stat().st_size > 0
     from PIL import Image
     assert Image.open(gif).n_frames == 4
-
-
-def test_tokens_round_trip():
-    grids = np.array([[[1, 0], [0, 2]]])
-    tok = solve.to_tokens(grids)
-    np.testing.assert_array_equal(tok, [[2, 1, 1, 3]])
-    np.testing.assert_array_equal(solve.from_tokens(np.array([[2, 0, 1, 3]]), 2),
-                                  [[[1, 0], [0, 2]]])

@@ -1,12 +1,11 @@
-"""Adaptive computation time (ACT) carry and one ACT step (spec §2.10-2.11).
+"""Adaptive computation time (ACT) carry and one ACT step (docs/training.md, "ACT").
 
 The carry lives across optimiser steps. Each `act_step`:
 
-1. resets the rows that halted last time: fresh latents (`EqRModel.init_state`), the new batch's
-   row at the same index, steps = 0 (the other rows of the new batch are discarded);
-2. runs the step map on the carried latents with the configured gradient mode:
-   ``truncated`` / ``full`` / ``one_step`` through `dynamics.unroll` (``unroll_steps``
-   applications), or ``implicit`` through `dynamics.fixed_point` (noise-free, implicit diff);
+1. resets the rows that halted last time: fresh latents (`EqRModel.init_latents`), the new
+   batch's row at the same index, steps = 0 (the other rows of the new batch are discarded);
+2. advances the carried latents one supervision segment under the gradient's adjoint
+   (`dynamics.advance`: ``unroll_steps`` noisy steps, or the implicit fixed point);
 3. reads out logits and the halting logit;
 4. steps += 1 and decides halting: at ``halt_max_steps`` always; in training also when
    ``q_halt > 0``, postponed by exploration (probability ``halt_exploration_prob`` a row draws a
@@ -60,7 +59,7 @@ def reset_carry(model: EqRModel, carry: ACTCarry, batch: Mapping[str, Any],
                 key: jax.Array) -> ACTCarry:
     """Rows with ``carry.halted`` take fresh latents and the new batch's row; steps -> 0."""
     reset = carry.halted
-    fresh = model.init_state(key, reset.shape[0])
+    fresh = model.init_latents(key, reset.shape[0])
     latents = jax.tree_util.tree_map(lambda f, o: _rows(reset, f.astype(o.dtype), o),
                                      fresh, carry.latents)
     data = {k: _rows(reset, jnp.asarray(batch[k]).astype(carry.batch[k].dtype), carry.batch[k])
@@ -88,9 +87,8 @@ def halting(steps: jax.Array, q_halt: jax.Array, key: jax.Array | None, *, halt_
 
 
 def act_step(model: EqRModel, params, carry: ACTCarry, batch: Mapping[str, Any], key: jax.Array,
-             *, training: bool, grad_mode: str = "truncated", unroll_steps: int = 1,
-             remat: bool = False, implicit_maxiter: int = 30,
-             implicit_tol: float = 1e-4) -> tuple[ACTCarry, Readout]:
+             *, training: bool, adjoint: dynamics.Adjoint = dynamics.Truncated(),
+             unroll_steps: int = 1) -> tuple[ACTCarry, Readout]:
     """One ACT step of the whole batch (pure; jit/scan/grad friendly).
 
     Args:
@@ -101,22 +99,16 @@ def act_step(model: EqRModel, params, carry: ACTCarry, batch: Mapping[str, Any],
       key: PRNG key of this step; split into reset / noise / exploration keys, each drawing
         per-row arrays, so rows, steps and updates all get different randomness.
       training: enables q-halting with exploration; evaluation halts only at halt_max_steps.
-      grad_mode: ``truncated`` (reference) | ``full`` | ``one_step`` | ``implicit`` | ``none``.
-      unroll_steps: step-map applications per ACT step for the unrolled modes.
-      remat: rematerialise each step in the backward pass (``full`` mode).
-      implicit_maxiter, implicit_tol: fixed-point solver settings for ``implicit``.
+      adjoint: how gradient flows through the dynamics (`eqr_jax.dynamics`; `Truncated` is the
+        reference's).
+      unroll_steps: step-map applications per ACT step for the unrolled adjoints.
     Returns:
       (new carry with stop-gradient latents, `Readout` of the new state).
     """
     k_reset, k_noise, k_halt = jax.random.split(key, 3)
     carry = reset_carry(model, carry, batch, k_reset)
     x = model.embed(params, carry.batch["inputs"])
-    if grad_mode == "implicit":
-        state = dynamics.fixed_point(model.step, params, carry.latents, x,
-                                     maxiter=implicit_maxiter, tol=implicit_tol).state
-    else:
-        state, _ = dynamics.unroll(model.step, params, carry.latents, x, k_noise, unroll_steps,
-                                   grad=grad_mode, remat=remat)
+    state = dynamics.advance(model.step, params, carry.latents, x, k_noise, unroll_steps, adjoint)
     out = model.readout(params, state)
     steps = carry.steps + 1
     halted = halting(steps, jax.lax.stop_gradient(out.q_halt), k_halt,

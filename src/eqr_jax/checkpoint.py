@@ -7,14 +7,14 @@ items
 * ``loader``: the data iterator position (JSON), ``config``: the resolved `RunConfig` (JSON),
   ``meta``: step and eval metrics (JSON).
 
-Retention: the newest ``keep`` checkpoints plus the best one by ``eval/exact_accuracy``.
+Retention: the newest ``keep`` checkpoints plus the best one by ``all/exact_accuracy`` (the
+evaluator's metric, which ``eqr eval`` on the checkpoint reproduces; docs/evaluation.md).
 A checkpoint restores only into a run whose config agrees on every key that changes the
 computation; the error names the keys that differ (`ConfigMismatchError`).
 """
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any, Mapping
@@ -26,7 +26,7 @@ import orbax.checkpoint as ocp
 from eqr_jax import config as config_lib
 from eqr_jax.config import RunConfig
 
-BEST_METRIC = "eval/exact_accuracy"
+BEST_METRIC = "all/exact_accuracy"
 # Keys that may differ between the saving and the resuming run (bookkeeping, not computation).
 RESUME_IGNORED_KEYS = frozenset({
     "preset", "data.path", "data.prefetch", "data.eval_batch_size", "train.out_dir",
@@ -69,7 +69,7 @@ def resolve_dir(path: str | os.PathLike) -> Path:
 
 
 class Checkpointer:
-    """Thin wrapper over `ocp.CheckpointManager` for `eqr_jax.train.TrainState`-like trees."""
+    """Thin wrapper over `ocp.CheckpointManager` for `eqr_jax.training.TrainState`-like trees."""
 
     def __init__(self, directory: str | os.PathLike, keep: int = 3, *, read_only: bool = False):
         self.directory = Path(directory).absolute()

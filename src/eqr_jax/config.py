@@ -15,9 +15,10 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
+from eqr_jax import modes
+
 VARIANTS = ("eqr", "trm", "feedforward")
 POS_ENCODINGS = ("rope", "rope2d", "none", "learned", "absolute")
-GRAD_MODES = ("truncated", "full", "one_step", "implicit")
 
 
 class ConfigError(ValueError):
@@ -146,6 +147,13 @@ class DataConfig:
         _check_choice("data.build_source", self.build_source, ("generate", "hub"))
         if self.global_batch_size < 1:
             raise ConfigError(f"data.global_batch_size must be >= 1, got {self.global_batch_size}")
+        if self.eval_batch_size < 0:
+            raise ConfigError(f"data.eval_batch_size must be >= 0, got {self.eval_batch_size}")
+
+    @property
+    def eval_batch(self) -> int:
+        """Puzzles per evaluation batch: ``eval_batch_size``, or the global batch when 0."""
+        return self.eval_batch_size or self.global_batch_size
 
 
 @dataclass(frozen=True)
@@ -186,7 +194,7 @@ class TrainConfig:
     out_dir: str = "runs/default"
 
     def __post_init__(self):
-        _check_choice("train.grad_mode", self.grad_mode, GRAD_MODES)
+        _check_choice("train.grad_mode", self.grad_mode, modes.GRAD_MODES)
         _check_choice("train.optimizer", self.optimizer, ("adam_atan2", "adamw"))
         for name in ("epochs", "max_steps", "epochs_per_iter"):
             if getattr(self, name) < 0:
@@ -195,21 +203,25 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class EvalConfig:
-    """Test-time scaling: depth (ACT steps), breadth (random initialisations), halting."""
+    """Test-time scaling: depth (reasoning steps), breadth (random initialisations), halting.
 
-    depth: int = 16
+    One evaluator reads it: training's periodic evaluation (at breadth 1), ``eqr eval`` and
+    ``eqr solve`` (docs/evaluation.md).
+    """
+
+    depth: int = 0  # 0: the model's halt_max_steps (the reference evaluates at its ACT limit)
     breadth: int = 1
-    halt: str = "fixed"  # fixed | q_halt | convergence
+    halt: str = "fixed"  # one of eqr_jax.modes.HALT_RULES
     convergence_tol: float = 1e-3
     convergence_window: int = 3
     convergence_top_k: int = 1
     max_batches: int = 0  # 0: the whole test split
     seed: int = 0
-    # How the state is advanced: the noisy step map (`unroll`, the reference), or a jaxopt solve of
-    # the noise-free map (`anderson` | `fixed_point`) with at most `depth` iterations.
+    # How the state is advanced (eqr_jax.modes.SOLVERS): the noisy step map (`unroll`, the
+    # reference), or a jaxopt solve of the noise-free map (`anderson` | `fixed_point`) with at
+    # most `depth` iterations.
     solver: str = "unroll"
-    # What `halt="convergence"` watches: `logits` (mean over tokens of the L2 change of the logit
-    # vector) or `latents` (RMS change of [z_H; z_L] per element).
+    # What `halt="convergence"` watches (eqr_jax.modes.CONVERGENCE_METRICS).
     convergence_metric: str = "logits"
     # Rows (copies x puzzles) per compiled call; breadth is chunked to fit. 0: no limit.
     max_rows: int = 0
@@ -217,19 +229,25 @@ class EvalConfig:
     trace_points: int = 64
     # Std of the update noise at test time; None: the model's training value (model.noise_scale).
     # The paper evaluates Sudoku with 0.5 (trained with 0.01) and its Maze control with 0.1.
-    # Applies to `eqr eval` / `eqr solve` (`evaluate_dataset`, `evaluate_batch`), not to the
-    # periodic evaluation inside training.
     noise_scale: float | None = None
 
     def __post_init__(self):
-        _check_choice("eval.halt", self.halt, ("fixed", "q_halt", "convergence"))
-        _check_choice("eval.solver", self.solver, ("unroll", "anderson", "fixed_point"))
-        _check_choice("eval.convergence_metric", self.convergence_metric, ("logits", "latents"))
-        for name in ("depth", "breadth", "trace_points"):
+        _check_choice("eval.halt", self.halt, modes.HALT_RULES)
+        _check_choice("eval.solver", self.solver, modes.SOLVERS)
+        _check_choice("eval.convergence_metric", self.convergence_metric,
+                      modes.CONVERGENCE_METRICS)
+        for name in ("breadth", "trace_points"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"eval.{name} must be >= 1, got {getattr(self, name)}")
+        if self.depth < 0:
+            raise ConfigError(f"eval.depth must be >= 1 (or 0 for model.halt_max_steps), got "
+                              f"{self.depth}")
         if self.noise_scale is not None and not self.noise_scale >= 0:
             raise ConfigError(f"eval.noise_scale must be >= 0 (or None), got {self.noise_scale}")
+
+    def depth_for(self, halt_max_steps: int) -> int:
+        """The evaluation depth: ``depth``, or the model's ``halt_max_steps`` when it is 0."""
+        return self.depth or int(halt_max_steps)
 
 
 @dataclass(frozen=True)
@@ -241,6 +259,11 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+
+    @property
+    def eval_depth(self) -> int:
+        """Evaluation depth: ``eval.depth``, or ``model.halt_max_steps`` when it is 0."""
+        return self.eval.depth_for(self.model.halt_max_steps)
 
 
 def _check_choice(name: str, value: Any, choices: Sequence[Any]) -> None:
@@ -307,7 +330,6 @@ def _preset_tiny() -> RunConfig:
         train=TrainConfig(epochs=2000, max_steps=500, lr=1e-3, lr_warmup_steps=50,
                           weight_decay=0.1, ema_rate=0.99, steps_per_call=10, eval_every=250,
                           checkpoint_every=250, log_every=50, out_dir="runs/tiny"),
-        eval=EvalConfig(depth=4),
     )
 
 

@@ -5,35 +5,110 @@ Every backend takes the model's step map as it is,
     step(params, state, x, key, *, truncate=True) -> state
 
 (`eqr_jax.model.EqRModel.step`), with ``state`` a pytree of (batch, seq, hidden) latents and ``x``
-the input injection. Two solvers:
+the input injection. Two iterations:
 
-* `unroll`: ``lax.scan`` over ``num_steps`` noisy steps. The gradient mode is a separate choice
-  (the ``adjoint`` of optimistix):
-    - ``truncated`` (the reference): no graph through the first ``num_steps - 1`` steps, and inside
-      the last step only through its last latent recursion;
-    - ``full``: backprop through every step and recursion (``remat=True`` recomputes each step
-      in the backward pass: memory O(1) steps of activations instead of O(num_steps));
-    - ``one_step`` (phantom gradient): no graph through the first ``num_steps - 1`` steps, full
-      graph through all recursions of the last one;
-    - ``none``: no gradient at all (inference).
+* `unroll`: ``lax.scan`` over ``num_steps`` noisy steps;
 * `fixed_point`: jaxopt ``FixedPointIteration`` or ``AndersonAcceleration`` on the noise-free map
-  ``z -> step(params, z, x, None)``, differentiated implicitly (implicit function theorem) when
-  ``implicit_diff=True``. The solve runs in float32 whatever the compute dtype.
+  ``z -> step(params, z, x, None)``, differentiated implicitly (implicit function theorem). The
+  solve runs in float32 whatever the compute dtype.
+
+How gradient flows is a separate object, the *adjoint* (as in optimistix), one class per name of
+`eqr_jax.modes.GRAD_MODES` plus `NoGrad` for inference (`ADJOINTS`; docs/training.md):
+
+* `Truncated` (the reference): no graph through the first ``num_steps - 1`` steps, and inside
+  the last step only through its last latent recursion;
+* `Full`: backprop through every step and recursion (``remat=True`` recomputes each step in the
+  backward pass: memory O(1) steps of activations instead of O(num_steps));
+* `OneStep` (phantom gradient): no graph through the first ``num_steps - 1`` steps, the full
+  graph through every recursion of the last one;
+* `Implicit`: the fixed point of the noise-free map, gradient by the implicit function theorem;
+* `NoGrad`: no gradient at all.
+
+`advance` runs one supervision segment under any adjoint; `unroll` is the scan itself.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable, ClassVar, NamedTuple, Union
 
 import jax
 import jax.numpy as jnp
 import jaxopt
 
+from eqr_jax import modes
 from eqr_jax.model import LatentState
 
 StepFn = Callable[..., LatentState]
-UNROLL_MODES = ("truncated", "full", "one_step", "none")
+
+
+@dataclasses.dataclass(frozen=True)
+class Truncated:
+    """The reference's gradient: only the last latent recursion of the last step."""
+
+    name: ClassVar[str] = "truncated"
+
+
+@dataclasses.dataclass(frozen=True)
+class Full:
+    """Backprop through every step; ``remat`` recomputes each step in the backward pass."""
+
+    remat: bool = False
+    name: ClassVar[str] = "full"
+
+
+@dataclasses.dataclass(frozen=True)
+class OneStep:
+    """Phantom gradient: every recursion of the last step, nothing before it."""
+
+    name: ClassVar[str] = "one_step"
+
+
+@dataclasses.dataclass(frozen=True)
+class NoGrad:
+    """Inference: no gradient reaches the parameters, the input or the initial state."""
+
+    name: ClassVar[str] = "none"
+
+
+@dataclasses.dataclass(frozen=True)
+class Implicit:
+    """Fixed point of the noise-free map (jaxopt ``method``), implicit-function-theorem gradient.
+
+    ``maxiter`` caps the forward solve; ``tol`` is the l2 norm of ``f(z) - z`` over the batch
+    at which it stops (see `fixed_point`).
+    """
+
+    maxiter: int = 30
+    tol: float = 1e-4
+    method: str = "anderson"
+    name: ClassVar[str] = "implicit"
+
+
+Adjoint = Union[Truncated, Full, OneStep, NoGrad, Implicit]
+UNROLLED = (Truncated, Full, OneStep, NoGrad)
+# Name (`modes.GRAD_MODES` and `modes.NO_GRAD`) -> adjoint class.
+ADJOINTS: dict[str, type] = {c.name: c for c in (Truncated, Full, OneStep, Implicit, NoGrad)}
+
+
+def adjoint(name: str, *, remat: bool = False, implicit_maxiter: int = 30,
+            implicit_tol: float = 1e-4) -> Adjoint:
+    """The adjoint object of a registry name (``remat`` applies to ``full``, the ``implicit_*``
+    settings to ``implicit``)."""
+    modes.check("gradient mode", name, modes.GRAD_MODES + (modes.NO_GRAD,))
+    if name == "full":
+        return Full(remat=remat)
+    if name == "implicit":
+        return Implicit(maxiter=implicit_maxiter, tol=implicit_tol)
+    return ADJOINTS[name]()
+
+
+def adjoint_for(train_cfg) -> Adjoint:
+    """The adjoint a `TrainConfig` asks for (``grad_mode``, ``remat``, ``implicit_*``)."""
+    return adjoint(train_cfg.grad_mode, remat=train_cfg.remat,
+                   implicit_maxiter=train_cfg.implicit_maxiter,
+                   implicit_tol=train_cfg.implicit_tol)
 
 
 def _stop(tree):
@@ -59,7 +134,7 @@ def _scan_steps(step: StepFn, params, state, x, key, start, num, *, truncate: bo
 
 
 def unroll(step: StepFn, params, state: LatentState, x: jax.Array, key: jax.Array | None,
-           num_steps: int, *, grad: str = "truncated", remat: bool = False,
+           num_steps: int, *, adjoint: Adjoint = Truncated(),
            trace: Callable[[LatentState], Any] | None = None):
     """Iterate the step map ``num_steps`` times with `lax.scan`.
 
@@ -70,32 +145,43 @@ def unroll(step: StepFn, params, state: LatentState, x: jax.Array, key: jax.Arra
       x: input injection (batch, seq, hidden).
       key: PRNG key; step ``i`` uses ``fold_in(key, i)``. None: noise-free.
       num_steps: number of step-map applications (>= 1; static).
-      grad: ``truncated`` | ``full`` | ``one_step`` | ``none`` (see module docstring).
-      remat: with ``full``, rematerialise each step in the backward pass.
+      adjoint: `Truncated`, `Full`, `OneStep` or `NoGrad` (see module docstring).
       trace: optional function of the state, evaluated after every step and stacked along a new
         leading axis (num_steps, ...); e.g. residuals or logits for analysis.
     Returns:
       (final state, traces or None).
     """
-    if grad not in UNROLL_MODES:
-        raise ValueError(f"unknown gradient mode {grad!r}; choose from {UNROLL_MODES}")
+    if not isinstance(adjoint, UNROLLED):
+        raise ValueError(f"unroll takes an unrolled adjoint ({[c.name for c in UNROLLED]}), got "
+                         f"{adjoint!r}; `advance` runs the implicit one")
     if num_steps < 1:
         raise ValueError(f"num_steps must be >= 1, got {num_steps}")
-    if grad == "full":
+    if isinstance(adjoint, Full):
         return _scan_steps(step, params, state, x, key, 0, num_steps, truncate=False,
-                           remat=remat, trace=trace)
+                           remat=adjoint.remat, trace=trace)
     # Gradient-free prefix: params and x enter as constants, so autodiff keeps no residuals.
     z, head = _scan_steps(step, _stop(params), _stop(state), _stop(x), key, 0, num_steps - 1,
                           truncate=True, trace=trace)
     z = _stop(z)
-    if grad == "none":
+    if isinstance(adjoint, NoGrad):
         last = step(_stop(params), z, _stop(x), _step_key(key, num_steps - 1))
     else:
-        last = step(params, z, x, _step_key(key, num_steps - 1), truncate=(grad == "truncated"))
+        last = step(params, z, x, _step_key(key, num_steps - 1),
+                    truncate=isinstance(adjoint, Truncated))
     if trace is None:
         return last, None
     tail = jax.tree_util.tree_map(lambda a: a[None], trace(last))
     return last, jax.tree_util.tree_map(lambda a, b: jnp.concatenate([a, b]), head, tail)
+
+
+def advance(step: StepFn, params, state: LatentState, x: jax.Array, key: jax.Array | None,
+            num_steps: int, adjoint: Adjoint) -> LatentState:
+    """One supervision segment: ``num_steps`` noisy steps (`unroll`) or, for `Implicit`, the
+    noise-free fixed point (`fixed_point`, at most ``adjoint.maxiter`` iterations)."""
+    if isinstance(adjoint, Implicit):
+        return fixed_point(step, params, state, x, method=adjoint.method,
+                           maxiter=adjoint.maxiter, tol=adjoint.tol).state
+    return unroll(step, params, state, x, key, num_steps, adjoint=adjoint)[0]
 
 
 class FixedPointResult(NamedTuple):
@@ -152,31 +238,3 @@ def fixed_point(step: StepFn, params, state: LatentState, x: jax.Array, *,
     residual = info.error.astype(jnp.float32)
     out = LatentState(*(a.astype(dtype) for a in sol))
     return FixedPointResult(out, residual, info.iter_num.astype(jnp.int32), residual <= tol)
-
-
-def breadth_init(init_state: Callable[[jax.Array, int], LatentState], key: jax.Array,
-                 breadth: int, batch: int) -> LatentState:
-    """``breadth`` independent initial states: leaves (breadth, batch, seq, hidden).
-
-    ``init_state(key, batch)`` is e.g. `EqRModel.init_state`; copy ``i`` uses ``fold_in(key, i)``,
-    so copies are independent and a given key always gives the same latents.
-    """
-    keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(breadth))
-    return jax.vmap(lambda k: init_state(k, batch))(keys)
-
-
-def breadth_unroll(step: StepFn, params, states: LatentState, x: jax.Array, key: jax.Array,
-                   num_steps: int, trace: Callable | None = None):
-    """Run ``breadth`` trajectories in parallel with `vmap` (inference, no gradient).
-
-    Args:
-      states: leaves (breadth, batch, seq, hidden), e.g. from `breadth_init`.
-      x: (batch, seq, hidden), shared by all copies.
-      key: noise key; copy ``i`` draws its noise from ``fold_in(key, i)``.
-    Returns:
-      (final states with a leading breadth axis, traces with axes (breadth, num_steps, ...)).
-    """
-    n = jax.tree_util.tree_leaves(states)[0].shape[0]
-    keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(n))
-    run = lambda s, k: unroll(step, params, s, x, k, num_steps, grad="none", trace=trace)
-    return jax.vmap(run)(states, keys)

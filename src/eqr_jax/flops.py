@@ -106,8 +106,3 @@ def train_step_flops(cfg: ModelConfig, batch: int, grad_blocks: int, fwd_steps: 
     fwd = fwd_steps * step_flops(cfg) + readout_flops(cfg)
     bwd = 2 * grad_blocks * per_block + 2 * readout_flops(cfg)
     return batch * (fwd + bwd)
-
-
-def matmul_flops(m: int, k: int, n: int) -> int:
-    """(m, k) @ (k, n)."""
-    return 2 * m * k * n

@@ -1,11 +1,21 @@
-"""Stablemax cross-entropy and the exactness helpers shared by training and evaluation (spec §4)."""
+"""Losses: stablemax cross-entropy, exactness, and the ACT loss of training with its metrics.
+
+Stablemax and exactness are shared by training and evaluation; `loss_and_metrics` is the
+objective of one optimiser step (one ACT step of the batch, docs/training.md, "Loss").
+"""
 
 from __future__ import annotations
 
+from typing import Mapping
+
 import jax
 import jax.numpy as jnp
+import optax
 
-IGNORE_LABEL = -100
+from eqr_jax import dynamics
+from eqr_jax.act import ACTCarry, act_step
+from eqr_jax.data.loader import IGNORE_LABEL_ID as IGNORE_LABEL
+from eqr_jax.model import EqRModel
 
 
 def _loss_dtype():
@@ -43,14 +53,6 @@ def stablemax_cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
     return jnp.where(mask, -picked, 0.0)
 
 
-def softmax_cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
-    """Token-wise softmax CE in float32 with the same masking as `stablemax_cross_entropy`."""
-    mask = labels != IGNORE_LABEL
-    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-    picked = jnp.take_along_axis(logp, jnp.where(mask, labels, 0)[..., None], axis=-1)[..., 0]
-    return jnp.where(mask, -picked, 0.0)
-
-
 def sequence_exact(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Per-row correctness from logits (batch, seq, vocab) and labels (batch, seq).
 
@@ -62,3 +64,111 @@ def sequence_exact(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax
     n_correct = jnp.sum(mask & (preds == labels), axis=-1)
     n_valid = jnp.sum(mask, axis=-1)
     return n_correct, n_valid, (n_correct == n_valid) & (n_valid > 0)
+
+
+# ----------------------------------------------------------------------------------------------
+# The ACT loss of training
+
+
+def act_loss(logits: jax.Array, q_halt: jax.Array, labels: jax.Array,
+             global_batch_size: int) -> tuple[jax.Array, dict]:
+    """The ACT loss of one step from read-outs (docs/training.md, "Loss"); float32.
+
+    Args:
+      logits: (B, N, V); q_halt: (B,); labels: (B, N) with -100 for ignored tokens.
+    Returns:
+      (sum_b (lm_b + 0.5 * bce_b) / global_batch_size, parts) where lm_b is the per-row mean
+      stablemax CE over valid tokens (divisor max(#valid, 1)) and bce_b the halting BCE against
+      whole-sequence exactness; ``parts`` has per-row lm, bce, n_correct, n_valid, exact and the
+      unscaled sum ``total``.
+    """
+    ce = stablemax_cross_entropy(logits, labels).astype(jnp.float32)
+    n_correct, n_valid, exact = sequence_exact(logits, labels)
+    lm = jnp.sum(ce, axis=-1) / jnp.maximum(n_valid, 1).astype(jnp.float32)
+    bce = optax.sigmoid_binary_cross_entropy(q_halt.astype(jnp.float32),
+                                             exact.astype(jnp.float32))
+    total = jnp.sum(lm + 0.5 * bce)
+    return total / global_batch_size, {"lm": lm, "bce": bce, "n_correct": n_correct,
+                                       "n_valid": n_valid, "exact": exact, "total": total}
+
+
+def loss_and_metrics(model: EqRModel, params, carry: ACTCarry, batch: Mapping[str, jax.Array],
+                     key: jax.Array, *, adjoint: dynamics.Adjoint, unroll_steps: int = 1,
+                     global_batch_size: int, training: bool = True):
+    """One ACT step and its loss (docs/training.md, "Loss").
+
+    loss = sum_rows (lm_b + 0.5 * BCE(q_halt_b, exact_b)) / global_batch_size, with
+    lm_b = sum_t CE_bt / max(#valid_b, 1) (stablemax CE, float32).
+
+    Returns:
+      (loss, (new carry, metrics)): float32 metric *sums* over halted rows with labels
+      (``count``, accuracies, ``steps``, q-halt precision/recall weighted by ``count``), loss sums
+      and latent RMS over all rows, extrema ``min_steps``/``max_steps`` (inf/-inf when no row
+      halted) and per-ACT-step vectors of length ``halt_max_steps``: ``steps_hist`` (halted rows
+      by their step count) and ``residual_sum``/``residual_count`` (the L2 norm of the change of
+      [z_H; z_L] this step, per row that continued from the previous step, binned by its step
+      count; step 1 starts from fresh latents and is not binned). `eqr_jax.metrics` turns
+      sums of them into logged scalars.
+    """
+    new_carry, out = act_step(model, params, carry, batch, key, training=training,
+                              adjoint=adjoint, unroll_steps=unroll_steps)
+    labels = new_carry.batch["labels"]
+    loss, parts = act_loss(out.logits, out.q_halt, labels, global_batch_size)
+    metrics = act_metrics(model.cfg.halt_max_steps, carry, new_carry, out.q_halt, parts)
+    return loss, (new_carry, metrics)
+
+
+def act_metrics(halt_max_steps: int, carry: ACTCarry, new_carry: ACTCarry, q_halt: jax.Array,
+                  parts: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
+    """Metric sums and extrema of one ACT step (no gradient flows through them)."""
+    parts = jax.lax.stop_gradient(dict(parts))
+    n_correct, n_valid, exact, lm, bce, total = (
+        parts[k] for k in ("n_correct", "n_valid", "exact", "lm", "bce", "total"))
+    f32 = jnp.float32
+    divisor = jnp.maximum(n_valid, 1).astype(f32)
+    q = jax.lax.stop_gradient(q_halt).astype(f32)
+    valid = new_carry.halted & (n_valid > 0)
+    count = jnp.sum(valid).astype(f32)
+    f = lambda a: jnp.sum(jnp.where(valid, a, 0).astype(f32))
+    # q-halt precision / recall as the reference: batch-wide ratios over all rows (note the
+    # reference's denominator #(q >= 0) beside the numerator's q > 0), weighted by count.
+    hit = jnp.sum((q > 0) & exact).astype(f32)
+    precision = hit / jnp.maximum(jnp.sum(q >= 0).astype(f32), 1.0)
+    recall = hit / jnp.maximum(jnp.sum(exact).astype(f32), 1.0)
+    steps = new_carry.steps
+    steps_f = steps.astype(f32)
+    bins = jnp.arange(1, halt_max_steps + 1)
+    onehot = (steps[:, None] == bins[None, :])  # (B, halt_max_steps)
+    steps_hist = jnp.sum(onehot & valid[:, None], axis=0).astype(f32)
+
+    def rms(z):  # per row, float32
+        zf = z.astype(f32)
+        return jnp.sqrt(jnp.mean(jnp.square(zf), axis=tuple(range(1, zf.ndim))))
+
+    def sq_change(a, b):
+        d = a.astype(f32) - b.astype(f32)
+        return jnp.sum(jnp.square(d), axis=tuple(range(1, d.ndim)))
+
+    new_lat, old_lat = new_carry.latents, carry.latents
+    residual = jnp.sqrt(sq_change(new_lat.z_H, old_lat.z_H) + sq_change(new_lat.z_L, old_lat.z_L))
+    continued = ~carry.halted  # rows not reset this step: their previous latents are `carry`'s
+    binned = onehot & continued[:, None]
+    return {
+        "count": count,
+        "accuracy": f(n_correct / divisor),
+        "exact_accuracy": f(exact),
+        "q_halt_accuracy": f((q > 0) == exact),
+        "q_halt_precision": count * precision,
+        "q_halt_recall": count * recall,
+        "steps": f(steps_f),
+        "min_steps": jnp.min(jnp.where(valid, steps_f, jnp.inf)),
+        "max_steps": jnp.max(jnp.where(valid, steps_f, -jnp.inf)),
+        "steps_hist": steps_hist,
+        "zH_rms": jnp.sum(rms(new_lat.z_H)),
+        "zL_rms": jnp.sum(rms(new_lat.z_L)),
+        "residual_sum": jnp.sum(jnp.where(binned, residual[:, None], 0.0), axis=0),
+        "residual_count": jnp.sum(binned, axis=0).astype(f32),
+        "lm_loss": jnp.sum(lm).astype(f32),
+        "q_halt_loss": jnp.sum(bce).astype(f32),
+        "total_loss": total.astype(f32),
+    }

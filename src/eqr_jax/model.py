@@ -1,6 +1,6 @@
 """The EqR reasoning network in Flax, and the pure step map built on it.
 
-Layout of the math (spec §2): tokens are embedded once (``x``); a latent state ``(z_H, z_L)`` is
+Layout of the math (docs/model.md): tokens are embedded once (``x``); a latent state ``(z_H, z_L)`` is
 advanced by a *reasoning step*, which is ``H_cycles`` latent recursions, each of ``L_cycles``
 updates of ``z_L`` from ``z_H + x`` and one update of ``z_H`` from ``z_L``. One update is
 
@@ -192,7 +192,7 @@ class ReasoningBlock(nn.Module):
     def __call__(self, h: jax.Array) -> jax.Array:
         cfg, dt = self.cfg, compute_dtype(self.cfg)
         if cfg.mlp_t:
-            # The token-mixing norm runs over the token axis (spec §2.8), not over hidden.
+            # The token-mixing norm runs over the token axis (docs/model.md), not over hidden.
             h = rms_norm(h + TokenSwiGLU(cfg.seq_len, cfg.expansion, dt, name="mlp_t")(h),
                          cfg.rms_norm_eps, axis=-2)
         else:
@@ -215,8 +215,8 @@ class BlockStack(nn.Module):
         return h
 
 
-class EqRNet(nn.Module):
-    """Parameter container: token embedding, the shared block stack, LM head and Q head.
+class _Network(nn.Module):
+    """The Flax parameter container (private: use `EqRModel` or the pure functions below): token embedding, the shared block stack, LM head and Q head.
 
     Parameter tree (kernels are (in, out)): ``embed_tokens/embedding (V, H)``,
     ``L_level/layers_i/...``, ``lm_head/kernel (H, V)``, ``q_head/{kernel (H, 2), bias (2,)}``;
@@ -280,9 +280,9 @@ def sinusoidal_positions(n: int, h: int) -> np.ndarray:
 
 
 def init_params(cfg: ModelConfig, key: jax.Array) -> Params:
-    """Fresh float32 parameters (spec §2.1 initialisation)."""
+    """Fresh float32 parameters (initialisation as in docs/model.md)."""
     dummy = jnp.zeros((1, cfg.seq_len), jnp.int32)
-    return EqRNet(cfg).init(key, dummy)["params"]
+    return _Network(cfg).init(key, dummy)["params"]
 
 
 def num_params(params: Params) -> int:
@@ -292,17 +292,17 @@ def num_params(params: Params) -> int:
 def embed(cfg: ModelConfig, params: Params, inputs: jax.Array) -> jax.Array:
     """Token ids (batch, seq) int -> input injection x (batch, seq, hidden) in compute dtype."""
     chex.assert_rank(inputs, 2)
-    return EqRNet(cfg).apply({"params": params}, inputs, method=EqRNet.embed)
+    return _Network(cfg).apply({"params": params}, inputs, method=_Network.embed)
 
 
 def apply_blocks(cfg: ModelConfig, params: Params, h: jax.Array) -> jax.Array:
     """The shared block stack, (batch, seq, hidden) -> same shape and dtype."""
-    return EqRNet(cfg).apply({"params": params}, h, method=EqRNet.blocks)
+    return _Network(cfg).apply({"params": params}, h, method=_Network.blocks)
 
 
 def readout(cfg: ModelConfig, params: Params, state: LatentState) -> Readout:
     """Logits from z_H (batch, seq, vocab) and halting logits from token 0 of z_H (batch,)."""
-    return EqRNet(cfg).apply({"params": params}, state.z_H, method=EqRNet.readout)
+    return _Network(cfg).apply({"params": params}, state.z_H, method=_Network.readout)
 
 
 def update(cfg: ModelConfig, params: Params, h: jax.Array, u: jax.Array,
@@ -372,7 +372,7 @@ def reasoning_step(cfg: ModelConfig, params: Params, state: LatentState, x: jax.
     return state
 
 
-def init_state(cfg: ModelConfig, key: jax.Array, batch: int) -> LatentState:
+def init_latents(cfg: ModelConfig, key: jax.Array, batch: int) -> LatentState:
     """Fresh latents (batch, seq, hidden) in compute dtype.
 
     EqR: independent compensated truncated-normal draws per row, token and channel with
@@ -404,8 +404,11 @@ def trm_init_vectors(cfg: ModelConfig) -> tuple[jax.Array, jax.Array]:
 
 
 class EqRModel:
-    """Binds a `ModelConfig` to the pure functions: ``model.step(params, state, x, key)``.
+    """The model: a `ModelConfig` bound to the pure functions of this module.
 
+    ``params`` are the float32 parameter tree of `init`; latents are a `LatentState` of two
+    (batch, seq, hidden) arrays in the compute dtype. One reasoning step is
+    ``model.step(params, state, model.embed(params, inputs), key)``; `readout` gives the logits.
     The object is hashable (by config), so it can be a static argument of `jax.jit`.
     """
 
@@ -418,18 +421,26 @@ class EqRModel:
     def __eq__(self, other):
         return isinstance(other, EqRModel) and other.cfg == self.cfg
 
+    def __repr__(self):
+        return f"EqRModel({self.cfg!r})"
+
     def init(self, key: jax.Array) -> Params:
+        """Fresh float32 parameters from a PRNG key."""
         return init_params(self.cfg, key)
 
     def embed(self, params: Params, inputs: jax.Array) -> jax.Array:
+        """Token ids (batch, seq) -> input injection (batch, seq, hidden)."""
         return embed(self.cfg, params, inputs)
 
     def step(self, params: Params, state: LatentState, x: jax.Array,
              key: jax.Array | None = None, *, truncate: bool = True) -> LatentState:
+        """One reasoning step (see `reasoning_step`); ``key`` None is the noise-free map."""
         return reasoning_step(self.cfg, params, state, x, key, truncate=truncate)
 
     def readout(self, params: Params, state: LatentState) -> Readout:
+        """Logits (batch, seq, vocab) and halting logits (batch,) of a state."""
         return readout(self.cfg, params, state)
 
-    def init_state(self, key: jax.Array, batch: int) -> LatentState:
-        return init_state(self.cfg, key, batch)
+    def init_latents(self, key: jax.Array, batch: int) -> LatentState:
+        """Fresh latents (batch, seq, hidden) in the compute dtype (see `init_latents`)."""
+        return init_latents(self.cfg, key, batch)

@@ -1,4 +1,5 @@
-"""Optimisers, learning-rate schedule and parameter EMA for training (spec §5.3-5.5).
+"""Optimisers, learning-rate schedule and parameter EMA for training (docs/training.md,
+"Optimiser").
 
 * `adam_atan2`: the AdamATan2 rule of the reference (``adam-atan2`` 0.0.3) as an optax
   `GradientTransformation`: decoupled weight decay first (with the current learning rate),
@@ -37,7 +38,8 @@ class AdamATan2State(NamedTuple):
 
 def adam_atan2(learning_rate: float | Schedule, b1: float = 0.9, b2: float = 0.95,
                weight_decay: float = 0.0) -> optax.GradientTransformation:
-    """AdamATan2 exactly as spec §5.3; the returned *updates* are added with `optax.apply_updates`.
+    """AdamATan2 as the reference computes it (docs/training.md); the returned *updates* are
+    added with `optax.apply_updates`.
 
     Per parameter p with gradient g, with t the 1-based update index and lr = learning_rate(t-1):
         bc1 = 1 - b1**t, bc2 = 1 - b2**t
@@ -87,7 +89,7 @@ def adam_atan2(learning_rate: float | Schedule, b1: float = 0.9, b2: float = 0.9
 
 
 def make_schedule(train: TrainConfig, total_steps: int) -> Schedule:
-    """Learning rate as a function of the 1-based optimiser step ``s`` (spec §5.4).
+    """Learning rate as a function of the 1-based optimiser step ``s`` (docs/training.md).
 
     ``s < W``: ``lr * s / W``; afterwards ``lr * (r + (1 - r) * (1 + cos(pi * p)) / 2)`` with
     ``p = (s - W) / max(1, T - W)``, ``W = lr_warmup_steps``, ``T = total_steps``,

@@ -1,11 +1,7 @@
-"""The attractor landscape of a trained EqR: many initialisations per puzzle, followed step by step.
+"""The attractor landscape of a trained EqR, from the per-step records of many initialisations per
+puzzle (`eqr_jax.analysis.trace.trace_trajectories`):
 
-* `trace_trajectories` -- the one per-step recorder: ``copies`` random initialisations of every
-  puzzle in a batch run ``depth`` noisy steps (keys exactly as `eqr_jax.evaluation` draws them, so
-  the trajectories are the ones ``eqr eval --halt fixed`` scores), recording per step and row the
-  latent residual, the logit change, the halting logit and whether the decoded grid is right, plus
-  the full state at a few *snapshot* depths and, for one puzzle, a subsampled latent path. The
-  evaluation loop keeps O(1) memory in depth and so cannot give these per-step series.
+* `convergence_score`, `steps_to_convergence` -- the evaluator's convergence rules on the records;
 * attractor census -- `group_attractors` / `attractor_census`: final states of one puzzle are
   grouped into attractors (same decoded grid, then single-linkage on RMS latent distance).
 * convergence vs correctness -- `curves_by_outcome`, `selection_vs_threshold`.
@@ -18,168 +14,14 @@ Everything after the trace is NumPy on host arrays, so it is tested on arrays wi
 
 from __future__ import annotations
 
-import functools
 import math
-from typing import Any, NamedTuple, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-# The evaluation loop's own key derivation, residual, logit change and exactness, so that a trace
-# and an `eqr eval` run of the same key are the same trajectories measured the same way.
-from eqr_jax.evaluation import _copy_keys, _finish, _latent_residual, _logit_change
 from eqr_jax.losses import IGNORE_LABEL
-from eqr_jax.model import EqRModel, LatentState
-
-
-# ----------------------------------------------------------------------------------------------
-# The trace
-
-
-class Trajectories(NamedTuple):
-    """Per-step records of ``C`` copies of ``B`` puzzles over ``T`` steps (NumPy).
-
-    Step ``t`` (1-based, index ``t - 1``) compares the state after ``t`` steps with the one before
-    (the initial latents for ``t = 1``):
-
-    * ``residual`` (T, C, B): ‖S_t − S_{t−1}‖₂ over [z_H; z_L] (as `evaluation.BatchResult`);
-    * ``logit_change`` (T, C, B): mean over tokens of the L2 norm (over the vocabulary) of
-      ℓ_t − ℓ_{t−1}; the convergence score of top-k selection averages its last ``window`` values
-      from t = 2 on;
-    * ``q_halt`` (T, C, B): the halting logit after step t;
-    * ``exact`` (T, C, B) bool: the decoded grid after step t is right on every supervised token;
-    * ``snapshot_depths`` (M,): depths at which full states were kept; ``states``: latents with
-      leaves (M, C, B, seq, hidden) in the compute dtype; ``preds`` (M, C, B, seq) decoded tokens;
-    * ``path`` (P, C, 2 * seq * hidden) float32: [z_H; z_L] of puzzle ``path_row`` at
-      ``path_steps`` (P,) (0 = the initial latents), or None.
-    """
-
-    residual: np.ndarray
-    logit_change: np.ndarray
-    q_halt: np.ndarray
-    exact: np.ndarray
-    snapshot_depths: np.ndarray
-    states: LatentState
-    preds: np.ndarray
-    path: np.ndarray | None
-    path_steps: np.ndarray | None
-
-    @property
-    def state_size(self) -> int:
-        """Numbers in one row's latent state (2 * seq * hidden)."""
-        return 2 * int(np.prod(self.states.z_H.shape[-2:]))
-
-
-def _row_flat(state: LatentState, row) -> jax.Array:
-    """[z_H; z_L] of batch row ``row`` per copy: (C, 2 * seq * hidden) float32."""
-    c = state.z_H.shape[0]
-    return jnp.concatenate([a[:, row].reshape(c, -1).astype(jnp.float32) for a in state], axis=1)
-
-
-@functools.partial(jax.jit, static_argnames=("model", "depth", "snapshots", "path_stride",
-                                             "noise"))
-def _trace_core(model: EqRModel, params, inputs, labels, key, copy_ids, path_row, *, depth: int,
-                snapshots: tuple[int, ...], path_stride: int, noise: bool):
-    c, b = copy_ids.shape[0], inputs.shape[0]
-    x = model.embed(params, inputs)
-    init_keys = _copy_keys(jax.random.fold_in(key, 0), copy_ids)
-    noise_keys = _copy_keys(jax.random.fold_in(key, 1), copy_ids)
-    state0 = jax.vmap(lambda k: model.init_state(k, b))(init_keys)
-    readout = jax.vmap(lambda s: model.readout(params, s))
-    logits0 = readout(state0).logits
-    snap_at = jnp.asarray(snapshots, jnp.int32)
-    m = len(snapshots)
-    snaps0 = jax.tree_util.tree_map(lambda a: jnp.zeros((m,) + a.shape, a.dtype), state0)
-    spreds0 = jnp.zeros((m, c, b, inputs.shape[1]), jnp.int32)
-    if path_stride:
-        flat0 = _row_flat(state0, path_row)
-        path0 = jnp.zeros((depth // path_stride + 1,) + flat0.shape, jnp.float32).at[0].set(flat0)
-    else:
-        path0 = jnp.zeros((0,), jnp.float32)
-
-    def body(carry, t):
-        state, logits, snaps, spreds, path = carry
-        if noise:
-            keys = jax.vmap(lambda kk: jax.random.fold_in(kk, t))(noise_keys)
-            new = jax.vmap(lambda s, kk: model.step(params, s, x, kk))(state, keys)
-        else:
-            new = jax.vmap(lambda s: model.step(params, s, x, None))(state)
-        ro = readout(new)
-        res = _latent_residual(new, state)
-        dl = _logit_change(ro.logits, logits)
-        preds, _, _, exact = _finish(ro.logits, labels)
-        t1 = t + 1
-        i = jnp.clip(jnp.searchsorted(snap_at, t1), 0, m - 1)
-        hit = snap_at[i] == t1
-        snaps = jax.tree_util.tree_map(lambda buf, a: buf.at[i].set(jnp.where(hit, a, buf[i])),
-                                       snaps, new)
-        spreds = spreds.at[i].set(jnp.where(hit, preds, spreds[i]))
-        if path_stride:
-            j = t1 // path_stride
-            path = path.at[j].set(jnp.where(t1 % path_stride == 0, _row_flat(new, path_row),
-                                            path[j]))
-        return (new, ro.logits, snaps, spreds, path), (res, dl, ro.q_halt, exact)
-
-    carry0 = (state0, logits0, snaps0, spreds0, path0)
-    (_, _, snaps, spreds, path), (res, dl, q, ex) = jax.lax.scan(body, carry0,
-                                                                 jnp.arange(depth))
-    return dict(residual=res, logit_change=dl, q_halt=q, exact=ex, states=snaps, preds=spreds,
-                path=path)
-
-
-def trace_trajectories(model: EqRModel, params, inputs, labels, key: jax.Array, *, copies: int,
-                       depth: int, snapshots: Sequence[int] | None = None, noise: bool = True,
-                       path_row: int | None = None, path_points: int = 128) -> Trajectories:
-    """Run ``copies`` initialisations of each puzzle for ``depth`` steps, recording every step.
-
-    Args:
-      model, params: the model (static) and its parameters.
-      inputs, labels: (B, N) token ids; labels use `IGNORE_LABEL` for unsupervised tokens.
-      key: the batch key. Copy ``i`` starts from ``init_state(fold_in(fold_in(key, 0), i))`` and
-        step ``t`` draws noise from ``fold_in(fold_in(fold_in(key, 1), i), t)``: the draws of
-        `eqr_jax.evaluation.evaluate_batch`, so its ``halt="fixed"`` results are these.
-      copies: initialisations per puzzle.
-      depth: steps (static: one compilation per depth).
-      snapshots: increasing depths in [1, depth] at which full states are kept (default: depth).
-      noise: False runs the noise-free map (the noise keys are then unused).
-      path_row: batch row whose latent path is kept for PCA (None: no path).
-      path_points: at most this many path points after the initial state (every
-        ``ceil(depth / path_points)`` steps).
-    Memory: the per-step records are 4 x (T, C, B) scalars; states (M, C, B, N, H) for M
-    snapshots; the path (P, C, 2 N H).
-    Returns:
-      `Trajectories` (host arrays).
-    """
-    depth, copies = int(depth), int(copies)
-    if depth < 1 or copies < 1:
-        raise ValueError(f"depth and copies must be >= 1, got depth={depth}, copies={copies}")
-    snaps = (depth,) if snapshots is None else tuple(int(s) for s in snapshots)
-    if not snaps or list(snaps) != sorted(set(snaps)) or snaps[0] < 1 or snaps[-1] > depth:
-        raise ValueError(f"snapshots must be increasing depths in [1, {depth}], got {snaps}")
-    inputs = jnp.asarray(inputs, jnp.int32)
-    labels = jnp.asarray(labels, jnp.int32)
-    if inputs.ndim != 2 or inputs.shape != labels.shape:
-        raise ValueError(f"inputs and labels must both be (batch, seq), got {inputs.shape} and "
-                         f"{labels.shape}")
-    stride = 0
-    if path_row is not None:
-        if not 0 <= int(path_row) < inputs.shape[0]:
-            raise ValueError(f"path_row {path_row} outside the batch of {inputs.shape[0]}")
-        stride = max(1, math.ceil(depth / max(int(path_points), 1)))
-    out = jax.device_get(_trace_core(model, params, inputs, labels, key,
-                                     jnp.arange(copies, dtype=jnp.int32),
-                                     jnp.int32(path_row or 0), depth=depth, snapshots=snaps,
-                                     path_stride=stride, noise=bool(noise)))
-    path = steps = None
-    if stride:
-        path = np.asarray(out["path"])
-        steps = np.arange(path.shape[0]) * stride
-    return Trajectories(residual=np.asarray(out["residual"]),
-                        logit_change=np.asarray(out["logit_change"]),
-                        q_halt=np.asarray(out["q_halt"]), exact=np.asarray(out["exact"], bool),
-                        snapshot_depths=np.asarray(snaps), states=LatentState(*out["states"]),
-                        preds=np.asarray(out["preds"]), path=path, path_steps=steps)
 
 
 def convergence_score(logit_change: np.ndarray, window: int) -> np.ndarray:

@@ -1,9 +1,9 @@
 """The whole landscape analysis of one model on a set of puzzles: numbers, plots, summary.
 
-`analyze` runs `landscape.trace_trajectories` batch by batch (puzzle batch ``i`` uses key
-``fold_in(PRNGKey(seed), i)``, as `eqr_jax.evaluation.evaluate_dataset` does, so the
-trajectories are those ``eqr eval --halt fixed`` scores with the same seed and batch size) and
-returns one JSON-ready dict; `save_plots` draws every figure from that dict alone, and
+`analyze` runs `trace.trace_trajectories` batch by batch through an `Evaluator` of the model
+(puzzle batch ``i`` uses the evaluator's key `batch_key(seed, i)`, so the trajectories are those
+``eqr eval --halt fixed`` scores with the same seed and batch size) and returns one JSON-ready
+dict; `eqr_jax.analysis.plots.save_landscape_plots` draws every figure from that dict alone, and
 `summary_lines` condenses it for the terminal. What each number means is documented in
 ``docs/analysis.md``.
 """
@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 import time
 from typing import Any, Mapping, Sequence
 
@@ -21,9 +20,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from eqr_jax.analysis import landscape as L
-from eqr_jax.analysis.plots import _plain_ticks, _plt, _save
 from eqr_jax.analysis.stability import float32_model, jacobian_spectral_radius
-from eqr_jax.evaluation import convergence_top_k, majority_vote
+from eqr_jax.analysis.trace import Trajectories, trace_trajectories
+from eqr_jax.config import EvalConfig
+from eqr_jax.evaluation import Evaluator, batch_key, convergence_top_k, majority_vote
 from eqr_jax.losses import IGNORE_LABEL
 from eqr_jax.model import EqRModel, LatentState
 
@@ -134,7 +134,7 @@ def _radius_rows(model, params, states: LatentState, x, rows: int, iters: int, r
     return np.concatenate(rad), np.concatenate(lam), np.concatenate(res)
 
 
-def _census_rows(tr: L.Trajectories, labels, nb: int, snaps, tol: float, settle: float):
+def _census_rows(tr: Trajectories, labels, nb: int, snaps, tol: float, settle: float):
     """Census of every real row of a batch at every snapshot depth: [row][snapshot] dicts."""
     out = []
     for b in range(nb):
@@ -185,7 +185,9 @@ def analyze(model: EqRModel, params, inputs, labels, opts: AnalysisOptions = Ana
     bs = min(opts.batch_size, p)
     rc = opts.inits if opts.radius_copies == 0 else min(opts.radius_copies, opts.inits)
     f32 = float32_model(model)
-    root = jax.random.PRNGKey(opts.seed)
+    # The evaluator's model (noise off: noise_scale 0) and key rule.
+    evaluator = Evaluator(model, EvalConfig(seed=opts.seed, noise_scale=None if opts.noise
+                                            else 0.0))
 
     def batch(bi):
         start = bi * bs
@@ -193,7 +195,7 @@ def analyze(model: EqRModel, params, inputs, labels, opts: AnalysisOptions = Ana
         xi = np.zeros((bs, n_tok), np.int32)
         yi = np.full((bs, n_tok), IGNORE_LABEL, np.int32)
         xi[:nb], yi[:nb] = inputs[start:start + nb], labels[start:start + nb]
-        return start, nb, xi, yi, jax.random.fold_in(root, bi)
+        return start, nb, xi, yi, batch_key(opts.seed, bi)
 
     per_step = {name: [] for name in ("residual", "logit_change", "q_halt", "exact")}
     final_preds, census = [], []
@@ -203,8 +205,8 @@ def analyze(model: EqRModel, params, inputs, labels, opts: AnalysisOptions = Ana
         t0 = time.perf_counter()
         # Row 0's path is recorded and dropped: the PCA re-run below then reuses this
         # compilation with another (traced) row.
-        tr = L.trace_trajectories(model, params, xi, yi, key, copies=k, depth=d, snapshots=snaps,
-                                  noise=opts.noise, path_row=0, path_points=opts.path_points)
+        tr = trace_trajectories(evaluator, params, xi, yi, key, copies=k, depth=d,
+                                snapshots=snaps, path_row=0, path_points=opts.path_points)
         t1 = time.perf_counter()
         for name in per_step:
             per_step[name].append(getattr(tr, name)[:, :, :nb])
@@ -327,8 +329,8 @@ def analyze(model: EqRModel, params, inputs, labels, opts: AnalysisOptions = Ana
                                                    1 - census[i][-1]["solution_basin"]),
                                               -census[i][-1]["n_attractors"], i)))
     start, nb, xi, yi, key = batch(pz // bs)
-    tr = L.trace_trajectories(model, params, xi, yi, key, copies=k, depth=d, snapshots=snaps,
-                              noise=opts.noise, path_row=pz - start, path_points=opts.path_points)
+    tr = trace_trajectories(evaluator, params, xi, yi, key, copies=k, depth=d, snapshots=snaps,
+                            path_row=pz - start, path_points=opts.path_points)
     # The random initial latents are far from everything else and would take the first
     # component: the projection is fitted on steps >= 1 and drawn from step 1 on.
     coords, ratio = L.pca_2d(tr.path[1:])
@@ -362,7 +364,7 @@ def analyze(model: EqRModel, params, inputs, labels, opts: AnalysisOptions = Ana
 
 
 # ----------------------------------------------------------------------------------------------
-# Summary and plots
+# Summary
 
 
 def _fmt(v, spec=".3f"):
@@ -409,187 +411,26 @@ def summary_lines(res: Mapping[str, Any]) -> list[str]:
     return out
 
 
-def _arr(values) -> np.ndarray:
-    """float array from a JSON list (None -> NaN)."""
-    return np.asarray([np.nan if v is None else v for v in values], np.float64)
+def sudoku_difficulty(inputs: np.ndarray, labels: np.ndarray):
+    """(ratings, blanks) when every puzzle is a Sudoku whose label is a valid solution; else
+    (None, None). Tokens: 1 = blank, d + 1 = digit d."""
+    from eqr_jax.data import sudoku
 
-
-def _band(ax, steps, entry, color, label):
-    if not entry["n"]:
-        return
-    ax.plot(steps, _arr(entry["median"]), "-", color=color, label=f"{label} (n={entry['n']})")
-    ax.fill_between(steps, _arr(entry["q25"]), _arr(entry["q75"]), color=color, alpha=0.2, lw=0)
-
-
-def plot_stability(res, path):
-    plt = _plt()
-    rows = res["stability"]["rows"]
-    r, ok = np.asarray(rows["radius"]), np.asarray(rows["correct"], bool)
-    fig, ax = plt.subplots(figsize=(5.5, 3.6))
-    hi = max(1.5, float(r.max()) * 1.05) if r.size else 1.5
-    bins = np.linspace(0, hi, 40)
-    for sel, color, name in ((ok, "tab:green", "correct"), (~ok, "tab:red", "wrong")):
-        if sel.any():
-            ax.hist(r[sel], bins=bins, color=color, alpha=0.6, label=f"{name} (n={sel.sum()})",
-                    weights=np.full(sel.sum(), 1.0 / sel.sum()))
-    ax.axvline(1.0, color="k", ls="--", lw=1)
-    ax.set_xlabel("spectral radius of the step map's Jacobian at the end state")
-    ax.set_ylabel("fraction of the class's end states")
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
-    return _save(fig, path)
-
-
-def plot_census(res, path):
-    plt = _plt()
-    per = res["census"]["per_depth"]
-    depths = [e["depth"] for e in per]
-    fig, axes = plt.subplots(1, 2, figsize=(8.5, 3.4))
-    pp = res["per_puzzle"]
-    for e in pp[:64]:  # thin per-puzzle lines behind the means
-        axes[0].plot(depths, e["attractors"], "-", color="0.8", lw=0.6)
-        axes[1].plot(depths, e["solution_basin"], "-", color="0.8", lw=0.6)
-    axes[0].plot(depths, [e["attractors"]["mean"] for e in per], "o-", label="all")
-    axes[0].plot(depths, [e["solution_attractors"]["mean"] for e in per], "s--",
-                 label="decoding to the solution")
-    axes[0].set_ylabel("attractors per puzzle (mean)")
-    axes[0].legend(fontsize=8)
-    axes[1].plot(depths, [e["solution_basin"]["mean"] for e in per], "o-", color="tab:green")
-    axes[1].set_ylabel("solution basin share")
-    axes[1].set_ylim(-0.02, 1.02)
-    for ax in axes:
-        ax.set_xscale("log", base=2)
-        ax.set_xticks(depths)
-        ax.set_xticklabels([str(x) for x in depths])
-        ax.set_xlabel("depth")
-        ax.grid(alpha=0.3)
-    fig.suptitle(f"{res['inits']} inits per puzzle, {res['num_puzzles']} puzzles", fontsize=9)
-    return _save(fig, path)
-
-
-def plot_convergence(res, path):
-    plt = _plt()
-    conv = res["convergence"]
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
-    for ax, key, ylab in ((axes[0], "residual_rms", "RMS latent residual per element"),
-                          (axes[1], "logit_change", "mean logit change per token")):
-        c = conv[key]
-        _band(ax, c["steps"], c["correct"], "tab:green", "end correct")
-        _band(ax, c["steps"], c["wrong"], "tab:red", "end wrong")
-        ax.set_yscale("log")
-        if len(c["steps"]) > 1 and c["steps"][-1] > 64:
-            ax.set_xscale("log")
-        ax.set_xlabel("step")
-        ax.set_ylabel(ylab)
-        ax.grid(alpha=0.3, which="both")
-        ax.legend(fontsize=8)
-    return _save(fig, path)
-
-
-def plot_selection(res, path):
-    plt = _plt()
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
-    for ax, key, xlab in ((axes[0], "selection_by_residual", "final RMS residual threshold"),
-                          (axes[1], "selection_by_logit_score", "logit-change score threshold")):
-        s = res["convergence"][key]
-        tau = _arr(s["threshold"])
-        ax.plot(tau, _arr(s["top1_answered"]), "o-", ms=3, label="top-1 accuracy (answered)")
-        ax.plot(tau, _arr(s["coverage"]), "s--", ms=3, label="puzzles answered")
-        ax.plot(tau, _arr(s["precision"]), "^:", ms=3, label="precision of all inits kept")
-        ax.axhline(s["baseline"], color="0.5", lw=1, ls="-.", label="mean accuracy")
-        if tau.size and tau.min() > 0:
-            ax.set_xscale("log")
-            from matplotlib.ticker import NullFormatter
-            ax.xaxis.set_minor_formatter(NullFormatter())
-        ax.set_ylim(-0.02, 1.02)
-        ax.set_xlabel(xlab)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    return _save(fig, path)
-
-
-def plot_difficulty(res, path):
-    plt = _plt()
-    diff, pp = res["difficulty"], res["per_puzzle"]
-    proxy = "rating" if "rating" in diff else ("blanks" if "blanks" in diff else None)
-    if proxy is None:
-        return None
-    x = np.asarray([e[proxy] for e in pp], np.float64)
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
-    rng = np.random.default_rng(0)
-    for ax, key, name in ((axes[0], "steps_convergence", "convergence"),
-                          (axes[1], "steps_q_halt", "q_halt")):
-        y = np.asarray([e[key] for e in pp], np.float64)
-        ax.scatter(x + rng.uniform(-0.15, 0.15, x.size), y, s=8, alpha=0.5)
-        if proxy == "rating":
-            b = diff["buckets"]["convergence" if name == "convergence" else "q_halt"]
-            mids = [(e["lo"] + e["hi"]) / 2 for e in b]
-            ax.plot(mids, [e["median"] for e in b], "o-", color="tab:red",
-                    label="median per bucket")
-            ax.legend(fontsize=8)
-        ax.axhline(res["depth"], color="0.6", ls=":", lw=1)
-        if res["depth"] >= 32:
-            ax.set_yscale("log")
-            _plain_ticks(ax.yaxis)
-        ax.set_xlabel(f"difficulty ({proxy})")
-        ax.set_ylabel(f"steps to {name} (median over inits)" if name == "q_halt" else
-                      f"steps to {diff['conv_metric']} convergence (median)")
-        ax.set_title(f"Spearman {_fmt(diff[proxy]['spearman'][name], '.2f')}", fontsize=9)
-        ax.grid(alpha=0.3)
-    return _save(fig, path)
-
-
-def plot_pca(res, path):
-    pca = res.get("pca")
-    if not pca:
-        return None
-    plt = _plt()
-    coords = np.asarray(pca["coords"])  # (P, C, 2)
-    ids = np.asarray(pca["attractor"])
-    ok = np.asarray(pca["correct"], bool)
-    settle = res["census"]["settle_tol"]
-    fig, ax = plt.subplots(figsize=(5.5, 4.4))
-    # Groups that settled get their own colour; states still moving at depth D (not at a
-    # fixed point, usually one init per group) share one colour and one legend entry each for
-    # right and wrong.
-    palette = [c for i, c in enumerate(plt.get_cmap("tab10").colors) if i not in (3, 7)]
-    moving_color = {True: "tab:olive", False: "tab:red"}
-    labelled = set()
-    for c in range(coords.shape[1]):
-        a = int(ids[c])
-        moving = pca["attractor_residual"][a] > settle
-        if moving:
-            color, tag = moving_color[bool(ok[c])], ("moving", bool(ok[c]))
-            n_in = int(sum(pca["attractor_residual"][int(i)] > settle and ok[j] == ok[c]
-                           for j, i in enumerate(ids)))
-            text = f"{'right' if ok[c] else 'wrong'} grid, still moving ({n_in} inits)"
-        else:
-            color, tag = palette[a % len(palette)], a
-            text = (f"attractor {a}: {'solution' if ok[c] else 'wrong'} "
-                    f"({int((ids == a).sum())} inits)")
-        lab = None if tag in labelled else text
-        labelled.add(tag)
-        ax.plot(coords[:, c, 0], coords[:, c, 1], "-", color=color, lw=0.8,
-                alpha=0.5 if moving else 0.9, label=lab)
-        ax.plot(coords[0, c, 0], coords[0, c, 1], "o", color=color, ms=3)
-        ax.plot(coords[-1, c, 0], coords[-1, c, 1], "*", color=color, ms=9, mec="k", mew=0.4)
-    ev = pca["explained"]
-    ax.set_xlabel(f"PC1 ({100 * ev[0]:.0f}% var.)")
-    ax.set_ylabel(f"PC2 ({100 * ev[1]:.0f}% var.)")
-    ax.set_title(f"puzzle {pca['puzzle']}: {coords.shape[1]} inits, o step {pca['steps'][0]}, "
-                 f"* step {pca['steps'][-1]}", fontsize=9)
-    ax.legend(fontsize=7)
-    ax.grid(alpha=0.3)
-    return _save(fig, path)
-
-
-def save_plots(res: Mapping[str, Any], out_dir: str) -> list[str]:
-    """Every figure of the analysis as a PNG in ``out_dir``; returns the paths written."""
-    os.makedirs(out_dir, exist_ok=True)
-    made = [plot_stability(res, os.path.join(out_dir, "spectral_radius.png")),
-            plot_census(res, os.path.join(out_dir, "census_vs_depth.png")),
-            plot_convergence(res, os.path.join(out_dir, "convergence_curves.png")),
-            plot_selection(res, os.path.join(out_dir, "selection_vs_threshold.png")),
-            plot_difficulty(res, os.path.join(out_dir, "compute_vs_difficulty.png")),
-            plot_pca(res, os.path.join(out_dir, "pca_trajectories.png"))]
-    return [m for m in made if m]
+    n = math.isqrt(inputs.shape[1])
+    if n * n != inputs.shape[1] or n < 2:
+        return None, None
+    ratings, blanks = [], []
+    for x, y in zip(inputs, labels):
+        if x.min() < 1 or x.max() > n + 1:
+            return None, None
+        grid, sol = sudoku.grid_from_tokens(x, n), sudoku.grid_from_tokens(y, n)
+        try:
+            if sudoku.check_givens(grid) or not sudoku.is_valid_solution(grid, sol):
+                return None, None
+        except sudoku.PuzzleFormatError:
+            return None, None
+        # A puzzle with many solutions can have a huge search tree: cap it (the rating is then
+        # a lower bound); generated and imported puzzles have one solution.
+        ratings.append(sudoku.rate(grid, max_solutions=2))
+        blanks.append(int((grid == 0).sum()))
+    return ratings, blanks

@@ -5,11 +5,14 @@ Modules (imported lazily; numba kernels compile on first use and are cached on d
 * :mod:`.sudoku`     grids, parsing, exact solver/counter, difficulty rating, canonical forms
 * :mod:`.generate`   hard-puzzle generator (local search on the rating, multiprocess, resumable)
 * :mod:`.augment`    Sudoku symmetry transforms, dihedral maze transforms
-* :mod:`.importers`  Sudoku-Extreme CSV / hub / plain-text import with line-numbered validation
+* :mod:`.importers`  the puzzle parser; Sudoku-Extreme CSV / hub / plain-text import with
+                     line-numbered validation
 * :mod:`.maze`       Maze-Unique generation and verification
 * :mod:`.format`     ``dataset.json`` + ``all__*.npy`` read/write (:func:`load_split`, ...)
 * :mod:`.loader`     :class:`TrainLoader` (group sampling, resumable) and :class:`EvalLoader`
-* :mod:`.build`      the ``eqr data sudoku|maze`` command
+* :mod:`.arrays`     loaders over in-memory NumPy arrays, random 4x4 puzzles
+* :mod:`.build`      dataset builders (the ``eqr data sudoku|maze`` command is `eqr_jax.cli.data`)
+* :mod:`.prepare`    a run's data: build it from the ``data.build_*`` recipe, check, open loaders
 """
 
 from .format import DatasetMetadata, Split, dataset_info, load_split, write_split

@@ -21,13 +21,15 @@ import csv
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterable
 
 import numpy as np
 
 from .sudoku import (PuzzleFormatError, _as_flat, check_givens, count_solutions, format_grid,
                      is_valid_solution, parse_grid, solve)
 
-__all__ = ["ValidationIssue", "ValidationError", "ImportResult", "validate_pair",
+__all__ = ["ValidationIssue", "ValidationError", "ImportResult", "parse_puzzle",
+           "parse_puzzle_line", "parse_puzzle_lines", "require_unique", "validate_pair",
            "read_puzzle_lines", "read_sudoku_csv", "load_sudoku_csv_dir", "download_sudoku_extreme",
            "scan_sudoku_csv", "CsvRows", "HubUnavailableError", "HUB_REPO"]
 
@@ -74,40 +76,99 @@ class ImportResult:
         return len(self.puzzles)
 
 
+def parse_puzzle(puzzle_text: str, solution_text: str | None = None, size: int | None = None
+                 ) -> tuple[np.ndarray, np.ndarray | None]:
+    """The one puzzle parser: ``(puzzle (n, n), solution (n, n) or None)`` int32 from text.
+
+    Checks the characters and length (`parse_grid`), that no two givens clash, and that a
+    solution is complete, obeys the rules and keeps every given; does not count solutions. Raises
+    `PuzzleFormatError` naming every problem found.
+    """
+    try:
+        p = parse_grid(puzzle_text, size)
+    except PuzzleFormatError as e:
+        raise PuzzleFormatError(f"puzzle: {e}") from None
+    n = p.shape[0]
+    clash = check_givens(p)
+    if clash:
+        raise PuzzleFormatError(f"contradictory givens: {clash}")
+    if solution_text is None:
+        return p, None
+    try:
+        s = parse_grid(solution_text, n)
+    except PuzzleFormatError as e:
+        raise PuzzleFormatError(f"solution: {e}") from None
+    if (s == 0).any():
+        raise PuzzleFormatError("solution has blank cells")
+    problems = []
+    if not is_valid_solution(np.zeros_like(s), s):
+        problems.append(f"solution breaks the rules: {check_givens(s) or 'invalid grid'}")
+    mism = np.flatnonzero((p.ravel() != 0) & (p.ravel() != s.ravel()))
+    if len(mism):
+        r, c = divmod(int(mism[0]), n)
+        problems.append(f"solution does not match the given at row {r + 1}, column {c + 1}")
+    if problems:
+        raise PuzzleFormatError("; ".join(problems))
+    return p, s
+
+
+def parse_puzzle_line(text: str, size: int | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+    """`parse_puzzle` of a text line ``<puzzle> [<solution>]``."""
+    parts = text.split()
+    if len(parts) not in (1, 2):
+        raise PuzzleFormatError(f"expected '<puzzle> [<solution>]', got {len(parts)} fields")
+    return parse_puzzle(parts[0], parts[1] if len(parts) == 2 else None, size)
+
+
+def require_unique(puzzle: np.ndarray) -> None:
+    """Raise `PuzzleFormatError` unless ``puzzle`` has exactly one solution."""
+    k = count_solutions(puzzle, 2)
+    if k == 0:
+        raise PuzzleFormatError("puzzle has no solution")
+    if k > 1:
+        raise PuzzleFormatError("puzzle has several solutions")
+
+
 def validate_pair(puzzle_text: str, solution_text: str | None, size: int | None = None,
                   check_unique: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """Parse and check one row; returns flat (puzzle, solution) int32 or raises PuzzleFormatError.
 
-    Without a solution text the unique solution is computed.
+    `parse_puzzle`, then (``check_unique``) exactly one solution; without a solution text the
+    solution is computed (and must exist).
     """
-    p = parse_grid(puzzle_text, size)
-    n = p.shape[0]
-    clash = check_givens(p)
-    if clash:
-        raise PuzzleFormatError(f"puzzle breaks the rules: {clash}")
-    s = None
-    if solution_text is not None:
-        try:
-            s = parse_grid(solution_text, n)
-        except PuzzleFormatError as e:
-            raise PuzzleFormatError(f"solution: {e}") from None
-        if (s == 0).any():
-            raise PuzzleFormatError("solution has blank cells")
-        mism = np.flatnonzero((p.ravel() != 0) & (p.ravel() != s.ravel()))
-        if len(mism):
-            r, c = divmod(int(mism[0]), n)
-            raise PuzzleFormatError(f"solution does not match the given at row {r + 1}, column {c + 1}")
-        if not is_valid_solution(p, s):
-            raise PuzzleFormatError(f"solution breaks the rules: {check_givens(s) or 'invalid grid'}")
-    if check_unique or s is None:
-        k = count_solutions(p, 2)
-        if k == 0:
-            raise PuzzleFormatError("puzzle has no solution")
-        if k > 1 and check_unique:
-            raise PuzzleFormatError("puzzle has several solutions")
+    p, s = parse_puzzle(puzzle_text, solution_text, size)
+    if check_unique:
+        require_unique(p)
+    if s is None:
+        s = solve(p)
         if s is None:
-            s = solve(p)
+            raise PuzzleFormatError("puzzle has no solution")
     return p.reshape(-1).astype(np.int32), s.reshape(-1).astype(np.int32)
+
+
+def parse_puzzle_lines(lines: Iterable[str], size: int | None = None, *,
+                       check_unique: bool = False, file: str = ""
+                       ) -> tuple[list[tuple[int, np.ndarray, np.ndarray | None]],
+                                  list[ValidationIssue]]:
+    """Puzzles of text lines (`parse_puzzle_line`; blank and '#' lines skipped).
+
+    Returns ``([(line, puzzle, solution or None), ...], issues)`` with 1-based line numbers;
+    ``check_unique`` also rejects puzzles without exactly one solution.
+    """
+    out, bad = [], []
+    for lineno, raw in enumerate(lines, 1):
+        text = raw.strip()
+        if not text or text.startswith("#"):
+            continue
+        try:
+            p, s = parse_puzzle_line(text, size)
+            if check_unique:
+                require_unique(p)
+        except PuzzleFormatError as e:
+            bad.append(ValidationIssue(file, lineno, str(e)))
+            continue
+        out.append((lineno, p, s))
+    return out, bad
 
 
 def _finish(path, rows, issues, skip_invalid, n_hint):
@@ -179,27 +240,13 @@ def read_puzzle_lines(path: str | os.PathLike, size: int | None = None, *, skip_
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: not found")
-    out, bad = [], []
     with open(path, encoding="utf-8") as f:
-        for lineno, raw in enumerate(f, 1):
-            text = raw.strip()
-            if not text or text.startswith("#"):
-                continue
-            parts = text.split()
-            try:
-                if len(parts) > 2:
-                    raise PuzzleFormatError(f"expected '<puzzle> [<solution>]', got {len(parts)} fields")
-                p, s = validate_pair(parts[0], parts[1] if len(parts) == 2 else None, size, check_unique)
-            except PuzzleFormatError as e:
-                bad.append(ValidationIssue(str(path), lineno, str(e)))
-                continue
-            n = int(round(np.sqrt(p.size)))
-            out.append((p.reshape(n, n), s.reshape(n, n) if len(parts) == 2 else None))
+        rows, bad = parse_puzzle_lines(f, size, check_unique=check_unique, file=str(path))
     if bad and not skip_invalid:
         raise ValidationError(bad)
     if issues is not None:
         issues.extend(bad)
-    return out
+    return [(p, s) for _, p, s in rows]
 
 
 def load_sudoku_csv_dir(folder: str | os.PathLike, size: int | None = 9, skip_invalid: bool = False,

@@ -17,10 +17,9 @@ from __future__ import annotations
 
 import copy
 import math
-import os
 import queue
 import threading
-from typing import Any, Iterator
+from typing import Iterator
 
 import numpy as np
 

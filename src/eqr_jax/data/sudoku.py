@@ -21,6 +21,11 @@ The difficulty rating (the project's yardstick)
    tried.  Puzzles solved by singles alone rate 0.
 
 Everything runs in numba-compiled bitmask kernels (``cache=True``), a few microseconds per node.
+The file is longer than the project's other modules on purpose: numba's on-disk cache of a
+kernel is invalidated only by changes to the kernel's own source file, not to the files of the
+kernels it calls, and these kernels call each other (`_gen_chunk` -> `_one_puzzle` -> `_search`
+-> `_propagate_inc` ...). Kept in one file, an edit to any of them invalidates every cached
+caller.
 """
 
 from __future__ import annotations
@@ -192,16 +197,20 @@ def format_grid(grid, blank: str = ".", pretty: bool = False) -> str:
 
 
 def tokens_from_grid(grid) -> np.ndarray:
-    """Model tokens ``(n*n,)`` uint8 of a grid: blank -> 1, digit d -> d + 1 (0 is PAD)."""
+    """The one token codec: model tokens ``(n*n,)`` uint8 of a grid: blank -> 1, digit d -> d + 1
+    (0 is PAD)."""
     flat, _ = _as_flat(grid)
     return (flat + 1).astype(np.uint8)
 
 
 def grid_from_tokens(tokens, size: int | None = None) -> np.ndarray:
-    """Inverse of :func:`tokens_from_grid`: ``(n, n)`` int32, token 1 (and PAD 0) -> blank."""
-    t = np.asarray(tokens).reshape(-1).astype(np.int32)
-    n = size if size is not None else _side_from_len(t.size)
-    return np.clip(t - 1, 0, None).reshape(n, n).astype(np.int32)
+    """Inverse of :func:`tokens_from_grid`: ``(..., n*n)`` tokens -> ``(..., n, n)`` int32 digits;
+    tokens that are not a digit (PAD 0, blank 1, anything above n + 1 a model may predict) ->
+    blank 0."""
+    t = np.asarray(tokens).astype(np.int32)
+    n = size if size is not None else _side_from_len(t.shape[-1] if t.ndim else t.size)
+    d = np.where((t >= 2) & (t <= n + 1), t - 1, 0)
+    return d.reshape(t.shape[:-1] + (n, n)).astype(np.int32)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -24,7 +24,7 @@ from eqr_jax import interop, optim
 from eqr_jax.act import ACTCarry, BATCH_KEYS
 from eqr_jax.config import DataConfig, RunConfig, TrainConfig
 from eqr_jax.model import EqRModel, LatentState
-from eqr_jax.train import TrainState, make_train_step
+from eqr_jax.training import TrainState, make_train_step
 
 FIXTURE = Path(__file__).resolve().parent / "fixtures" / "train_step_parity.npz"
 TOL = dict(atol=1e-4, rtol=1e-4)
@@ -105,7 +105,7 @@ def test_padding_row_halting_target_is_zero():
     """Documented difference (docs/reference-parity.md): a row without supervised tokens is never
     exact, so its halting BCE target is 0; the reference's vacuous comparison makes it 1. Training
     never meets such rows (the loaders drop under-filled batches)."""
-    from eqr_jax.train import act_loss
+    from eqr_jax.losses import act_loss
     logits = jnp.zeros((2, 4, 5)).at[:, :, 2].set(1.0)
     labels = jnp.array([[2, 2, 2, 2], [-100] * 4])
     q = jnp.array([-5.0, -5.0])

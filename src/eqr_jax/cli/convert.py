@@ -16,6 +16,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from eqr_jax.cli import common
+
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="eqr convert", description=__doc__.split("\n\n")[0],
@@ -32,16 +34,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
-    from eqr_jax.evaluation_cli import load_errors
     from eqr_jax.interop import convert_reference_checkpoint
 
     try:
         path = convert_reference_checkpoint(args.reference, args.out, data=args.data,
                                             seq_len=args.seq_len, vocab_size=args.vocab_size,
                                             overwrite=args.overwrite)
-    except load_errors() + (FileExistsError,) as e:
-        print(f"eqr convert: {e}", file=sys.stderr)
-        return 2
+    except common.load_errors() + (FileExistsError,) as e:
+        return common.fail("eqr convert", e)
     print(f"wrote {path}")
     return 0
 

@@ -1,4 +1,11 @@
-"""In-memory 4x4 Sudoku batches for the training tests (no dependency on eqr_jax.data)."""
+"""In-memory datasets: loaders over NumPy arrays, and random 4x4 Sudoku puzzles.
+
+For experiments, tests and benchmarks that do not need a dataset on disk. `ArrayTrainLoader`
+has the interface `eqr_jax.training.train` expects of a training loader (iterator of batches,
+``steps_per_epoch``, JSON ``state()`` / ``restore()``), and `eval_batches` yields evaluation
+batches with a row mask like `EvalLoader`. Tokens follow the Sudoku datasets: 1 = blank,
+digit d -> d + 1 (vocabulary 6 for 4x4 boards), labels -100 on padding rows.
+"""
 
 from __future__ import annotations
 
@@ -49,7 +56,9 @@ def make_puzzles(n: int, seed: int, blanks=(4, 9)) -> tuple[np.ndarray, np.ndarr
 
 
 class ArrayTrainLoader:
-    """Infinite shuffled batches with a JSON state (epoch, cursor), like the data module's."""
+    """Infinite shuffled batches of (inputs, labels) (E, N) arrays with a JSON state (epoch,
+    cursor), like `TrainLoader`: epoch e is the permutation drawn from ``(seed, e)``, the last
+    partial batch of an epoch is dropped."""
 
     def __init__(self, inputs, labels, batch_size: int, seed: int = 0):
         self.inputs, self.labels, self.bs, self.seed = inputs, labels, batch_size, seed
@@ -78,7 +87,8 @@ class ArrayTrainLoader:
 
 
 def eval_batches(inputs, labels, batch_size: int):
-    """Padded evaluation batches with a row mask."""
+    """Every row once, in batches of ``batch_size`` (B, N); the last batch is padded (inputs 0,
+    labels -100) and ``mask`` (B,) marks the real rows."""
     for s in range(0, len(inputs), batch_size):
         x, y = inputs[s:s + batch_size], labels[s:s + batch_size]
         pad = batch_size - len(x)

@@ -1,12 +1,14 @@
-"""Helpers shared by the benchmark scripts under ``benchmarks/``.
+"""Helpers shared by the benchmark scripts in this folder (and the gradient ablation).
 
-Timing, compiled and runtime memory, a peak-matmul measurement (the MFU denominator), table
-printing and JSON output. Nothing here asserts on speed: scripts print numbers and ratios measured
-in the same run, tests check only that the numbers exist.
+Timing, compiled and runtime memory, a peak-matmul measurement (the MFU denominator), the model
+configurations of the benchmarks; tables and JSON come from `eqr_jax.reporting` (re-exported
+here). Nothing here asserts on speed: scripts print numbers and ratios measured in the same run,
+tests check only that the numbers exist. The scripts import it as a sibling module
+(``python benchmarks/<script>.py`` puts this folder on ``sys.path``).
 
 Typical use::
 
-    from eqr_jax import benchmarking as bm
+    import common as bm
 
     f = jax.jit(step)
     mem = bm.compiled_memory(f, params, state)          # compile once, sizes from XLA
@@ -19,19 +21,18 @@ Typical use::
 
 from __future__ import annotations
 
-import datetime
-import json
 import math
 import os
-import platform
 import statistics
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, NamedTuple, Sequence
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
+
+from eqr_jax.reporting import (describe_machine, format_table, machine_info,  # noqa: F401
+                               print_table, write_json)
 
 MiB = 2 ** 20
 
@@ -54,32 +55,6 @@ def by_backend(cpu: Any, accelerator: Any, *, quick: Any = None, is_quick: bool 
     if is_quick and quick is not None:
         return quick
     return accelerator if on_accelerator() else cpu
-
-
-def machine_info() -> dict:
-    """Where and when a benchmark ran: backend, device kind/count, versions, CPU count, UTC date."""
-    dev = jax.devices()[0]
-    import jaxlib  # noqa: PLC0415
-
-    return {
-        "backend": backend(),
-        "device_kind": getattr(dev, "device_kind", str(dev)),
-        "device_count": jax.device_count(),
-        "jax_version": jax.__version__,
-        "jaxlib_version": getattr(jaxlib, "__version__", "?"),
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "cpu_count": os.cpu_count(),
-        "xla_flags": os.environ.get("XLA_FLAGS", ""),
-        "date_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-    }
-
-
-def describe_machine(info: Mapping[str, Any] | None = None) -> str:
-    """One line, e.g. ``cpu (cpu x1), jax 0.10.2, 2 CPUs, 2026-11-28T23:40:00Z``."""
-    info = info or machine_info()
-    return (f"{info['backend']} ({info['device_kind']} x{info['device_count']}), "
-            f"jax {info['jax_version']}, {info['cpu_count']} CPUs, {info['date_utc']}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -120,12 +95,6 @@ def time_fn(fn: Callable, *args, warmup: int = 1, repeats: int = 5, min_total_s:
         times.append(time.perf_counter() - t0)
     return Timing(statistics.median(times), min(times), statistics.fmean(times), len(times),
                   tuple(times))
-
-
-def time_calls(make_call: Callable[[], Any], *, warmup: int = 1, repeats: int = 5) -> Timing:
-    """Like `time_fn` for a zero-argument callable that may itself loop over several host calls
-    (the callable's result is blocked on)."""
-    return time_fn(make_call, warmup=warmup, repeats=repeats)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -230,79 +199,7 @@ def peak_matmul_tflops(dtype: str = "bfloat16", n: int | None = None, *, repeats
 
 
 # ----------------------------------------------------------------------------------------------
-# Tables and JSON
-
-
-def _fmt(v: Any, floatfmt: str) -> str:
-    if v is None:
-        return "-"
-    if isinstance(v, bool):
-        return "yes" if v else "no"
-    if isinstance(v, (float, np.floating)):
-        if not math.isfinite(v):
-            return str(v)
-        if v != 0 and (abs(v) >= 1e6 or abs(v) < 1e-3):
-            return f"{v:.3g}"
-        return format(v, floatfmt)
-    return str(v)
-
-
-def format_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str] | None = None, *,
-                 floatfmt: str = ".4g", markdown: bool = False) -> str:
-    """Rows of dicts as an aligned text table (or a GitHub markdown table)."""
-    if not rows:
-        return "(no rows)"
-    columns = list(columns or _all_keys(rows))
-    cells = [[_fmt(r.get(c), floatfmt) for c in columns] for r in rows]
-    if markdown:
-        head = "| " + " | ".join(columns) + " |"
-        sep = "|" + "|".join("---" for _ in columns) + "|"
-        return "\n".join([head, sep] + ["| " + " | ".join(r) + " |" for r in cells])
-    widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(columns)]
-    line = lambda vals: "  ".join(v.rjust(w) for v, w in zip(vals, widths))
-    return "\n".join([line(columns), line(["-" * w for w in widths])] + [line(r) for r in cells])
-
-
-def _all_keys(rows: Iterable[Mapping[str, Any]]) -> list[str]:
-    keys: list[str] = []
-    for r in rows:
-        keys.extend(k for k in r if k not in keys)
-    return keys
-
-
-def print_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str] | None = None, *,
-                title: str | None = None, floatfmt: str = ".4g") -> None:
-    if title:
-        print(f"\n== {title} ==")
-    print(format_table(rows, columns, floatfmt=floatfmt), flush=True)
-
-
-def _jsonable(obj: Any) -> Any:
-    if isinstance(obj, Mapping):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, (np.integer,)):
-        return int(obj)
-    if isinstance(obj, (np.floating,)):
-        return float(obj)
-    if isinstance(obj, np.ndarray):
-        return obj.tolist()
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    return obj
-
-
-def write_json(path: str | os.PathLike, payload: Mapping[str, Any], *,
-               machine: bool = True) -> Path:
-    """Write ``payload`` (plus ``machine: machine_info()`` unless present or disabled) as JSON."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    data = dict(payload)
-    if machine and "machine" not in data:
-        data["machine"] = machine_info()
-    path.write_text(json.dumps(_jsonable(data), indent=2) + "\n")
-    return path
+# Output
 
 
 def default_out(name: str, directory: str | os.PathLike = "benchmarks/results") -> Path:

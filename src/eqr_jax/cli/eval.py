@@ -1,0 +1,101 @@
+"""`eqr eval`: evaluate a checkpoint over a depth x breadth grid.
+
+    eqr eval --checkpoint runs/tiny --data data/sudoku4-tiny --depth 4,16,64 --breadth 1,8
+    eqr eval --checkpoint runs/sudoku --depth 16,64,256 --breadth 1,8,64 --halt convergence
+    eqr eval --reference eqr.pth --data data/sudoku-extreme-1k-aug-1000 --depth 64 --noise 0.5
+
+Prints a depth x breadth table of exact accuracy (and of majority vote, convergence top-k,
+any-correct and mean steps used), writes ``results.json`` and ``results.csv`` and, unless
+``--no-plots``, ``accuracy_vs_depth.png``, ``residual_vs_step.png`` and ``steps_histogram.png``
+into ``--out`` (default ``<checkpoint>/eval``, or ``<reference>-eval`` beside a ``.pth``).
+``--reference`` runs an official PyTorch checkpoint directly (read safely, without torch; see
+``eqr convert`` to convert it once). Batches are split over all devices.
+
+It is the evaluator training runs: with the checkpoint's own settings (no flags, or
+``--breadth 1``) it reproduces the ``all/exact_accuracy`` training logged for that step. The
+last line is ``exact_accuracy: <fraction>`` of the last setting of the grid (the last depth at
+the last breadth listed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Any, Iterable, Sequence
+
+from eqr_jax.cli import common
+from eqr_jax.config import EvalConfig
+
+
+def run(model, params, batches: Iterable, eval_cfg: EvalConfig, depths: Sequence[int] | None,
+        breadths: Sequence[int] | None, out_dir: str | None = None, plots: bool = True,
+        progress: bool = False) -> dict[str, Any]:
+    """Evaluate, print the tables and the ``exact_accuracy:`` line, write the files; returns
+    the results dict of `eqr_jax.evaluation.Evaluator.evaluate`."""
+    from eqr_jax.evaluation import Evaluator
+    from eqr_jax.reporting import eval_report, write_results
+
+    results = Evaluator(model, eval_cfg).evaluate(params, batches, depths=depths,
+                                                  breadths=breadths, progress=progress)
+    if not results["settings"]:
+        raise ValueError("the evaluation data holds no batches")
+    print(eval_report(results), flush=True)
+    if out_dir:
+        for p in write_results(results, out_dir, plots):
+            print(f"wrote {p}")
+    print(common.exact_accuracy_line(results["settings"][-1]["metrics"]["all/exact_accuracy"]),
+          flush=True)
+    return results
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="eqr eval", description=__doc__.split("\n\n")[0])
+    common.add_model_options(p)
+    common.add_eval_options(p, "depths, e.g. 16,64,256 (default: the config's eval.depth)",
+                            "breadths, e.g. 1,8,64 (default: the config's eval.breadth)")
+    p.add_argument("--data", help="dataset directory (default: the checkpoint's data.path)")
+    p.add_argument("--batch-size", type=int, help="puzzles per batch (default: eval batch size)")
+    p.add_argument("--max-batches", type=int, help="evaluate only the first N batches")
+    p.add_argument("--out", help="output directory (default: <checkpoint>/eval)")
+    p.add_argument("--no-plots", action="store_true")
+    p.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        cfg, model, params = common.load_model(args)
+        eval_cfg = common.eval_config_from_args(cfg.eval, args)
+    except common.load_errors() as e:
+        return common.fail("eqr eval", e)
+    import jax
+
+    from eqr_jax.data.loader import EvalLoader
+    from eqr_jax.evaluation import with_eval_noise
+
+    data = args.data or cfg.data.path
+    if not data or not os.path.isdir(data):
+        return common.fail("eqr eval", f"dataset directory {data!r} not found (pass --data DIR)")
+    bs = args.batch_size or cfg.data.eval_batch
+    loader = EvalLoader(data, bs, process_index=jax.process_index(),
+                        process_count=jax.process_count())
+    depths = args.depth or [eval_cfg.depth_for(cfg.model.halt_max_steps)]
+    breadths = args.breadth or [eval_cfg.breadth]
+    out = args.out or (os.path.join(args.checkpoint, "eval") if args.checkpoint else
+                       os.path.splitext(args.reference)[0] + "-eval")
+    noise = with_eval_noise(model, eval_cfg.noise_scale).cfg.noise_scale
+    print(f"[eqr eval] {data}: batch {bs}, depths {depths}, breadths {breadths}, "
+          f"halt={eval_cfg.halt}, solver={eval_cfg.solver}, noise={noise:g}, seed="
+          f"{eval_cfg.seed}, {jax.device_count()} device(s)", flush=True)
+    try:
+        run(model, params, loader, eval_cfg, depths, breadths, out, plots=not args.no_plots,
+            progress=not args.no_progress)
+    except ValueError as e:
+        return common.fail("eqr eval", f"{data}: {e}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

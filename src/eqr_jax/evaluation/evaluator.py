@@ -1,0 +1,264 @@
+"""The one evaluation API: `Evaluator` (after big_vision's evaluators), used by training's
+periodic evaluation, ``eqr eval``, ``eqr solve``, the ablation and the benchmarks.
+
+An `Evaluator` binds a model, an `EvalConfig` (halting rule, solver, test-time noise, seed, ...)
+and a device mesh. `Evaluator.evaluate` makes one pass over a dataset and evaluates every
+(depth, breadth) setting on each batch; batch ``i`` always uses `core.batch_key` ``(seed, i)``,
+so training's evaluation at breadth 1 and ``eqr eval --breadth 1`` on the saved checkpoint give
+the same numbers, under the same metric names (`aggregate.summarize_setting`).
+
+Batches arrive as process-local rows; they are assembled into global arrays split along the
+mesh's ``data`` axis, and per-row results come back through `eqr_jax.sharding.fetch`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+from typing import Any, Callable, Iterable, Mapping, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from eqr_jax import dynamics, modes
+from eqr_jax import sharding as sharding_lib
+from eqr_jax.config import EvalConfig
+from eqr_jax.evaluation import core
+from eqr_jax.evaluation.aggregate import SettingAccumulator, summarize_setting
+from eqr_jax.losses import IGNORE_LABEL
+from eqr_jax.model import EqRModel
+
+
+class BatchResult(NamedTuple):
+    """Per puzzle and copy results of one batch on the host (puzzle-major: (B, copies, ...)).
+
+    ``steps`` counts the step-map applications (or solver iterations) a row used; ``residual`` is
+    its last latent residual ‖S_t − S_{t−1}‖₂ over [z_H; z_L] (S_0 = the initial latents);
+    ``score`` the convergence score (mean over the last ``window`` logit changes of the per-token
+    L2 norm, lowest = most converged); ``trace_*`` the residual-vs-step record (sums over the
+    real rows still running at that step, slots with step 0 unused); ``mask`` and ``labels``
+    the batch as evaluated (False rows are padding).
+    """
+
+    preds: np.ndarray  # (B, n, N) int32
+    n_correct: np.ndarray  # (B, n) int32
+    n_valid: np.ndarray  # (B,) int32
+    exact: np.ndarray  # (B, n) bool
+    steps: np.ndarray  # (B, n) int32
+    score: np.ndarray  # (B, n) float32
+    residual: np.ndarray  # (B, n) float32
+    q_halt: np.ndarray  # (B, n) float32
+    trace_steps: np.ndarray  # (K,) int32
+    trace_sum: np.ndarray  # (K,) float64
+    trace_count: np.ndarray  # (K,) int64
+    loop_steps: int  # iterations of the batch loop (max over chunks)
+    mask: np.ndarray  # (B,) bool
+    labels: np.ndarray  # (B, N) int32
+
+
+def with_eval_noise(model: EqRModel, noise_scale: float | None) -> EqRModel:
+    """``model`` with update noise ``noise_scale`` at test time (None: its training value).
+
+    A different noise scale is a different static config, so it compiles separately.
+    """
+    if noise_scale is None or float(noise_scale) == float(model.cfg.noise_scale):
+        return model
+    if not noise_scale >= 0:
+        raise ValueError(f"noise_scale must be >= 0, got {noise_scale}")
+    return EqRModel(dataclasses.replace(model.cfg, noise_scale=float(noise_scale)))
+
+
+def copies_per_call(breadth: int, batch: int, max_rows: int = 0) -> int:
+    """Copies run in one compiled call so that copies x batch <= max_rows (0: all at once)."""
+    if max_rows <= 0:
+        return breadth
+    return max(1, min(breadth, max_rows // max(batch, 1)))
+
+
+def default_mask(labels: np.ndarray) -> np.ndarray:
+    """Real rows of a batch without a ``mask``: those with at least one supervised token."""
+    return np.any(np.asarray(labels) != IGNORE_LABEL, axis=1)
+
+
+class Evaluator:
+    """Evaluate an `EqRModel` over depth x breadth with the settings of an `EvalConfig`.
+
+    Args:
+      model: the model; ``cfg.noise_scale`` (when set) replaces its update noise at test time.
+      cfg: halting rule, solver, tolerances, seed, max_batches, max_rows (see `EvalConfig`).
+        ``cfg.depth`` 0 means the model's ``halt_max_steps``.
+      mesh: device mesh whose ``data`` axis splits each batch (default: every device).
+    """
+
+    def __init__(self, model: EqRModel, cfg: EvalConfig = EvalConfig(), *, mesh=None):
+        modes.check("halting rule", cfg.halt, modes.HALT_RULES)
+        modes.check("solver", cfg.solver, modes.SOLVERS)
+        modes.check("convergence metric", cfg.convergence_metric, modes.CONVERGENCE_METRICS)
+        if cfg.solver != "unroll" and cfg.halt != "fixed":
+            raise ValueError(f"halt={cfg.halt!r} needs solver='unroll' (the jaxopt solvers stop "
+                             "on their own residual tolerance)")
+        self.cfg = cfg
+        self.model = with_eval_noise(model, cfg.noise_scale)
+        self.mesh = sharding_lib.make_mesh() if mesh is None else mesh
+        self.depth = cfg.depth_for(model.cfg.halt_max_steps)
+
+    @property
+    def noise_scale(self) -> float:
+        """The update noise std used at test time."""
+        return float(self.model.cfg.noise_scale)
+
+    # -- placement ----------------------------------------------------------------------------
+    def place_params(self, params):
+        """Parameters replicated over the mesh (a no-op when they already are)."""
+        return jax.device_put(params, sharding_lib.replicated(self.mesh))
+
+    def place_batch(self, batch: Mapping[str, Any]) -> dict:
+        """Process-local ``inputs``/``labels`` (B, N) and ``mask`` (B,) -> global arrays split
+        along ``data`` (replicated when the rows do not split evenly, on one process)."""
+        labels = np.asarray(batch["labels"], np.int32)
+        host = {"inputs": np.asarray(batch["inputs"], np.int32), "labels": labels,
+                "mask": np.asarray(batch["mask"], bool) if "mask" in batch
+                else default_mask(labels)}
+        rows = labels.shape[0] * jax.process_count()
+        if rows % self.mesh.devices.size == 0:
+            sh = sharding_lib.batch_sharding(self.mesh)
+        elif jax.process_count() == 1:
+            sh = sharding_lib.replicated(self.mesh)
+        else:
+            raise ValueError(f"evaluation batch of {rows} rows does not split over the "
+                             f"{self.mesh.devices.size} devices")
+        return sharding_lib.to_global(host, sh)
+
+    # -- one batch ----------------------------------------------------------------------------
+    def evaluate_batch(self, params, batch: Mapping[str, Any], key: jax.Array, *,
+                       depth: int | None = None, breadth: int | None = None) -> BatchResult:
+        """Evaluate one batch at ``depth`` (default the config's) with ``breadth`` random
+        initialisations per puzzle, chunked so that copies x B <= ``cfg.max_rows``.
+
+        Args:
+          params: model parameters.
+          batch: ``inputs``, ``labels`` (B, N) int (`IGNORE_LABEL` for unsupervised tokens) and
+            optionally ``mask`` (B,) bool (False rows never run and count nowhere); host or
+            already placed (`place_batch`).
+          key: the batch key (`core.batch_key`).
+        """
+        depth = self.depth if depth is None else int(depth)
+        breadth = self.cfg.breadth if breadth is None else int(breadth)
+        if depth < 1 or breadth < 1:
+            raise ValueError(f"depth and breadth must be >= 1, got {depth}, {breadth}")
+        params = self.place_params(params)
+        if not isinstance(batch.get("mask"), jax.Array):
+            batch = self.place_batch(batch)
+        inputs, labels, mask = batch["inputs"], batch["labels"], batch["mask"]
+        c = self.cfg
+        chunk = copies_per_call(breadth, inputs.shape[0], c.max_rows)
+        stop = core.stopping(c.halt, c.convergence_metric, c.convergence_tol)
+        outs = []
+        for start in range(0, breadth, chunk):
+            ids = jnp.arange(start, start + chunk, dtype=jnp.int32)  # the last may overrun
+            if c.solver == "unroll":
+                out = core.evaluate_copies(self.model, params, inputs, labels, mask, key, ids,
+                                           breadth, depth, stop, window=int(c.convergence_window),
+                                           trace_points=int(c.trace_points))
+            else:
+                out = core.solve_copies(self.model, params, inputs, labels, mask, key, ids,
+                                        solver=c.solver, depth=depth,
+                                        tol=float(c.convergence_tol))
+            outs.append(sharding_lib.fetch(out))
+        host_mask, host_labels = sharding_lib.fetch((mask, labels))
+        cat = lambda name: np.concatenate([getattr(o, name) for o in outs], axis=0)[:breadth]
+        per_copy = {name: np.moveaxis(cat(name), 0, 1) for name in
+                    ("preds", "n_correct", "exact", "steps", "score", "residual", "q_halt")}
+        # The residual record: chunks share the slot layout; sum them.
+        return BatchResult(
+            n_valid=np.asarray(outs[0].n_valid), trace_steps=np.asarray(outs[0].trace.steps),
+            trace_sum=sum(o.trace.total.astype(np.float64) for o in outs),
+            trace_count=sum(o.trace.rows.astype(np.int64) for o in outs),
+            loop_steps=int(max(int(o.loop_steps) for o in outs)),
+            mask=np.asarray(host_mask, bool), labels=np.asarray(host_labels), **per_copy)
+
+    # -- a dataset ----------------------------------------------------------------------------
+    def evaluate(self, params, batches: Iterable[Mapping[str, Any]], *,
+                 depths: Sequence[int] | None = None, breadths: Sequence[int] | None = None,
+                 progress: bool = False) -> dict[str, Any]:
+        """Evaluate every (depth, breadth) combination in one pass over ``batches``.
+
+        Args:
+          batches: iterable of dicts as in `evaluate_batch` (e.g. an `EvalLoader`); only the
+            first ``cfg.max_batches`` are used when that is set.
+          depths, breadths: the grid (default: the config's depth / breadth).
+        Returns:
+          ``{"settings": [one `summarize_setting` dict per (depth, breadth), breadth-major, each
+          with halt / solver / noise_scale; empty without batches], "eval_config",
+          "num_batches", "devices", "platform"}``.
+        """
+        depths = [self.depth] if depths is None else [int(d) for d in depths]
+        breadths = [self.cfg.breadth] if breadths is None else [int(n) for n in breadths]
+        params = self.place_params(params)
+        accs = {(d, n): SettingAccumulator() for n in breadths for d in depths}
+        it = iter(batches)
+        if progress:
+            from tqdm import tqdm
+            it = tqdm(it, desc="eval", leave=False)
+        num_batches = 0
+        for bi, batch in enumerate(it):
+            if self.cfg.max_batches and bi >= self.cfg.max_batches:
+                break
+            placed = self.place_batch(batch)
+            key = core.batch_key(self.cfg.seed, bi)
+            for n in breadths:
+                for d in depths:
+                    t0 = time.perf_counter()
+                    r = self.evaluate_batch(params, placed, key, depth=d, breadth=n)
+                    accs[(d, n)].add(r, time.perf_counter() - t0)
+            num_batches += 1
+        settings = [summarize_setting(accs[(d, n)], d, n, self.cfg.convergence_top_k)
+                    for n in breadths for d in depths] if num_batches else []
+        for s in settings:
+            s.update(halt=self.cfg.halt, solver=self.cfg.solver, noise_scale=self.noise_scale)
+        return {"settings": settings, "eval_config": dataclasses.asdict(self.cfg),
+                "num_batches": num_batches, "devices": jax.device_count(),
+                "platform": jax.devices()[0].platform}
+
+    # -- trajectories -------------------------------------------------------------------------
+    def trajectory(self, params, inputs, key: jax.Array, *, depth: int,
+                   trace: Callable[[Any, Any], Any], copies: Sequence[int] = (0,)):
+        """Per-step ``trace(params, latents)`` of the noisy trajectories of ``copies``.
+
+        The same keys as `evaluate_batch` (copy ``c`` of batch key ``key``), so the state after
+        step ``t`` is the one a fixed-depth evaluation reaches at depth ``t``. Not O(1) in
+        depth: every step's trace is kept. Returns traces with axes (copies, depth, ...).
+        """
+        return _trajectory(self.model, depth, trace, self.place_params(params),
+                           jnp.asarray(inputs, jnp.int32), key,
+                           jnp.asarray(list(copies), jnp.int32))
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+def _trajectory(model: EqRModel, depth: int, trace: Callable, params, inputs, key, copy_ids):
+    x = model.embed(params, inputs)
+    init_keys, noise_keys = core.copy_keys(key, copy_ids)
+
+    def one(k_init, k_noise):
+        z0 = model.init_latents(k_init, inputs.shape[0])
+        _, out = dynamics.unroll(model.step, params, z0, x, k_noise, depth,
+                                 adjoint=dynamics.NoGrad(), trace=lambda z: trace(params, z))
+        return out
+
+    return jax.vmap(one)(init_keys, noise_keys)
+
+
+def evaluate(model: EqRModel, params, batches: Iterable[Mapping[str, Any]],
+             cfg: EvalConfig = EvalConfig(), *, depths: Sequence[int] | None = None,
+             breadths: Sequence[int] | None = None, mesh=None,
+             progress: bool = False) -> dict[str, Any]:
+    """``Evaluator(model, cfg, mesh=mesh).evaluate(params, batches, ...)`` (see there).
+
+    Args:
+      model: `EqRModel`; params: its parameters.
+      batches: dicts with ``inputs``/``labels`` (B, N) and optionally ``mask`` (B,).
+    """
+    return Evaluator(model, cfg, mesh=mesh).evaluate(params, batches, depths=depths,
+                                                     breadths=breadths, progress=progress)

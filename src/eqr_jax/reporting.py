@@ -1,0 +1,194 @@
+"""Reporting: the one table printer, evaluation tables, and the JSON / CSV results writers.
+
+Every table of the project (evaluation grids, training summaries, the ablation, the benchmarks)
+goes through `format_table`; every results file records the machine it was measured on
+(`machine_info`).
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime
+import json
+import math
+import os
+import platform
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+import numpy as np
+
+
+def machine_info() -> dict:
+    """Where and when a result was measured: backend, device kind/count, versions, CPU count,
+    UTC date."""
+    import jax
+    import jaxlib
+
+    dev = jax.devices()[0]
+    return {
+        "backend": jax.default_backend(),
+        "device_kind": getattr(dev, "device_kind", str(dev)),
+        "device_count": jax.device_count(),
+        "jax_version": jax.__version__,
+        "jaxlib_version": getattr(jaxlib, "__version__", "?"),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "cpu_count": os.cpu_count(),
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        "date_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+    }
+
+
+def describe_machine(info: Mapping[str, Any] | None = None) -> str:
+    """One line, e.g. ``cpu (cpu x1), jax 0.10.2, 2 CPUs, 2026-11-28T23:40:00Z``."""
+    info = info or machine_info()
+    return (f"{info['backend']} ({info['device_kind']} x{info['device_count']}), "
+            f"jax {info['jax_version']}, {info['cpu_count']} CPUs, {info['date_utc']}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Tables
+
+
+def _fmt(v: Any, floatfmt: str) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    if isinstance(v, (float, np.floating)):
+        if not math.isfinite(v):
+            return str(v)
+        if v != 0 and (abs(v) >= 1e6 or abs(v) < 1e-3):
+            return f"{v:.3g}"
+        return format(v, floatfmt)
+    return str(v)
+
+
+def format_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str] | None = None, *,
+                 floatfmt: str = ".4g", markdown: bool = False) -> str:
+    """Rows of dicts as an aligned text table (or a GitHub markdown table).
+
+    ``columns`` default to every key in order of appearance; missing values print as '-',
+    floats with ``floatfmt`` (very large or small ones in 3 significant digits), strings as they
+    are.
+    """
+    if not rows:
+        return "(no rows)"
+    columns = list(columns or _all_keys(rows))
+    cells = [[_fmt(r.get(c), floatfmt) for c in columns] for r in rows]
+    if markdown:
+        head = "| " + " | ".join(columns) + " |"
+        sep = "|" + "|".join("---" for _ in columns) + "|"
+        return "\n".join([head, sep] + ["| " + " | ".join(r) + " |" for r in cells])
+    widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(columns)]
+    line = lambda vals: "  ".join(v.rjust(w) for v, w in zip(vals, widths))
+    return "\n".join([line(columns), line(["-" * w for w in widths])] + [line(r) for r in cells])
+
+
+def _all_keys(rows: Iterable[Mapping[str, Any]]) -> list[str]:
+    keys: list[str] = []
+    for r in rows:
+        keys.extend(k for k in r if k not in keys)
+    return keys
+
+
+def print_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str] | None = None, *,
+                title: str | None = None, floatfmt: str = ".4g") -> None:
+    """`format_table` to stdout, under an optional ``== title ==`` line."""
+    if title:
+        print(f"\n== {title} ==")
+    print(format_table(rows, columns, floatfmt=floatfmt), flush=True)
+
+
+TABLE_KEYS = ("all/exact_accuracy", "majority_vote/exact_accuracy",
+              "convergence_top_k/exact_accuracy", "different_init/any_correct",
+              "halting/mean_steps")
+
+
+def depth_breadth_table(results: Mapping[str, Any], key: str = "all/exact_accuracy",
+                        markdown: bool = False) -> str:
+    """A depth (rows) x breadth (columns) table of one metric of an evaluation ('-' where it does
+    not apply), titled with the metric's name unless ``markdown``."""
+    settings = results["settings"]
+    depths = sorted({s["depth"] for s in settings})
+    breadths = sorted({s["breadth"] for s in settings})
+    cell = {(s["depth"], s["breadth"]): s["metrics"].get(key) for s in settings}
+    corner = "depth \\ breadth"
+    rows = [{corner: str(d), **{str(n): cell.get((d, n)) for n in breadths}} for d in depths]
+    table = format_table(rows, [corner] + [str(n) for n in breadths], floatfmt=".4f",
+                         markdown=markdown)
+    return table if markdown else f"{key}:\n{table}"
+
+
+def write_results(results: Mapping[str, Any], out_dir: str, plots: bool = True) -> list[str]:
+    """results.json (with the machine), results.csv and (optionally) the three plots of an
+    evaluation in ``out_dir``; returns the written paths."""
+    os.makedirs(out_dir, exist_ok=True)
+    paths = [os.path.join(out_dir, "results.json"), os.path.join(out_dir, "results.csv")]
+    write_json(paths[0], results)
+    rows = results_rows(results)
+    fields = list(dict.fromkeys(k for r in rows for k in r))
+    with open(paths[1], "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=fields)
+        w.writeheader()
+        w.writerows(rows)
+    if plots:
+        from eqr_jax.analysis import save_all_plots
+        paths += save_all_plots(results, out_dir)
+    return paths
+
+
+def eval_report(results: Mapping[str, Any]) -> str:
+    """The console tables of an evaluation: every headline metric that any setting reports."""
+    present = {k for s in results["settings"] for k in s["metrics"]}
+    return "\n\n".join(depth_breadth_table(results, k) for k in TABLE_KEYS if k in present)
+
+
+def results_rows(results: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """One flat dict per setting (for CSV)."""
+    rows = []
+    for s in results["settings"]:
+        row = {"depth": s["depth"], "breadth": s["breadth"], "halt": s.get("halt"),
+               "solver": s.get("solver"), "noise_scale": s.get("noise_scale")}
+        row.update(s["metrics"])
+        rows.append(row)
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------
+# JSON
+
+
+def _jsonable(obj: Any) -> Any:
+    if isinstance(obj, Mapping):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, np.bool_):
+        return bool(obj)
+    if isinstance(obj, (np.integer,)):
+        return int(obj)
+    if isinstance(obj, (np.floating,)):
+        return _jsonable(float(obj))
+    if isinstance(obj, np.ndarray):
+        return _jsonable(obj.tolist())
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
+
+
+def write_json(path: str | os.PathLike, payload: Mapping[str, Any], *,
+               machine: bool = True) -> Path:
+    """Write ``payload`` (plus ``machine: machine_info()`` unless present or disabled) as JSON,
+    atomically (a temporary file renamed over the target). NaN and infinities become null,
+    NumPy scalars and arrays plain numbers and lists."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = dict(payload)
+    if machine and "machine" not in data:
+        data["machine"] = machine_info()
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(_jsonable(data), indent=2, allow_nan=False) + "\n")
+    os.replace(tmp, path)
+    return path

@@ -1,0 +1,444 @@
+"""Training: the Optax loop with ACT deep supervision, EMA, Orbax checkpoints and data parallelism.
+
+Structure (after nanodo's ``train.py``): a thin host loop around one jitted function,
+`make_train_step`, that runs ``steps_per_call`` optimiser steps with `lax.scan`, takes the
+`TrainState` donated, and returns metric *sums* that stay on device until log time. The next
+call is dispatched before the previous metrics are fetched. Batches and the ACT carry are split
+along the ``data`` axis of a mesh (`eqr_jax.sharding`); parameters, optimiser state and EMA are
+replicated. The loss is `eqr_jax.losses.loss_and_metrics`; the periodic evaluation is the
+`eqr_jax.evaluation.Evaluator` that ``eqr eval`` runs, at breadth 1. `train` builds no data:
+it takes its loaders (`eqr_jax.data.prepare.make_loaders` opens a dataset folder's).
+
+Each step's loss and gradient norm are checked on device: from the first non-finite one the call
+freezes the state, and the host raises `NonFiniteError` before anything after it is saved.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import Mesh
+
+from eqr_jax import config as config_lib
+from eqr_jax import dynamics, metrics as metrics_lib, optim
+from eqr_jax import sharding as sharding_lib
+from eqr_jax.act import ACTCarry, BATCH_KEYS, init_carry
+from eqr_jax.config import RunConfig
+from eqr_jax.losses import loss_and_metrics
+from eqr_jax.model import EqRModel
+
+# Bit flags of the quantities the non-finite guard watches (``nonfinite_what``).
+NONFINITE_QUANTITIES = {1: "loss", 2: "gradient norm"}
+
+
+class NonFiniteError(FloatingPointError):
+    """Training produced a non-finite loss or gradient norm (the message names step and quantity)."""
+
+
+class TrainState(NamedTuple):
+    """Everything that changes during training (a pytree; donated to the train step)."""
+
+    params: Any
+    opt_state: Any
+    ema: Any  # None when EMA is off
+    step: jax.Array  # int32 scalar: optimiser steps done
+    rng: jax.Array  # base PRNG key (uint32[2]); step s uses fold_in(rng, s)
+    carry: ACTCarry
+
+
+def example_batch(cfg: RunConfig) -> dict[str, np.ndarray]:
+    """Zeros shaped like one global batch (for shapes of the carry)."""
+    G, N = cfg.data.global_batch_size, cfg.model.seq_len
+    return {"inputs": np.zeros((G, N), np.int32), "labels": np.zeros((G, N), np.int32),
+            "puzzle_identifiers": np.zeros((G,), np.int32)}
+
+
+def init_train_state(model: EqRModel, cfg: RunConfig, optimizer: optax.GradientTransformation,
+                     batch_example: Mapping[str, Any]) -> TrainState:
+    """Fresh state (pure; jit it with ``out_shardings``): params from ``seed``, EMA = params, an
+    empty ACT carry shaped like ``batch_example`` (global batch rows)."""
+    key = jax.random.PRNGKey(cfg.train.seed)
+    k_params, k_run = jax.random.split(key)
+    params = model.init(k_params)
+    ema = optim.ema_init(params) if cfg.train.ema else None
+    return TrainState(params, optimizer.init(params), ema, jnp.zeros((), jnp.int32), k_run,
+                      init_carry(model, batch_example))
+
+
+def make_train_step(model: EqRModel, cfg: RunConfig, optimizer: optax.GradientTransformation,
+                    *, mesh: Mesh | None = None, state_sharding: TrainState | None = None,
+                    steps_per_call: int | None = None) -> Callable:
+    """Jitted ``fn(state, batches) -> (state, metrics)``.
+
+    ``batches``: dict of arrays with a leading axis of length ``steps_per_call`` (default
+    ``cfg.train.steps_per_call``) over which `lax.scan` runs that many optimiser steps. The state
+    is donated. ``metrics`` holds the per-step `eqr_jax.losses.act_metrics` combined over the
+    steps (`eqr_jax.metrics.merge_metrics`), ``grad_norm`` (summed), ``num_steps``, and the
+    non-finite guard's record: ``nonfinite_step`` (int32: the 1-based step whose loss or gradient
+    norm was not finite, 0 if none) and ``nonfinite_what`` (int32 bit flags,
+    `NONFINITE_QUANTITIES`). From such a step on the call leaves the state as it was before it
+    (params, optimiser, EMA, carry and step counter frozen), so the returned state is always the
+    last finite one. With ``mesh``/``state_sharding`` the function has explicit in/out
+    shardings.
+    """
+    tc = cfg.train
+    n_steps = int(steps_per_call or tc.steps_per_call)
+    grad_fn = jax.value_and_grad(functools.partial(
+        loss_and_metrics, model, adjoint=dynamics.adjoint_for(tc), unroll_steps=tc.unroll_steps,
+        global_batch_size=cfg.data.global_batch_size), has_aux=True)
+
+    def one(state: TrainState, batch):
+        key = jax.random.fold_in(state.rng, state.step)
+        (loss, (carry, metrics)), grads = grad_fn(state.params, state.carry, batch, key)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        ema = optim.ema_update(state.ema, params, tc.ema_rate) if state.ema is not None else None
+        grad_norm = optax.tree.norm(grads).astype(jnp.float32)
+        metrics["grad_norm"] = grad_norm
+        metrics["num_steps"] = jnp.float32(1)
+        what = (jnp.where(jnp.isfinite(loss), 0, 1)
+                + jnp.where(jnp.isfinite(grad_norm), 0, 2)).astype(jnp.int32)
+        return TrainState(params, opt_state, ema, state.step + 1, state.rng, carry), metrics, what
+
+    def guarded(carry, batch):
+        state, first_bad, first_what = carry
+        new, metrics, what = one(state, batch)
+        live = first_bad == 0
+        take = live & (what == 0)
+        # A select, not lax.cond: both sides exist anyway and XLA fuses the select into the
+        # update; after a bad step nothing changes, so the bad state can never be saved.
+        state = jax.tree_util.tree_map(lambda n, o: jnp.where(take, n, o), new, state)
+        metrics = jax.tree_util.tree_map(lambda m, z: jnp.where(take, m, z), metrics,
+                                         metrics_lib.neutral_metrics(metrics))
+        bad_now = live & (what != 0)
+        first_bad = jnp.where(bad_now, new.step, first_bad)
+        first_what = jnp.where(bad_now, what, first_what)
+        return (state, first_bad, first_what), metrics
+
+    def many(state: TrainState, batches):
+        zero = jnp.zeros((), jnp.int32)
+        (state, first_bad, first_what), ms = jax.lax.scan(
+            guarded, (state, zero, zero), batches, length=n_steps)
+        out = {k: metrics_lib.reduce_steps(k, v) for k, v in ms.items()}
+        out["nonfinite_step"] = first_bad
+        out["nonfinite_what"] = first_what
+        return state, out
+
+    if mesh is None:
+        return jax.jit(many, donate_argnums=0)
+    return jax.jit(many, in_shardings=(state_sharding,
+                                       sharding_lib.batch_sharding(mesh, stacked=True)),
+                   out_shardings=(state_sharding, sharding_lib.replicated(mesh)),
+                   donate_argnums=0)
+
+
+def total_steps(cfg: RunConfig, steps_per_epoch: int) -> int:
+    """epochs x steps_per_epoch, capped by ``train.max_steps`` when it is set."""
+    total = cfg.train.epochs * int(steps_per_epoch)
+    return min(total, cfg.train.max_steps) if cfg.train.max_steps else total
+
+
+def stack_batches(batches: list[Mapping[str, np.ndarray]]) -> dict:
+    """Host batches -> one dict with a leading (steps) axis, as `make_train_step` takes."""
+    return {k: np.stack([b[k] for b in batches]) for k in BATCH_KEYS}
+
+
+def _compute_key(cfg: RunConfig) -> RunConfig:
+    """The config without bookkeeping fields, as a cache key for compiled steps."""
+    return dataclasses.replace(cfg, preset="", train=dataclasses.replace(
+        cfg.train, out_dir="", log_every=0, eval_every=0, checkpoint_every=0),
+        data=dataclasses.replace(cfg.data, path=""))
+
+
+@functools.lru_cache(maxsize=16)
+def _cached_train_step(cfg: RunConfig, total: int, n: int, mesh: Mesh):
+    # Compiled steps are reused by later `train` calls in the same process (resume, tests).
+    model = EqRModel(cfg.model)
+    optimizer, _ = optim.make_optimizer(cfg.train, total)
+    abstract = jax.eval_shape(functools.partial(init_train_state, model, cfg, optimizer),
+                              example_batch(cfg))
+    return make_train_step(model, cfg, optimizer, mesh=mesh, steps_per_call=n,
+                           state_sharding=sharding_lib.train_state_shardings(abstract, mesh))
+
+
+def _first_nonfinite(statuses: list) -> tuple[int, int] | None:
+    """The first (step, quantity flags) recorded by the guard in ``statuses``, or None."""
+    for st in statuses:
+        bad, what = (int(v) for v in jax.device_get(st))
+        if bad:
+            return bad, what
+    return None
+
+
+class _Log:
+    """TensorBoard scalars/histograms, the progress bar and console lines of the main process."""
+
+    def __init__(self, cfg: RunConfig, out_dir: Path, total: int, step: int, progress: bool,
+                 verbose: bool):
+        self.main = jax.process_index() == 0
+        self.verbose = verbose
+        self.writer = self.bar = None
+        if self.main:
+            from tensorboardX import SummaryWriter
+            self.writer = SummaryWriter(str(out_dir / "tb"))
+        if progress and self.main:
+            from tqdm import tqdm
+            self.bar = tqdm(total=total, initial=step, desc=f"train {cfg.preset}",
+                            dynamic_ncols=True, smoothing=0.1)
+
+    def print(self, text: str) -> None:
+        if self.bar is not None:
+            self.bar.write(text)
+        elif self.main and self.verbose:
+            print(text, flush=True)
+
+    def write(self, scalars: Mapping[str, float], at: int,
+              hists: Mapping[str, np.ndarray] = {}) -> None:
+        if self.writer is None:
+            return
+        for k, v in scalars.items():
+            self.writer.add_scalar(k, v, at)
+        for k, counts in hists.items():
+            if counts.sum() > 0:
+                vals = np.arange(1, len(counts) + 1, dtype=np.float64)
+                nz = np.flatnonzero(counts)
+                self.writer.add_histogram_raw(
+                    k, min=float(vals[nz[0]]), max=float(vals[nz[-1]]), num=int(counts.sum()),
+                    sum=float((vals * counts).sum()), sum_squares=float((vals ** 2 * counts).sum()),
+                    bucket_limits=(vals + 0.5).tolist(), bucket_counts=counts.tolist(),
+                    global_step=at)
+        self.writer.flush()
+
+    def train_line(self, at: int, s: Mapping[str, float]) -> None:
+        if self.bar is not None:
+            self.bar.set_postfix(loss=f"{s.get('train/total_loss', 0):.3f}",
+                                 acc=f"{s.get('train/accuracy', 0):.3f}",
+                                 exact=f"{s.get('train/exact_accuracy', 0):.3f}",
+                                 steps=f"{s.get('train/steps', 0):.1f}", refresh=False)
+        elif self.main and self.verbose:
+            print(f"[eqr] step {at}: " + " ".join(
+                f"{k.split('/')[1]}={s[k]:.4g}" for k in
+                ("train/total_loss", "train/accuracy", "train/exact_accuracy", "train/steps",
+                 "train/lr", "train/puzzles_per_s") if k in s), flush=True)
+
+    def close_bar(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+    def close(self) -> None:
+        self.close_bar()
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
+
+
+def train(cfg: RunConfig, loaders: tuple[Any, Callable[[], Iterable]], mesh: Mesh | None = None,
+          *, resume: bool = False, stop_after: int | None = None, progress: bool = True,
+          verbose: bool = True) -> tuple[TrainState, dict]:
+    """Train ``cfg`` on ``loaders``; returns the final state and metrics.
+
+    Args:
+      cfg: resolved run config; ``cfg.train.out_dir`` receives config.json, tb/, checkpoints/.
+      loaders: ``(train_loader, eval_batches)``: an iterator of process-local numpy batch dicts
+        (``inputs``/``labels`` (B, N), ``puzzle_identifiers`` (B,)) with ``steps_per_epoch`` and
+        JSON ``state()`` / ``restore()``, and a zero-argument callable returning the evaluation
+        batches (with ``mask``); see `eqr_jax.data.prepare.make_loaders`.
+      mesh: device mesh (default: every device on the ``data`` axis).
+      resume: continue from the latest checkpoint in ``out_dir/checkpoints`` (exact resume).
+      stop_after: stop (and checkpoint) after this many optimiser steps in this invocation.
+      progress: tqdm progress bar on the console.
+      verbose: without a progress bar, print a line per log interval and the results table.
+    Returns:
+      ``(state, metrics)``: the last `TrainState`, and a dict with ``step``, ``total_steps``,
+      ``time_s``, ``steps_this_run``, ``interrupted``, the last logged ``train/*`` means and the
+      last evaluation's metrics (``all/exact_accuracy``, ``all/accuracy``, ... as ``eqr eval``
+      names them, and ``eval_puzzles``).
+    Raises:
+      NonFiniteError: a step's loss or gradient norm was not finite. Nothing from that step on
+        is saved (the guard freezes the state inside the jitted call and every save checks it
+        first), so ``resume=True`` continues from the last good checkpoint.
+    """
+    from eqr_jax.checkpoint import Checkpointer
+    from eqr_jax.evaluation import Evaluator
+
+    t_start = time.time()
+    tc, G = cfg.train, cfg.data.global_batch_size
+    out_dir = Path(tc.out_dir)
+    train_loader, eval_batches = loaders
+    mesh = sharding_lib.make_mesh() if mesh is None else mesh
+    sharding_lib.check_divisible(G, mesh, "data.global_batch_size")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if jax.process_index() == 0:
+        config_lib.save(cfg, str(out_dir / "config.json"))
+    steps_per_epoch = int(getattr(train_loader, "steps_per_epoch", 1) or 1)
+    total = total_steps(cfg, steps_per_epoch)
+
+    model = EqRModel(cfg.model)
+    optimizer, schedule = optim.make_optimizer(tc, total)
+    make_state = functools.partial(init_train_state, model, cfg, optimizer)
+    abstract = jax.eval_shape(make_state, example_batch(cfg))
+    shardings = sharding_lib.train_state_shardings(abstract, mesh)
+    ckpt = Checkpointer(out_dir / "checkpoints", keep=tc.keep_checkpoints)
+    loader_state = None
+    if resume and ckpt.latest_step() is not None:
+        target = jax.tree_util.tree_map(
+            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+        state, loader_state, _ = ckpt.restore(target, cfg)
+        train_loader.restore(loader_state)
+        print(f"[eqr] resumed from step {int(state.step)} in {ckpt.directory}", flush=True)
+    else:
+        state = jax.jit(make_state, out_shardings=shardings)(example_batch(cfg))
+    step = start_step = int(jax.device_get(state.step))
+
+    step_fn = lambda n: _cached_train_step(_compute_key(cfg), total, n, mesh)
+    stacked = sharding_lib.batch_sharding(mesh, stacked=True)
+    evaluator = Evaluator(model, cfg.eval, mesh=mesh)
+    log = _Log(cfg, out_dir, total, step, progress, verbose)
+    merge = jax.jit(metrics_lib.merge_metrics)
+
+    last_train: dict[str, float] = {}
+    last_eval: dict[str, float] = {}
+    last_eval_step = -1
+    acc = None  # device metric sums since the last log
+    pending = None  # (step, sums, wall time, steps, guard records) fetched after the next dispatch
+    unchecked: list = []  # guard records (nonfinite_step, nonfinite_what) not yet in `pending`
+    t_log, step_log = time.time(), step
+    last_saved = step if resume else -1
+    limit = total if stop_after is None else min(total, step + int(stop_after))
+
+    def raise_if_nonfinite(statuses):
+        found = _first_nonfinite(statuses)
+        if found is None:
+            return
+        at, what = found
+        names = " and ".join(v for k, v in NONFINITE_QUANTITIES.items() if what & k)
+        latest = ckpt.latest_step()
+        where = (f"the newest checkpoint is step {latest} in {ckpt.directory}; `--resume` "
+                 f"continues from it" if latest is not None else "no checkpoint was written")
+        raise NonFiniteError(
+            f"non-finite {names} at step {at}: training stopped, nothing from step {at} on was "
+            f"saved ({where}; consider a lower train.lr or float32 compute)")
+
+    def flush_pending():
+        nonlocal pending, last_train
+        if pending is None:
+            return
+        at, sums, dt, nst, statuses = pending
+        pending = None
+        raise_if_nonfinite(statuses)
+        fetched = jax.device_get(sums)
+        scalars = metrics_lib.train_scalars(fetched, G)
+        if not all(math.isfinite(v) for v in scalars.values()):
+            raise NonFiniteError(f"non-finite training metrics at step {at}: {scalars}")
+        scalars["train/lr"] = float(schedule(at))
+        scalars["train/epoch"] = (at - 1) // steps_per_epoch
+        scalars["train/step_time_s"] = dt / max(nst, 1)
+        scalars["train/puzzles_per_s"] = G * nst / max(dt, 1e-9)
+        last_train = scalars
+        log.write(scalars, at, metrics_lib.train_histograms(fetched))
+        log.train_line(at, scalars)
+
+    def check_all():
+        """Every guard record so far: before anything is saved or evaluated."""
+        nonlocal unchecked
+        flush_pending()
+        raise_if_nonfinite(unchecked)
+        unchecked = []
+
+    def run_eval(at: int) -> dict[str, float]:
+        nonlocal last_eval, last_eval_step
+        check_all()
+        last_eval_step = at
+        params = state.ema if state.ema is not None else state.params
+        res = evaluator.evaluate(params, eval_batches(), depths=[evaluator.depth], breadths=[1])
+        if not res["num_batches"]:
+            last_eval = {}
+            return last_eval
+        m = res["settings"][0]["metrics"]
+        last_eval = {k: v for k, v in m.items() if "/" in k}
+        log.write(last_eval, at)
+        last_eval["eval_puzzles"] = m["num_puzzles"]
+        log.print(f"[eqr] step {at}: eval exact {m['all/exact_accuracy']:.4f} "
+                  f"token acc {m['all/accuracy']:.4f}")
+        return last_eval
+
+    def save(at: int, metrics=None):
+        nonlocal last_saved
+        check_all()
+        ckpt.save(at, state, loader_state=loader_state, cfg=cfg, metrics=metrics)
+        last_saved = at
+
+    def crossed(every: int, before: int, after: int) -> bool:
+        return every > 0 and after // every > before // every
+
+    interrupted = False
+    try:
+        try:
+            while step < limit:
+                n = min(max(1, tc.steps_per_call), limit - step)
+                host = stack_batches([next(train_loader) for _ in range(n)])
+                loader_state = train_loader.state() if hasattr(train_loader, "state") else None
+                state, sums = step_fn(n)(state, sharding_lib.to_global(host, stacked))
+                unchecked.append((sums.pop("nonfinite_step"), sums.pop("nonfinite_what")))
+                flush_pending()  # previous log's metrics, fetched after the next step is queued
+                acc = sums if acc is None else merge(acc, sums)
+                before, step = step, step + n
+                if log.bar is not None:
+                    log.bar.update(n)
+                if crossed(tc.log_every, before, step) or step >= limit:
+                    now = time.time()
+                    pending = (step, acc, now - t_log, step - step_log, unchecked)
+                    acc, t_log, step_log, unchecked = None, now, step, []
+                eval_now = crossed(tc.eval_every, before, step)
+                if eval_now:
+                    run_eval(step)
+                if crossed(tc.checkpoint_every, before, step):
+                    save(step, last_eval if eval_now else None)
+            check_all()
+        except KeyboardInterrupt:
+            interrupted = True
+            log.print("[eqr] interrupted: saving a checkpoint before exiting")
+        log.close_bar()
+        finished = not interrupted and step >= total
+        if finished and last_eval_step != step:
+            run_eval(step)
+        if step > start_step and (step != last_saved or (finished and last_eval_step == step)):
+            save(step, last_eval if last_eval_step == step else None)
+    finally:
+        log.close()
+        ckpt.close()
+        if hasattr(train_loader, "close"):
+            train_loader.close()
+    result = {"step": step, "total_steps": total, "time_s": time.time() - t_start,
+              "steps_this_run": step - start_step, "interrupted": interrupted,
+              **last_train, **last_eval}
+    if jax.process_index() == 0 and (progress or verbose):
+        print(results_table(cfg, result), flush=True)
+    if interrupted:
+        raise KeyboardInterrupt
+    return state, result
+
+
+def results_table(cfg: RunConfig, r: Mapping[str, Any]) -> str:
+    """A short markdown results table of a run (the dict `train` returns)."""
+    from eqr_jax.reporting import format_table
+
+    pct = lambda v: "n/a" if v is None else f"{100 * v:.2f}%"
+    rows = [("preset", cfg.preset), ("steps", f"{r['step']} / {r['total_steps']}"),
+            ("test exact accuracy", pct(r.get("all/exact_accuracy"))),
+            ("test token accuracy", pct(r.get("all/accuracy"))),
+            ("test puzzles", f"{int(r.get('eval_puzzles', 0))}"),
+            ("train exact accuracy (halted rows)", pct(r.get("train/exact_accuracy"))),
+            ("train loss", f"{r.get('train/total_loss', float('nan')):.4f}"),
+            ("wall time", f"{r['time_s']:.1f} s")]
+    return format_table([{"metric": a, "value": b} for a, b in rows], markdown=True)

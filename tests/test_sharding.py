@@ -1,0 +1,93 @@
+"""Sharding: the mesh helpers, and data parallelism on 8 fake CPU devices: the same training steps
+and the same evaluation as on 1 device (one subprocess, training and evaluation sharing the
+`eqr_jax.sharding` helpers)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from eqr_jax import sharding
+
+
+def test_mesh_and_shardings_on_this_process():
+    mesh = sharding.make_mesh()
+    assert mesh.axis_names == (sharding.DATA_AXIS,) and mesh.devices.size == jax.device_count()
+    batch = {"inputs": np.arange(8 * 3).reshape(8, 3)}
+    g = sharding.to_global(batch, sharding.batch_sharding(mesh))
+    np.testing.assert_array_equal(sharding.fetch(g["inputs"]), batch["inputs"])
+    assert sharding.batch_sharding(mesh, stacked=True).spec == P(None, sharding.DATA_AXIS)
+    assert sharding.replicated(mesh).spec == P()
+    with pytest.raises(ValueError, match=r"rows=7 is not divisible by the 2 devices"):
+        sharding.check_divisible(7, sharding.make_mesh(jax.devices() * 2), "rows")
+
+
+_DP_SCRIPT = textwrap.dedent("""
+    import os, sys
+    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+    import functools
+    import jax, numpy as np
+    sys.path.insert(0, {tests!r})
+    from conftest import micro_run
+    from eqr_jax import optim
+    from eqr_jax.config import EvalConfig
+    from eqr_jax.data.arrays import ArrayTrainLoader, eval_batches, make_puzzles
+    from eqr_jax.evaluation import Evaluator, batch_key
+    from eqr_jax.model import EqRModel
+    from eqr_jax.sharding import batch_sharding, make_mesh, to_global, train_state_shardings
+    from eqr_jax.training import init_train_state, make_train_step, stack_batches
+    assert jax.device_count() == 8, jax.devices()
+    cfg = micro_run(steps_per_call=3)
+    model = EqRModel(cfg.model)
+    opt, _ = optim.make_optimizer(cfg.train, 10)
+    loader = ArrayTrainLoader(*make_puzzles(64, 0), 16, 0)
+    host = stack_batches([next(loader) for _ in range(3)])
+    first = {{k: v[0] for k, v in host.items()}}
+    batch = next(eval_batches(*make_puzzles(13, 1), 16))   # 13 puzzles, 3 padding rows
+    out, ev = {{}}, {{}}
+    for n in (8, 1):
+        mesh = make_mesh(jax.devices()[:n])
+        make = functools.partial(init_train_state, model, cfg, opt)
+        sh = train_state_shardings(jax.eval_shape(make, first), mesh)
+        state = jax.jit(make, out_shardings=sh)(first)
+        fn = make_train_step(model, cfg, opt, mesh=mesh, state_sharding=sh, steps_per_call=3)
+        state, m = fn(state, to_global(host, batch_sharding(mesh, stacked=True)))
+        assert len(state.carry.latents.z_H.sharding.device_set) == n
+        out[n] = jax.device_get((state.params, state.carry.latents, m))
+        # The evaluator on the same mesh: rows split over n devices, results gathered back.
+        evaluator = Evaluator(model, EvalConfig(), mesh=mesh)
+        placed = evaluator.place_batch(batch)
+        assert len(placed["inputs"].sharding.device_set) == n
+        r = evaluator.evaluate_batch(state.params, placed, batch_key(0, 0), depth=2, breadth=2)
+        ev[n] = (r, evaluator.evaluate(state.params, [batch], depths=[2], breadths=[2]))
+    for a, b in zip(jax.tree_util.tree_leaves(out[8]), jax.tree_util.tree_leaves(out[1])):
+        np.testing.assert_allclose(np.asarray(a, np.float64), np.asarray(b, np.float64),
+                                   rtol=2e-4, atol=2e-5)
+    (r8, res8), (r1, res1) = ev[8], ev[1]
+    assert r8.exact.shape == (16, 2) and r8.mask.sum() == 13
+    np.testing.assert_array_equal(r8.mask, r1.mask)
+    np.testing.assert_array_equal(r8.steps, r1.steps)
+    np.testing.assert_allclose(r8.residual, r1.residual, rtol=2e-4, atol=2e-5)
+    m8, m1 = res8["settings"][0]["metrics"], res1["settings"][0]["metrics"]
+    assert m8["num_puzzles"] == m1["num_puzzles"] == 13
+    for k in ("all/accuracy", "all/final_residual", "all/exact_accuracy"):
+        assert abs(m8[k] - m1[k]) <= 1e-3 * max(1.0, abs(m1[k])), (k, m8[k], m1[k])
+    print("DP_OK")
+""")
+
+
+def test_data_parallel_8_devices_equals_1():
+    tests = str(Path(__file__).resolve().parent)
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+               JAX_PLATFORMS="cpu")
+    res = subprocess.run([sys.executable, "-c", _DP_SCRIPT.format(tests=tests)], env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert "DP_OK" in res.stdout, res.stdout[-3000:] + res.stderr[-3000:]

@@ -1,0 +1,125 @@
+"""Training loop: learning, the non-finite guard, and the training signals in TensorBoard.
+
+Exact resume and config refusal are in test_checkpoint.py (the runs are the session's
+`resume_runs`), data parallelism in test_sharding.py, the loss in test_losses.py.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import load_params, micro_run, read_tensorboard, train_loaders as _loaders
+from eqr_jax import optim
+from eqr_jax.checkpoint import Checkpointer
+from eqr_jax.data.arrays import ArrayTrainLoader, make_puzzles
+from eqr_jax.metrics import train_scalars
+from eqr_jax.model import EqRModel
+from eqr_jax.sharding import make_mesh
+from eqr_jax.training import (NonFiniteError, _cached_train_step, _compute_key,
+                              init_train_state, stack_batches, train)
+
+
+def test_tiny_model_learns():
+    """Loss falls and accuracy rises within a few dozen steps (the jitted step directly; the
+    config is the resume tests' one, so the compiled function is shared with them)."""
+    cfg = micro_run(max_steps=6)  # schedule: warm-up 2 steps, then constant (lr_min_ratio 1)
+    loader = ArrayTrainLoader(*make_puzzles(512, 0, blanks=(3, 6)), 16, 0)
+    fn = _cached_train_step(_compute_key(cfg), 6, 3, make_mesh())
+    opt, _ = optim.make_optimizer(cfg.train, 6)
+    state = init_train_state(EqRModel(cfg.model), cfg, opt, next(loader))
+    history = []
+    for _ in range(12):
+        batches = stack_batches([next(loader) for _ in range(3)])
+        state, sums = fn(state, {k: jnp.asarray(v) for k, v in batches.items()})
+        history.append(jax.device_get(sums))
+    window = lambda hs: train_scalars({k: sum(h[k] for h in hs) for k in hs[0]}, 16)
+    first, last = window(history[:3]), window(history[-3:])
+    assert last["train/lm_loss"] < 0.8 * first["train/lm_loss"], (first, last)
+    assert last["train/accuracy"] > first["train/accuracy"] + 0.1, (first, last)
+    assert int(state.step) == 36
+
+
+class _CorruptLabelsAt:
+    """A training loader whose ``at``-th batch (1-based) has out-of-vocabulary labels, so the
+    stablemax gather returns NaN there: a reproducible non-finite loss at that step."""
+
+    def __init__(self, inner, at: int):
+        self.inner, self.at, self.n = inner, at, 0
+        self.steps_per_epoch = inner.steps_per_epoch
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        b = next(self.inner)
+        self.n += 1
+        if self.n == self.at:
+            b = dict(b, labels=np.full_like(b["labels"], 99))
+        return b
+
+    def state(self):
+        return self.inner.state()
+
+    def restore(self, st):
+        self.inner.restore(st)
+
+
+def test_training_signals_in_tensorboard(resume_runs):
+    root, _, (r_full, _, _) = resume_runs
+    tb = read_tensorboard(root / "full")
+    for tag in ("train/q_halt_accuracy", "train/q_halt_precision", "train/q_halt_recall",
+                "train/min_steps", "train/max_steps", "train/steps", "train/zH_rms",
+                "train/zL_rms", "train/residual/act_step_02", "train/residual_mean",
+                "train/grad_norm", "train/lr", "train/total_loss"):
+        assert tag in tb and len(tb[tag]) == 2, tag          # logged at steps 3 and 6
+        assert all(np.isfinite(v) for _, v in tb[tag]), tag
+    assert [s for s, _ in tb["train/lr"]] == [3, 6]
+    # halt_max_steps 2: rows halt after 1 (q_halt > 0) or 2 steps; a histogram with two buckets.
+    hist = tb["train/steps_at_halt"]
+    assert [s for s, _ in hist] == [3, 6] and all(len(c) == 2 and sum(c) > 0 for _, c in hist)
+    assert 1 <= r_full["train/min_steps"] <= r_full["train/steps"] <= r_full["train/max_steps"] <= 2
+    assert 0 <= r_full["train/q_halt_precision"] <= 1 and 0 <= r_full["train/q_halt_recall"] <= 1
+    assert r_full["train/zH_rms"] > 0 and r_full["train/residual/act_step_02"] > 0
+
+
+def test_nonfinite_guard_stops_without_saving_and_resume_continues(resume_runs, tmp_path):
+    """A NaN loss at step 5 (inside the second jitted call of 3 steps) stops the run with an
+    error naming the step and the quantity; the step-3 checkpoint is the newest one, and
+    --resume from it reproduces the uninterrupted run exactly."""
+    root, _, _ = resume_runs
+    cfg = micro_run(str(tmp_path / "nan"), max_steps=6, checkpoint_every=3)
+    tr, ev = _loaders(cfg)
+    with pytest.raises(NonFiniteError, match=r"non-finite loss at step 5: .*"
+                                             r"newest checkpoint is step 3"):
+        train(cfg, (_CorruptLabelsAt(tr, 5), ev), progress=False, verbose=False)
+    ck = Checkpointer(tmp_path / "nan" / "checkpoints", read_only=True)
+    assert ck.all_steps() == [3]
+    ck.close()
+    _, r = train(cfg, _loaders(cfg), progress=False, verbose=False, resume=True)
+    assert (r["step"], r["steps_this_run"]) == (6, 3)
+    p_full, p_res = load_params(root / "full"), load_params(tmp_path / "nan")
+    for a, b in zip(jax.tree_util.tree_leaves(p_full), jax.tree_util.tree_leaves(p_res)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_guard_freezes_state_inside_the_call():
+    """A bad first step freezes the whole call: the good steps after it are not applied either,
+    and the state comes back exactly as it went in."""
+    cfg = micro_run(max_steps=6)
+    fn = _cached_train_step(_compute_key(cfg), 6, 3, make_mesh())  # shared with the tests above
+    opt, _ = optim.make_optimizer(cfg.train, 6)
+    loader = ArrayTrainLoader(*make_puzzles(64, 1), 16, 0)
+    good = [next(loader), next(loader)]
+    bad = dict(good[0], labels=np.full((16, 16), 99, np.int32))
+    state = init_train_state(EqRModel(cfg.model), cfg, opt, good[0])
+    before = jax.device_get(state)
+    state, m = fn(state, {k: jnp.asarray(v) for k, v in stack_batches([bad] + good).items()})
+    # the loss is NaN; the gradient stays finite (the gather's transpose drops the bad index)
+    assert int(m["nonfinite_step"]) == 1 and int(m["nonfinite_what"]) == 1
+    assert float(m["num_steps"]) == 0 and float(m["count"]) == 0
+    after = jax.device_get(state)
+    for a, b in zip(jax.tree_util.tree_leaves(before), jax.tree_util.tree_leaves(after)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
