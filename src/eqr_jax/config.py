@@ -147,8 +147,12 @@ class DataConfig:
         _check_choice("data.build_source", self.build_source, ("generate", "hub"))
         if self.global_batch_size < 1:
             raise ConfigError(f"data.global_batch_size must be >= 1, got {self.global_batch_size}")
-        if self.eval_batch_size < 0:
-            raise ConfigError(f"data.eval_batch_size must be >= 0, got {self.eval_batch_size}")
+        for name in ("eval_batch_size", "prefetch", "build_test", "build_num_aug"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"data.{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("build_size", "build_train"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"data.{name} must be >= 1, got {getattr(self, name)}")
 
     @property
     def eval_batch(self) -> int:
@@ -196,9 +200,21 @@ class TrainConfig:
     def __post_init__(self):
         _check_choice("train.grad_mode", self.grad_mode, modes.GRAD_MODES)
         _check_choice("train.optimizer", self.optimizer, ("adam_atan2", "adamw"))
-        for name in ("epochs", "max_steps", "epochs_per_iter"):
-            if getattr(self, name) < 0:
+        for name in ("epochs", "max_steps", "epochs_per_iter", "lr", "lr_warmup_steps",
+                     "weight_decay", "grad_clip_norm", "log_every", "eval_every",
+                     "checkpoint_every"):
+            if not getattr(self, name) >= 0:
                 raise ConfigError(f"train.{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("steps_per_call", "unroll_steps", "keep_checkpoints", "implicit_maxiter"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"train.{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("ema_rate", "beta1", "beta2"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ConfigError(f"train.{name} must be in [0, 1), got {getattr(self, name)}")
+        if not 0 <= self.lr_min_ratio <= 1:
+            raise ConfigError(f"train.lr_min_ratio must be in [0, 1], got {self.lr_min_ratio}")
+        if not self.implicit_tol > 0:
+            raise ConfigError(f"train.implicit_tol must be > 0, got {self.implicit_tol}")
 
 
 @dataclass(frozen=True)

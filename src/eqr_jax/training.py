@@ -18,6 +18,9 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import signal
+import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, NamedTuple
@@ -42,6 +45,69 @@ NONFINITE_QUANTITIES = {1: "loss", 2: "gradient norm"}
 
 class NonFiniteError(FloatingPointError):
     """Training produced a non-finite loss or gradient norm (the message names step and quantity)."""
+
+
+class Preempted(Exception):
+    """Training stopped at a preemption notice (SIGTERM) after every process saved a checkpoint
+    at ``step`` in ``directory``; ``--resume`` continues exactly (``eqr train`` exits with
+    status 75)."""
+
+    def __init__(self, step: int, directory):
+        super().__init__(f"preempted (SIGTERM): checkpoint saved at step {step} in {directory}; "
+                         "continue with --resume")
+        self.step, self.directory = int(step), directory
+
+
+class PreemptionWatch:
+    """Whether a preemption notice (SIGTERM) arrived, agreed by every process at one step
+    boundary.
+
+    In a multi-process run (`jax.distributed` initialised) JAX's preemption sync manager
+    receives SIGTERM on any process and `multihost_utils.reached_preemption_sync_point` turns
+    True on every process at the same boundary id (each process calls it at every boundary with
+    the same increasing ids; no per-step communication). With one process a SIGTERM handler sets
+    a flag. Use as ``watch.reached(boundary)``; ``close()`` restores the previous handler.
+    """
+
+    def __init__(self):
+        self.distributed = jax.distributed.is_initialized()
+        self._flag = False
+        self._previous = None
+        if not self.distributed and threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._on_sigterm)
+
+    def _on_sigterm(self, signum, frame) -> None:
+        self._flag = True
+
+    def reached(self, boundary: int) -> bool:
+        if not self.distributed:
+            return self._flag
+        from jax.experimental import multihost_utils
+
+        try:
+            return bool(multihost_utils.reached_preemption_sync_point(int(boundary)))
+        except RuntimeError as e:  # jax_enable_preemption_service off: no coordinated stop
+            if jax.process_index() == 0:
+                print(f"[eqr] warning: no preemption handling ({e})", file=sys.stderr,
+                      flush=True)
+            self.distributed, self._flag = False, False
+            self.reached = lambda boundary: False  # type: ignore[method-assign]
+            return False
+
+    def close(self) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+            self._previous = None
+
+
+def _check_local_rows(host: Mapping[str, np.ndarray], global_batch: int) -> None:
+    """The loader must feed this process's share of every global batch."""
+    rows, procs = int(host["inputs"].shape[1]), jax.process_count()
+    if rows * procs != global_batch:
+        raise config_lib.ConfigError(
+            f"the training loader yields {rows} rows per batch on each of {procs} process(es), "
+            f"but data.global_batch_size={global_batch} needs {global_batch // procs} per "
+            "process (give the loader process_index / process_count)")
 
 
 class TrainState(NamedTuple):
@@ -243,7 +309,8 @@ class _Log:
 
 
 def train(cfg: RunConfig, loaders: tuple[Any, Callable[[], Iterable]], mesh: Mesh | None = None,
-          *, resume: bool = False, stop_after: int | None = None, progress: bool = True,
+          *, resume: bool = False, resume_step: int | None = None,
+          stop_after: int | None = None, progress: bool = True,
           verbose: bool = True) -> tuple[TrainState, dict]:
     """Train ``cfg`` on ``loaders``; returns the final state and metrics.
 
@@ -254,7 +321,11 @@ def train(cfg: RunConfig, loaders: tuple[Any, Callable[[], Iterable]], mesh: Mes
         JSON ``state()`` / ``restore()``, and a zero-argument callable returning the evaluation
         batches (with ``mask``); see `eqr_jax.data.prepare.make_loaders`.
       mesh: device mesh (default: every device on the ``data`` axis).
-      resume: continue from the latest checkpoint in ``out_dir/checkpoints`` (exact resume).
+      resume: continue from the newest checkpoint in ``out_dir/checkpoints`` that restores
+        (exact resume; each one that does not is reported and skipped). Without any checkpoint
+        the run starts from step 0 with a warning, so one launch command serves the first start
+        and every restart.
+      resume_step: continue from this step's checkpoint (implies ``resume``; it must restore).
       stop_after: stop (and checkpoint) after this many optimiser steps in this invocation.
       progress: tqdm progress bar on the console.
       verbose: without a progress bar, print a line per log interval and the results table.
@@ -267,8 +338,15 @@ def train(cfg: RunConfig, loaders: tuple[Any, Callable[[], Iterable]], mesh: Mes
       NonFiniteError: a step's loss or gradient norm was not finite. Nothing from that step on
         is saved (the guard freezes the state inside the jitted call and every save checks it
         first), so ``resume=True`` continues from the last good checkpoint.
+      Preempted: SIGTERM arrived (preemption); every process saved a checkpoint at the same
+        step boundary first (`PreemptionWatch`), so ``resume=True`` continues exactly.
+      KeyboardInterrupt: Ctrl-C; with one process a checkpoint is saved first.
+      CheckpointError: ``out_dir`` holds checkpoints but neither ``resume`` nor ``resume_step``
+        was given, ``resume_step`` does not restore, or no checkpoint restores.
+      ConfigMismatchError: the checkpoint was written under another config.
+      ConfigError: the loader's batches do not fit ``data.global_batch_size`` and the processes.
     """
-    from eqr_jax.checkpoint import Checkpointer
+    from eqr_jax.checkpoint import CheckpointError, Checkpointer
     from eqr_jax.evaluation import Evaluator
 
     t_start = time.time()
@@ -277,9 +355,11 @@ def train(cfg: RunConfig, loaders: tuple[Any, Callable[[], Iterable]], mesh: Mes
     train_loader, eval_batches = loaders
     mesh = sharding_lib.make_mesh() if mesh is None else mesh
     sharding_lib.check_divisible(G, mesh, "data.global_batch_size")
+    if jax.process_count() > 1:  # evaluation rows must split over every process's devices
+        sharding_lib.check_divisible(cfg.data.eval_batch, mesh,
+                                     "data.eval_batch_size (0: data.global_batch_size)")
     out_dir.mkdir(parents=True, exist_ok=True)
-    if jax.process_index() == 0:
-        config_lib.save(cfg, str(out_dir / "config.json"))
+    resume = resume or resume_step is not None
     steps_per_epoch = int(getattr(train_loader, "steps_per_epoch", 1) or 1)
     total = total_steps(cfg, steps_per_epoch)
 
@@ -289,15 +369,32 @@ def train(cfg: RunConfig, loaders: tuple[Any, Callable[[], Iterable]], mesh: Mes
     abstract = jax.eval_shape(make_state, example_batch(cfg))
     shardings = sharding_lib.train_state_shardings(abstract, mesh)
     ckpt = Checkpointer(out_dir / "checkpoints", keep=tc.keep_checkpoints)
+    main = jax.process_index() == 0
     loader_state = None
-    if resume and ckpt.latest_step() is not None:
+    existing = ckpt.all_steps()
+    if resume and existing:
         target = jax.tree_util.tree_map(
             lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
-        state, loader_state, _ = ckpt.restore(target, cfg)
+        state, loader_state, _ = ckpt.restore(target, cfg, step=resume_step)
         train_loader.restore(loader_state)
-        print(f"[eqr] resumed from step {int(state.step)} in {ckpt.directory}", flush=True)
+        if main:
+            print(f"[eqr] resumed from step {int(jax.device_get(state.step))} in "
+                  f"{ckpt.directory}", flush=True)
     else:
+        if existing and not resume:
+            raise CheckpointError(
+                f"{out_dir} already holds checkpoints (steps {', '.join(map(str, existing))}): "
+                "pass --resume to continue that run, or choose another --out")
+        if resume_step is not None:
+            raise CheckpointError(f"no checkpoint at step {resume_step}: {ckpt.directory} is "
+                                  "empty")
+        if resume and main:
+            print(f"[eqr] warning: --resume: no checkpoint in {ckpt.directory} yet; starting "
+                  "from step 0", file=sys.stderr, flush=True)
         state = jax.jit(make_state, out_shardings=shardings)(example_batch(cfg))
+    # Written once the run is known to be this config's (a refused resume leaves it alone).
+    if main:
+        config_lib.save(cfg, str(out_dir / "config.json"))
     step = start_step = int(jax.device_get(state.step))
 
     step_fn = lambda n: _cached_train_step(_compute_key(cfg), total, n, mesh)
@@ -313,8 +410,10 @@ def train(cfg: RunConfig, loaders: tuple[Any, Callable[[], Iterable]], mesh: Mes
     pending = None  # (step, sums, wall time, steps, guard records) fetched after the next dispatch
     unchecked: list = []  # guard records (nonfinite_step, nonfinite_what) not yet in `pending`
     t_log, step_log = time.time(), step
-    last_saved = step if resume else -1
+    last_saved = step if step > 0 else -1
     limit = total if stop_after is None else min(total, step + int(stop_after))
+    preemption = PreemptionWatch()
+    checked_rows = False
 
     def raise_if_nonfinite(statuses):
         found = _first_nonfinite(statuses)
@@ -381,12 +480,16 @@ def train(cfg: RunConfig, loaders: tuple[Any, Callable[[], Iterable]], mesh: Mes
     def crossed(every: int, before: int, after: int) -> bool:
         return every > 0 and after // every > before // every
 
-    interrupted = False
+    interrupted = preempted = False
+    boundary = 0  # call boundaries passed in this invocation (the preemption sync point ids)
     try:
         try:
             while step < limit:
                 n = min(max(1, tc.steps_per_call), limit - step)
                 host = stack_batches([next(train_loader) for _ in range(n)])
+                if not checked_rows:
+                    _check_local_rows(host, G)
+                    checked_rows = True
                 loader_state = train_loader.state() if hasattr(train_loader, "state") else None
                 state, sums = step_fn(n)(state, sharding_lib.to_global(host, stacked))
                 unchecked.append((sums.pop("nonfinite_step"), sums.pop("nonfinite_what")))
@@ -404,17 +507,31 @@ def train(cfg: RunConfig, loaders: tuple[Any, Callable[[], Iterable]], mesh: Mes
                     run_eval(step)
                 if crossed(tc.checkpoint_every, before, step):
                     save(step, last_eval if eval_now else None)
+                boundary += 1
+                if step < limit and preemption.reached(boundary):
+                    preempted = True
+                    log.print(f"[eqr] preemption notice (SIGTERM): saving a checkpoint at step "
+                              f"{step} and stopping")
+                    break
             check_all()
         except KeyboardInterrupt:
             interrupted = True
-            log.print("[eqr] interrupted: saving a checkpoint before exiting")
+            if jax.process_count() > 1:
+                # A save is a collective the other processes are not entering: do not start one.
+                log.print(f"[eqr] interrupted: not saving (multi-process; send SIGTERM for a "
+                          f"coordinated save); the newest checkpoint is step {ckpt.latest_step()}")
+            else:
+                log.print("[eqr] interrupted: saving a checkpoint before exiting")
         log.close_bar()
-        finished = not interrupted and step >= total
+        finished = not (interrupted or preempted) and step >= total
         if finished and last_eval_step != step:
             run_eval(step)
-        if step > start_step and (step != last_saved or (finished and last_eval_step == step)):
+        may_save = not (interrupted and jax.process_count() > 1)
+        if may_save and step > start_step and (
+                step != last_saved or (finished and last_eval_step == step)):
             save(step, last_eval if last_eval_step == step else None)
     finally:
+        preemption.close()
         log.close()
         ckpt.close()
         if hasattr(train_loader, "close"):
@@ -426,6 +543,8 @@ def train(cfg: RunConfig, loaders: tuple[Any, Callable[[], Iterable]], mesh: Mes
         print(results_table(cfg, result), flush=True)
     if interrupted:
         raise KeyboardInterrupt
+    if preempted:
+        raise Preempted(step, ckpt.directory)
     return state, result
 
 

@@ -51,9 +51,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="puzzle drawn in the PCA plot (default: the most mixed one)")
     p.add_argument("--out", help="output directory")
     p.add_argument("--no-plots", action="store_true")
+    common.add_debug_option(p)
     return p
 
 
+@common.guarded(PROG)
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
     from eqr_jax.data.format import DataFormatError
@@ -106,8 +108,10 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         return common.fail(PROG, e)
     ratings, blanks = sudoku_difficulty(inputs, labels)
+    out = str(common.check_writable(out))
     print(f"[eqr analyze] {source}; {args.data}: {len(inputs)} puzzles x {opts.inits} inits, "
-          f"depth {opts.depth}, census at {list(opts.census_depths)}", flush=True)
+          f"depth {opts.depth}, census at {list(opts.census_depths)}; writing to {out}",
+          flush=True)
     res = analyze(model, params, inputs, labels, opts, ratings=ratings, blanks=blanks,
                   progress=True)
     res["source"], res["data"] = source, os.path.abspath(args.data)

@@ -5,13 +5,23 @@
 * `add_eval_options` / `eval_config_from_args`: the `EvalConfig` flags (halting rule, solver,
   noise, seed, ...), whose choices come from the `eqr_jax.modes` registry;
 * `add_config_options` / `config_from_args`: ``--preset`` plus ``section.key=value`` overrides;
-* `fail`: a user error as one line ``eqr <cmd>: message`` on stderr, and its exit status.
+* `fail`: a user error as one line ``eqr <cmd>: message`` on stderr, and its exit status;
+  `guarded`: the decorator every sub-command's ``main`` wears, mapping user errors to that
+  line and exit status 2 (tracebacks only for bugs, or with ``--debug``);
+* `add_distributed_options` / `init_distributed`: joining a multi-process run.
+
+Exit statuses of every ``eqr`` command: 0 success; 1 a failure of the run itself (non-finite
+loss, dataset hub unreachable); 2 bad input (options, config values, paths, permissions,
+mismatched or unreadable checkpoints or data); 75 preempted (SIGTERM) after saving a
+checkpoint, continue with ``--resume``; 130 interrupted (Ctrl-C).
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
+import logging
 import sys
 
 from eqr_jax import config as config_lib
@@ -20,11 +30,131 @@ from eqr_jax.config import EvalConfig, RunConfig
 from eqr_jax.pth import PthError
 
 
+# 75 is EX_TEMPFAIL of sysexits.h ("try again later"): what a scheduler should do after a
+# preemption.
+EXIT_FAILURE, EXIT_USAGE, EXIT_PREEMPTED, EXIT_INTERRUPTED = 1, 2, 75, 130
+
+# Exceptions that mean bad input, by (module, class): an exception can only be raised once its
+# module is imported, so they are looked up in sys.modules and nothing heavy is imported here.
+_USER_ERRORS = (("eqr_jax.config", "ConfigError"), ("eqr_jax.data.format", "DataFormatError"),
+                ("eqr_jax.checkpoint", "CheckpointError"), ("eqr_jax.pth.standins", "PthError"),
+                ("eqr_jax.interop", "CheckpointMismatchError"),
+                ("eqr_jax.data.importers", "ValidationError"), ("eqr_jax.solve", "PuzzleError"))
+# Failures of the run itself (one line, exit status 1).
+_RUN_FAILURES = (("eqr_jax.training", "NonFiniteError"),
+                 ("eqr_jax.data.importers", "HubUnavailableError"))
+
+
+def _classes(names) -> tuple[type, ...]:
+    return tuple(getattr(sys.modules[m], c) for m, c in names if m in sys.modules)
+
+
+def error_status(e: BaseException) -> int | None:
+    """The exit status for an exception that is not a bug (None: a bug, show the traceback)."""
+    preempted = _classes([("eqr_jax.training", "Preempted")])
+    if preempted and isinstance(e, preempted):
+        return EXIT_PREEMPTED
+    if isinstance(e, _classes(_RUN_FAILURES)):
+        return EXIT_FAILURE
+    if isinstance(e, _classes(_USER_ERRORS)):
+        return EXIT_USAGE
+    # Paths and permissions: a missing input, an unwritable --out, a full disk.
+    if isinstance(e, FileNotFoundError) or (isinstance(e, OSError) and e.filename is not None):
+        return EXIT_USAGE
+    return None
+
+
+def error_message(e: BaseException) -> str:
+    """The one line (or few, for the offline-build instructions) reported for ``e``."""
+    if isinstance(e, OSError) and e.filename is not None and e.strerror:
+        where = e.filename if e.filename2 is None else f"{e.filename} -> {e.filename2}"
+        return f"{e.strerror}: {where}"
+    text = str(e).strip() or type(e).__name__
+    return f"error: {text}" if error_status(e) == EXIT_FAILURE else text
+
+
 def fail(prog: str, message: str, status: int = 2) -> int:
     """Print ``prog: message`` (one line per line of ``message``) to stderr; return ``status``."""
     for line in str(message).splitlines() or [""]:
         print(f"{prog}: {line}", file=sys.stderr)
     return status
+
+
+def check_writable(path, flag: str = "--out"):
+    """Create directory ``path`` (with parents) and check a file can be written in it, before
+    any work is done. Returns it as an absolute `pathlib.Path`; raises `ConfigError` naming
+    ``flag`` and the reason."""
+    import os
+    import tempfile
+    from pathlib import Path
+
+    p = Path(path).absolute()
+    try:
+        p.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".eqr-write-check-", dir=p)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise config_lib.ConfigError(f"{flag} {path}: cannot write there "
+                                     f"({e.strerror or e})") from None
+    return p
+
+
+def add_debug_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--debug", action="store_true",
+                   help="show Python tracebacks and library log messages on errors")
+
+
+def guarded(prog: str):
+    """Decorator for a sub-command's ``main(argv)``: user errors (`error_status` 2) and the run's
+    own failures become ``prog: message`` on stderr and their exit status; Ctrl-C exits 130;
+    anything else is a bug and keeps its traceback. ``--debug`` in argv re-raises everything
+    and keeps library warnings (Orbax's, through absl) on stderr."""
+    def wrap(main):
+        @functools.wraps(main)
+        def run(argv: list[str] | None = None) -> int:
+            argv = sys.argv[1:] if argv is None else list(argv)
+            debug = "--debug" in argv
+            if not debug:
+                logging.getLogger("absl").setLevel(logging.ERROR)
+            try:
+                return int(main(argv) or 0)
+            except KeyboardInterrupt:
+                if debug:
+                    raise
+                print(f"{prog}: interrupted", file=sys.stderr)
+                return EXIT_INTERRUPTED
+            except Exception as e:
+                status = error_status(e)
+                if status is None or debug:
+                    raise
+                return fail(prog, error_message(e), status)
+        return run
+    return wrap
+
+
+# ----------------------------------------------------------------------------------------------
+# Several processes
+
+
+def add_distributed_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group(
+        "multi-process runs (docs/training.md, \"Several hosts\"); without them JAX detects "
+        "SLURM, Open MPI and TPU slices itself")
+    g.add_argument("--coordinator", metavar="HOST:PORT",
+                   help="process 0's address (default: $JAX_COORDINATOR_ADDRESS)")
+    g.add_argument("--num-processes", type=int, metavar="N",
+                   help="processes in the run (default: $JAX_NUM_PROCESSES)")
+    g.add_argument("--process-id", type=int, metavar="I",
+                   help="this process, 0..N-1 (default: $JAX_PROCESS_ID)")
+
+
+def init_distributed(args: argparse.Namespace) -> bool:
+    """Join the multi-process run the flags / environment describe (before JAX touches a
+    device); see `eqr_jax.sharding.initialize_distributed`."""
+    from eqr_jax.sharding import initialize_distributed
+
+    return initialize_distributed(args.coordinator, args.num_processes, args.process_id)
 
 
 def exact_accuracy_line(value: float) -> str:
@@ -46,9 +176,27 @@ def int_list(text: str) -> list[int]:
 # A run config from --preset and overrides
 
 
+OVERRIDES_HELP = (
+    "Overrides: any config key as section.key=value (sections: model, data, train, eval), e.g. "
+    "train.lr=3e-4 model.hidden_size=128 data.global_batch_size=256 eval.noise_scale=0.5; an "
+    "unknown key is an error. `--show-config` lists every key of the preset with its value.")
+
+
 def add_config_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", default="tiny", choices=sorted(config_lib.PRESETS))
-    p.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. train.lr=3e-4")
+    p.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. train.lr=3e-4 "
+                   "(see below)")
+    p.add_argument("--show-config", action="store_true",
+                   help="print every config key (section.key=value) after the overrides, exit")
+
+
+def config_lines(cfg: RunConfig) -> list[str]:
+    """``section.key=value`` for every key of ``cfg`` (what ``--show-config`` prints)."""
+    out = [f"preset={cfg.preset}"]
+    for section, values in config_lib.to_dict(cfg).items():
+        if isinstance(values, dict):
+            out += [f"{section}.{k}={v}" for k, v in values.items()]
+    return out
 
 
 def config_from_args(args: argparse.Namespace, **flags: str | None) -> RunConfig:
@@ -77,9 +225,11 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
 
 def load_errors() -> tuple[type[Exception], ...]:
     """What `load_model` raises for bad input (reported as ``eqr <cmd>: message``, status 2)."""
-    from eqr_jax.interop import CheckpointMismatchError  # imports JAX: only once it is needed
+    from eqr_jax.checkpoint import CheckpointError  # imports JAX: only once it is needed
+    from eqr_jax.interop import CheckpointMismatchError
 
-    return (FileNotFoundError, config_lib.ConfigError, PthError, CheckpointMismatchError)
+    return (FileNotFoundError, config_lib.ConfigError, PthError, CheckpointMismatchError,
+            CheckpointError)
 
 
 def load_model(args: argparse.Namespace):

@@ -29,9 +29,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vocab-size", type=int, help="the dataset's vocabulary size")
     p.add_argument("--overwrite", action="store_true",
                    help="replace an existing checkpoint in --out")
+    common.add_debug_option(p)
     return p
 
 
+@common.guarded("eqr convert")
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
     from eqr_jax.interop import convert_reference_checkpoint

@@ -65,11 +65,21 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--no-strict", action="store_true", help="resample lengths instead of failing")
     m.add_argument("--no-verify", action="store_true")
     m.add_argument("--no-progress", action="store_true")
+    for sp in (s, m):
+        common.add_debug_option(sp)
     return p
 
 
+@common.guarded("eqr data")
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    for name in ("train", "test", "num_aug"):
+        value = getattr(args, name)
+        least = 0 if name == "num_aug" else 1
+        if value is not None and value < least:
+            return common.fail("eqr data", f"--{name.replace('_', '-')} must be >= {least}, "
+                               f"got {value}")
+    print(f"[eqr data] writing to {args.out}", flush=True)
     try:
         if args.kind == "sudoku":
             src = args.source
@@ -98,9 +108,11 @@ def main(argv: list[str] | None = None) -> int:
                                max_grid_attempts=args.max_grid_attempts,
                                max_start_attempts=args.max_start_attempts, strict=not args.no_strict,
                                verify=not args.no_verify, progress=not args.no_progress)
-    except (ValidationError, FileNotFoundError, ValueError, RuntimeError) as e:
-        # user-facing: one clear message, not a traceback
-        return common.fail("eqr data", f"error: {e}", status=1)
+    except (ValidationError, FileNotFoundError, ValueError) as e:
+        # bad input (options, CSV rows, an output name): one clear line, not a traceback
+        return common.fail("eqr data", e)
+    except RuntimeError as e:  # the recipe cannot be met (e.g. too few distinct puzzles)
+        return common.fail("eqr data", f"error: {e}", status=common.EXIT_FAILURE)
     return 0
 
 

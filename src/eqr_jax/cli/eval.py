@@ -36,12 +36,14 @@ def run(model, params, batches: Iterable, eval_cfg: EvalConfig, depths: Sequence
     from eqr_jax.evaluation import Evaluator
     from eqr_jax.reporting import eval_report, write_results
 
+    import jax
+
     results = Evaluator(model, eval_cfg).evaluate(params, batches, depths=depths,
                                                   breadths=breadths, progress=progress)
     if not results["settings"]:
         raise ValueError("the evaluation data holds no batches")
     print(eval_report(results), flush=True)
-    if out_dir:
+    if out_dir and jax.process_index() == 0:  # every process holds the same gathered results
         for p in write_results(results, out_dir, plots):
             print(f"wrote {p}")
     print(common.exact_accuracy_line(results["settings"][-1]["metrics"]["all/exact_accuracy"]),
@@ -60,31 +62,44 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="output directory (default: <checkpoint>/eval)")
     p.add_argument("--no-plots", action="store_true")
     p.add_argument("--no-progress", action="store_true")
+    common.add_distributed_options(p)
+    common.add_debug_option(p)
     return p
 
 
+@common.guarded("eqr eval")
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
-    try:
-        cfg, model, params = common.load_model(args)
-        eval_cfg = common.eval_config_from_args(cfg.eval, args)
-    except common.load_errors() as e:
-        return common.fail("eqr eval", e)
+    for name in ("batch_size", "max_batches"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            return common.fail("eqr eval", f"--{name.replace('_', '-')} must be >= 1, got "
+                               f"{getattr(args, name)}")
+    common.init_distributed(args)
+    cfg, model, params = common.load_model(args)
+    eval_cfg = common.eval_config_from_args(cfg.eval, args)
     import jax
 
     from eqr_jax.data.loader import EvalLoader
+    from eqr_jax.data.prepare import check_split_fits_model
     from eqr_jax.evaluation import with_eval_noise
 
     data = args.data or cfg.data.path
     if not data or not os.path.isdir(data):
         return common.fail("eqr eval", f"dataset directory {data!r} not found (pass --data DIR)")
     bs = args.batch_size or cfg.data.eval_batch
+    if bs % jax.process_count():
+        return common.fail("eqr eval", f"--batch-size {bs} is not divisible by the "
+                           f"{jax.process_count()} processes")
     loader = EvalLoader(data, bs, process_index=jax.process_index(),
                         process_count=jax.process_count())
+    check_split_fits_model(loader.split.meta, cfg.model, f"{data}/test")
     depths = args.depth or [eval_cfg.depth_for(cfg.model.halt_max_steps)]
     breadths = args.breadth or [eval_cfg.breadth]
     out = args.out or (os.path.join(args.checkpoint, "eval") if args.checkpoint else
                        os.path.splitext(args.reference)[0] + "-eval")
+    if jax.process_index() == 0:
+        out = str(common.check_writable(out))
+        print(f"[eqr eval] writing to {out}", flush=True)
     noise = with_eval_noise(model, eval_cfg.noise_scale).cfg.noise_scale
     print(f"[eqr eval] {data}: batch {bs}, depths {depths}, breadths {breadths}, "
           f"halt={eval_cfg.halt}, solver={eval_cfg.solver}, noise={noise:g}, seed="

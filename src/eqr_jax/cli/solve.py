@@ -48,9 +48,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trajectory", help="render the first puzzle's predictions over steps: "
                    "a .gif, or .png for numbered frames")
     p.add_argument("--quiet", action="store_true", help="only the summary lines")
+    common.add_debug_option(p)
     return p
 
 
+@common.guarded(PROG)
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
     if (args.puzzle is None) == (args.puzzles is None):

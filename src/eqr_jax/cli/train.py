@@ -4,9 +4,10 @@
     eqr train --preset sudoku --dry-run             # the plan only: ... total_steps: 50000
     eqr train --preset sudoku --data DIR train.lr=3e-4 --resume
 
-Builds ``data.path`` from the preset's ``data.build_*`` recipe when it is missing
-(`eqr_jax.data.prepare`), checks it against the model, then runs `eqr_jax.training.train`. The
-last line is ``exact_accuracy: <fraction>``, the final evaluation's ``all/exact_accuracy``
+Builds ``data.path`` from the preset's ``data.build_*`` recipe when it is missing and it is the
+preset's own folder (or ``--build`` is given) (`eqr_jax.data.prepare`), checks both splits
+against the model, then runs `eqr_jax.training.train`. The last line is
+``exact_accuracy: <fraction>``, the final evaluation's ``all/exact_accuracy``
 (``eqr eval --checkpoint OUT --breadth 1`` reproduces it).
 """
 
@@ -20,54 +21,81 @@ from eqr_jax.cli import common
 
 PROG = "eqr train"
 
+EPILOG = common.OVERRIDES_HELP + """
+
+Exit status: 0 done; 1 the run failed (non-finite loss, hub unreachable); 2 bad input (options,
+config values, paths, data, checkpoints); 75 preempted by SIGTERM after saving a checkpoint at
+the next step boundary (run the same command with --resume); 130 Ctrl-C."""
+
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog=PROG, description="Train EqR (presets: " + ", ".join(config_lib.PRESETS) + ")")
+        prog=PROG, description="Train EqR (presets: " + ", ".join(config_lib.PRESETS) + ")",
+        epilog=EPILOG)
     common.add_config_options(p)
-    p.add_argument("--data", help="dataset directory (built with data.build_* if missing)")
+    p.add_argument("--data", help="dataset directory (default: the preset's data.path, built "
+                   "there from data.build_* when missing)")
+    p.add_argument("--build", action="store_true",
+                   help="build --data from the data.build_* recipe when it does not exist (the "
+                        "preset's own data folder is built without it)")
     p.add_argument("--out", help="run directory (config, TensorBoard logs, checkpoints)")
-    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from the newest checkpoint that restores (a damaged one is "
+                        "reported and skipped); with no checkpoint yet, start at step 0 with a "
+                        "warning")
+    p.add_argument("--resume-step", type=int, metavar="N",
+                   help="continue from the checkpoint of step N (implies --resume)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--dry-run", action="store_true",
                    help="print the plan (parameters, FLOPs, data, steps, schedule, devices) and "
                         "exit without building data, training or writing anything")
+    common.add_distributed_options(p)
+    common.add_debug_option(p)
     return p
 
 
+@common.guarded(PROG)
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
-    try:
-        cfg = common.config_from_args(args, **{"data.path": args.data,
-                                               "train.out_dir": args.out})
-    except config_lib.ConfigError as e:
-        return common.fail(PROG, e)
+    # Intermixed: overrides may come before or after options (`... train.lr=1e-3 --resume`).
+    args = build_parser().parse_intermixed_args(sys.argv[1:] if argv is None else argv)
+    cfg = common.config_from_args(args, **{"data.path": args.data, "train.out_dir": args.out})
+    if args.show_config:
+        print("\n".join(common.config_lines(cfg)))
+        return 0
+    if args.resume_step is not None and args.resume_step < 1:
+        raise config_lib.ConfigError(f"--resume-step must be >= 1, got {args.resume_step}")
+    common.init_distributed(args)
     import jax
 
     from eqr_jax.data import prepare
-    from eqr_jax.data.format import DataFormatError
-    from eqr_jax.data.importers import HubUnavailableError
-    from eqr_jax.sharding import maybe_initialize_distributed
-    from eqr_jax.training import NonFiniteError, train
+    from eqr_jax.training import Preempted, train
 
-    maybe_initialize_distributed()
+    data_exists = prepare.check_data_path(cfg, config_lib.preset(args.preset).data.path,
+                                          build=args.build)
+    if args.dry_run:
+        from eqr_jax.plan import format_plan, plan
+        print(format_plan(plan(cfg)), flush=True)
+        return 0
+    pi, pc = jax.process_index(), jax.process_count()
+    out = common.check_writable(cfg.train.out_dir, "--out")
+    if pi == 0:
+        print(f"[eqr train] writing to {out} (config.json, tb/, checkpoints/)"
+              + (f"; {pc} processes, {jax.device_count()} devices" if pc > 1 else ""),
+              flush=True)
+    if not data_exists:
+        prepare.ensure_dataset(cfg, progress=not args.no_progress, process_index=pi,
+                               process_count=pc)
+    splits = prepare.check_dataset(cfg, process_count=pc)
+    loaders = prepare.make_loaders(cfg, pi, pc, splits=splits)
     try:
-        if args.dry_run:
-            from eqr_jax.plan import format_plan, plan
-            print(format_plan(plan(cfg)), flush=True)
-            return 0
-        prepare.ensure_dataset(cfg, progress=not args.no_progress,
-                               process_index=jax.process_index())
-        prepare.check_matches_model(cfg)
-        loaders = prepare.make_loaders(cfg, jax.process_index(), jax.process_count())
-        _, result = train(cfg, loaders, resume=args.resume, progress=not args.no_progress)
+        _, result = train(cfg, loaders, resume=args.resume, resume_step=args.resume_step,
+                          progress=not args.no_progress)
     except KeyboardInterrupt:
         print("[eqr] stopped; resume with --resume", file=sys.stderr)
-        return 130
-    except config_lib.ConfigError as e:
-        return common.fail(PROG, e)
-    except (NonFiniteError, HubUnavailableError, DataFormatError) as e:
-        return common.fail(PROG, f"error: {e}", status=1)
+        return common.EXIT_INTERRUPTED
+    except Preempted as e:
+        print(f"[eqr] {e}", file=sys.stderr, flush=True)
+        return common.EXIT_PREEMPTED
     if "all/exact_accuracy" in result:
         print(common.exact_accuracy_line(result["all/exact_accuracy"]), flush=True)
     return 0

@@ -58,10 +58,17 @@ def make_puzzles(n: int, seed: int, blanks=(4, 9)) -> tuple[np.ndarray, np.ndarr
 class ArrayTrainLoader:
     """Infinite shuffled batches of (inputs, labels) (E, N) arrays with a JSON state (epoch,
     cursor), like `TrainLoader`: epoch e is the permutation drawn from ``(seed, e)``, the last
-    partial batch of an epoch is dropped."""
+    partial batch of an epoch is dropped. ``batch_size`` is the global batch; with several
+    processes each yields its contiguous slice (``process_index`` of ``process_count``)."""
 
-    def __init__(self, inputs, labels, batch_size: int, seed: int = 0):
+    def __init__(self, inputs, labels, batch_size: int, seed: int = 0, process_index: int = 0,
+                 process_count: int = 1):
+        if batch_size < 1 or batch_size % process_count:
+            raise ValueError(f"batch_size {batch_size} must be a positive multiple of "
+                             f"process_count {process_count}")
         self.inputs, self.labels, self.bs, self.seed = inputs, labels, batch_size, seed
+        local = batch_size // process_count
+        self._rows = slice(process_index * local, (process_index + 1) * local)
         self.steps_per_epoch = max(1, len(inputs) // batch_size)
         self.epoch, self.cursor = 0, 0
 
@@ -74,7 +81,7 @@ class ArrayTrainLoader:
     def __next__(self):
         if self.cursor >= self.steps_per_epoch:
             self.epoch, self.cursor = self.epoch + 1, 0
-        idx = self._perm()[self.cursor * self.bs:(self.cursor + 1) * self.bs]
+        idx = self._perm()[self.cursor * self.bs:(self.cursor + 1) * self.bs][self._rows]
         self.cursor += 1
         return {"inputs": self.inputs[idx], "labels": self.labels[idx],
                 "puzzle_identifiers": np.zeros(len(idx), np.int32)}

@@ -196,6 +196,9 @@ def load_split(root: str | os.PathLike, split_name: str, mmap: bool = False) -> 
         raise bad("puzzle_identifiers", f"expected shape ({P},), got {arrs['puzzle_identifiers'].shape}")
     if gi.ndim != 1 or len(gi) < 1 or gi[0] != 0 or gi[-1] != P or (np.diff(gi) < 0).any():
         raise bad("group_indices", f"must rise from 0 to {P}")
+    if meta.total_samples is not None and int(meta.total_samples) != x.shape[0]:
+        raise bad("inputs", f"holds {x.shape[0]} examples but dataset.json says total_samples "
+                            f"{meta.total_samples} (truncated or replaced?)")
     if meta.total_groups != len(gi) - 1:
         raise DataFormatError(f"{d / 'dataset.json'}: total_groups {meta.total_groups} but "
                               f"group_indices holds {len(gi) - 1}")

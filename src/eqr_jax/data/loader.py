@@ -225,7 +225,7 @@ class TrainLoader:
                       "rng_state": _to_json(rng.bit_generator.state)}
                 yielded = True
                 yield batch, copy.deepcopy(st)
-            if not yielded and not self._any_full_batch_possible():
+            if not yielded and not self.full_batch_possible():
                 raise RuntimeError(f"no full batch of {B} rows can be formed from {G} groups; "
                                    f"lower the global batch size")
             st = {"pass": st["pass"], "epoch": 0, "cursor": 0, "group_order": None, "rng_state": None}
@@ -238,8 +238,8 @@ class TrainLoader:
         del batch["mask"]
         return batch
 
-    def _any_full_batch_possible(self) -> bool:
-        # every group contributes at most one puzzle (all its examples, bounded by the batch)
+    def full_batch_possible(self) -> bool:
+        """Whether one global batch can be filled (each group gives at most one puzzle)."""
         sizes = self._pi[1:] - self._pi[:-1]
         best = np.array([sizes[self._gi[g]:self._gi[g + 1]].max(initial=0) for g in range(self.split.num_groups)])
         return int(best.sum()) >= self.global_batch_size

@@ -112,7 +112,14 @@ class Evaluator:
     # -- placement ----------------------------------------------------------------------------
     def place_params(self, params):
         """Parameters replicated over the mesh (a no-op when they already are)."""
-        return jax.device_put(params, sharding_lib.replicated(self.mesh))
+        repl = sharding_lib.replicated(self.mesh)
+        if jax.process_count() > 1:
+            # A process-local copy (e.g. loaded from a checkpoint on each process) goes through
+            # the host: every process holds the same values.
+            params = jax.tree_util.tree_map(
+                lambda x: np.asarray(x) if isinstance(x, jax.Array) and x.is_fully_addressable
+                else x, params)
+        return jax.device_put(params, repl)
 
     def place_batch(self, batch: Mapping[str, Any]) -> dict:
         """Process-local ``inputs``/``labels`` (B, N) and ``mask`` (B,) -> global arrays split

@@ -1,0 +1,176 @@
+"""Several processes, as on a TPU pod or a GPU cluster, on localhost: two `eqr train` processes x
+2 CPU devices (gloo collectives) train with checkpoints and evaluations inside the run; one of
+them receives SIGTERM mid-run, both save a checkpoint at the same step and exit 75; `--resume`
+(two processes again) finishes the run. Every logged loss and evaluation metric, and the final
+``exact_accuracy:`` of both processes, match one process x 4 devices.
+
+Every launch is a subprocess group with a hard timeout, killed on failure, so a hang fails the
+test instead of the CI job.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+
+import numpy as np
+import pytest
+
+from conftest import EVAL_MODEL_OVERRIDES, read_tensorboard, write_array_dataset
+from eqr_jax.data.arrays import make_puzzles
+
+TIMEOUT_S = 150  # per launch; a healthy one takes ~10-30 s on a 2-core CI box
+GRACE_S = 30  # for the other processes once one has exited
+
+# `eqr train` as the command line runs it; on the process given EQR_TEST_SIGTERM_AT, the
+# training loader sends SIGTERM to its own process when that batch is drawn, then draws slowly
+# so the preemption notice reaches every process while the run still has steps to go.
+_LAUNCH = textwrap.dedent("""
+    import os, signal, sys, time
+    at = int(os.environ.get("EQR_TEST_SIGTERM_AT", "0"))
+    if at:
+        from eqr_jax.data import prepare
+        make = prepare.make_loaders
+
+        class SigtermAt:
+            def __init__(self, inner):
+                self.inner, self.n = inner, 0
+            def __getattr__(self, name):
+                return getattr(self.inner, name)
+            def __iter__(self):
+                return self
+            def __next__(self):
+                self.n += 1
+                if self.n == at:
+                    os.kill(os.getpid(), signal.SIGTERM)
+                if self.n >= at:
+                    time.sleep(0.5)
+                return next(self.inner)
+
+        def patched(*a, **k):
+            train_loader, eval_factory = make(*a, **k)
+            return SigtermAt(train_loader), eval_factory
+        prepare.make_loaders = patched
+    from eqr_jax.cli import main
+    sys.exit(main(sys.argv[1:]))
+""")
+
+STEPS = 16
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _launch(args: list[str], processes: int, devices: int, tmp, *, flags: bool = False,
+            sigterm_at: dict[int, int] = {}) -> list[tuple[int, str]]:
+    """Run `eqr train ARGS` as ``processes`` processes x ``devices`` CPU devices; returns each
+    process's (exit status, output). The coordinator comes from the JAX_* environment, or from
+    the --coordinator/--num-processes/--process-id flags when ``flags``. Once one process has
+    exited the others get `GRACE_S` to follow (a peer that died leaves them waiting in a
+    collective); all are killed at `TIMEOUT_S`."""
+    port = _free_port()
+    procs, logs = [], []
+    for i in range(processes):
+        # Backend optimisation level 0 halves XLA's compile time, which dominates these short
+        # runs; every launch uses it, so the comparisons are like for like.
+        env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=(
+            f"--xla_force_host_platform_device_count={devices} "
+            "--xla_backend_optimization_level=0"))
+        for k in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID",
+                  "EQR_TEST_SIGTERM_AT"):
+            env.pop(k, None)
+        extra = []
+        if processes > 1 and flags:
+            extra = ["--coordinator", f"127.0.0.1:{port}", "--num-processes", str(processes),
+                     "--process-id", str(i)]
+        elif processes > 1:
+            env.update(JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
+                       JAX_NUM_PROCESSES=str(processes), JAX_PROCESS_ID=str(i))
+        if i in sigterm_at:
+            env["EQR_TEST_SIGTERM_AT"] = str(sigterm_at[i])
+        logs.append(tmp / f"launch-{port}-{i}.log")
+        with open(logs[-1], "w") as log:
+            procs.append(subprocess.Popen(
+                [sys.executable, "-c", _LAUNCH, "train", *args, *extra], env=env, text=True,
+                stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
+    deadline = time.monotonic() + TIMEOUT_S
+    try:
+        while any(p.poll() is None for p in procs) and time.monotonic() < deadline:
+            if any(p.poll() is not None for p in procs):
+                deadline = min(deadline, time.monotonic() + GRACE_S)
+            time.sleep(0.2)
+    finally:
+        hung = [i for i, p in enumerate(procs) if p.poll() is None]
+        for i in hung:  # a hang never outlives the test
+            os.killpg(procs[i].pid, signal.SIGKILL)
+            procs[i].wait()
+    outs = [f.read_text() for f in logs]
+    if hung:
+        tails = "\n".join(f"--- process {i} (exit {p.returncode}):\n{outs[i][-3000:]}"
+                          for i, p in enumerate(procs))
+        pytest.fail(f"{processes}-process launch: process(es) {hung} did not finish\n{tails}")
+    return [(p.returncode, out) for p, out in zip(procs, outs)]
+
+
+def _check(results, status: int):
+    for i, (rc, out) in enumerate(results):
+        assert rc == status, f"process {i} exited {rc}, expected {status}:\n{out[-4000:]}"
+
+
+def _final_accuracy(out: str) -> float:
+    line = out.strip().splitlines()[-1]
+    assert line.startswith("exact_accuracy: "), out[-2000:]
+    return float(line.split(": ")[1])
+
+
+def test_two_processes_with_preemption_and_resume_match_one_process(tmp_path):
+    data = write_array_dataset(tmp_path / "data", make_puzzles(256, 0, blanks=(2, 5)),
+                               make_puzzles(40, 1, blanks=(2, 5)))
+    common = ["--preset", "tiny", "--data", str(data), "--no-progress", *EVAL_MODEL_OVERRIDES,
+              "data.global_batch_size=16", "data.eval_batch_size=8", f"train.max_steps={STEPS}",
+              "train.steps_per_call=2", "train.log_every=2", "train.eval_every=8",
+              "train.checkpoint_every=8", "train.lr=3e-3", "train.lr_warmup_steps=2",
+              "eval.noise_scale=0.5"]
+    one, two = tmp_path / "one", tmp_path / "two"
+
+    (rc, out_one), = _launch([*common, "--out", str(one)], 1, 4, tmp_path)
+    assert rc == 0, out_one[-4000:]
+
+    # Process 1 alone is sent SIGTERM while drawing its 3rd batch (inside step 3).
+    preempted = _launch([*common, "--out", str(two)], 2, 2, tmp_path, sigterm_at={1: 3})
+    _check(preempted, 75)
+    saved = {int(m) for _, out in preempted
+             for m in re.findall(r"checkpoint saved at step (\d+)", out)}
+    assert len(saved) == 1, [out[-2000:] for _, out in preempted]  # the same step on both
+    step = saved.pop()
+    assert 2 <= step < STEPS
+    assert str(step) in os.listdir(two / "checkpoints")
+
+    resumed = _launch([*common, "--out", str(two), "--resume"], 2, 2, tmp_path, flags=True)
+    _check(resumed, 0)
+    assert f"resumed from step {step}" in resumed[0][1]
+    finals = [_final_accuracy(out) for _, out in resumed]
+    assert finals[0] == finals[1] == _final_accuracy(out_one)
+
+    # Every logged training loss and evaluation metric: same steps, same values up to the
+    # summation order of the cross-process reductions.
+    tb_one, tb_two = read_tensorboard(one), read_tensorboard(two)
+    logs, evals = list(range(2, STEPS + 1, 2)), [8, 16]
+    for tag, steps in (("train/total_loss", logs), ("train/lm_loss", logs),
+                       ("train/grad_norm", logs), ("train/accuracy", None),  # when rows halt
+                       ("all/exact_accuracy", evals), ("all/accuracy", evals),
+                       ("all/final_residual", evals)):
+        a, b = dict(tb_one[tag]), dict(tb_two[tag])
+        assert sorted(a) == sorted(b) and sorted(a) == (steps or sorted(a)), (tag, a, b)
+        np.testing.assert_allclose([b[s] for s in sorted(a)], [a[s] for s in sorted(a)],
+                                   rtol=1e-5, atol=1e-7, err_msg=tag)
+    assert dict(tb_one["all/accuracy"])[16] > 0
