@@ -90,3 +90,133 @@ def test_every_command_has_help(command, capsys):
         cli.main([command, "--help"])
     assert e.value.code == 0
     assert f"usage: eqr {command}" in capsys.readouterr().out
+
+
+# ----------------------------------------------------------------------------------------------
+# Preemption, and user errors as one line with exit status 2
+
+_TRAIN_MICRO = [*EVAL_MODEL_OVERRIDES, "data.global_batch_size=16", "train.max_steps=6",
+                "train.steps_per_call=3", "train.eval_every=3", "train.checkpoint_every=3",
+                "train.log_every=3", "train.lr=3e-3", "eval.noise_scale=0.5", "eval.seed=3"]
+
+
+def _micro_data(root):
+    return write_array_dataset(root, make_puzzles(256, 0, blanks=(2, 5)),
+                               make_puzzles(40, 1, blanks=(2, 5)))
+
+
+def test_train_sigterm_exits_75_and_resume_matches_an_uninterrupted_run(tmp_path, capsys,
+                                                                        monkeypatch):
+    """`eqr train` sent SIGTERM mid-run saves at the next step boundary and exits 75; the same
+    command with --resume ends with the uninterrupted run's evaluation, to the last bit (the
+    config of the test above: its compiled functions are reused)."""
+    from eqr_jax.data import prepare
+    from test_training import _SigtermAt
+
+    data = _micro_data(tmp_path / "data")
+    args = ["train", "--preset", "tiny", "--data", str(data), "--no-progress", *_TRAIN_MICRO]
+    assert cli.main([*args, "--out", str(tmp_path / "full")]) == 0
+    full = _last(capsys.readouterr().out)
+    make = prepare.make_loaders
+    monkeypatch.setattr(prepare, "make_loaders",
+                        lambda *a, **k: (lambda tr, ev: (_SigtermAt(tr, 2), ev))(*make(*a, **k)))
+    assert cli.main([*args, "--out", str(tmp_path / "pre")]) == 75
+    assert "preempted (SIGTERM): checkpoint saved at step 3" in capsys.readouterr().err
+    monkeypatch.setattr(prepare, "make_loaders", make)
+    assert cli.main([*args, "--out", str(tmp_path / "pre"), "--resume"]) == 0
+    text = capsys.readouterr().out
+    assert "resumed from step 3" in text and _last(text) == full
+    metrics = {}
+    for run in ("full", "pre"):
+        ck = Checkpointer(tmp_path / run / "checkpoints", read_only=True)
+        metrics[run] = ck.read_json(6, "meta")["metrics"]
+        ck.close()
+    assert metrics["pre"] == metrics["full"] and metrics["full"]["all/accuracy"] > 0
+
+
+def _one_line_error(capsys, command: str) -> str:
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith(f"eqr {command}: "), err[-3000:]
+    assert "Traceback" not in err
+    return lines[0]
+
+
+def test_train_user_errors_are_one_line_with_status_2(tmp_path, capsys, resume_runs):
+    """A mistyped --data, bad values, an unwritable --out, a truncated test split, data the
+    model does not fit, a run directory that already holds checkpoints and a resume under
+    another config: each one line naming what and where, exit status 2, before any training."""
+    data = _micro_data(tmp_path / "data")
+    base = ["train", "--preset", "tiny", "--no-progress", *_TRAIN_MICRO]
+    run = str(tmp_path / "run")
+    (tmp_path / "file").write_text("")
+    truncated = _micro_data(tmp_path / "truncated")
+    f = truncated / "test" / "all__inputs.npy"   # e.g. an interrupted copy
+    f.write_bytes(f.read_bytes()[:400])
+    board6 = write_array_dataset(tmp_path / "six", (np.ones((8, 36), np.uint8),) * 2,
+                                 (np.ones((4, 36), np.uint8),) * 2)
+    _, split, _ = resume_runs
+    trained = split.train.out_dir  # a run written by another config (the training tests')
+    probes = [
+        (["--data", str(tmp_path / "typo"), "--out", run], "does not exist; pass --build"),
+        (["--data", str(data), "--out", run, "data.global_batch_size=-4"],
+         "data.global_batch_size must be >= 1, got -4"),
+        (["--data", str(data), "--out", run, "train.lr=-1"], "train.lr must be >= 0"),
+        (["--data", str(data), "--out", str(tmp_path / "file" / "run")],
+         f"--out {tmp_path / 'file' / 'run'}: cannot write there"),
+        (["--data", str(truncated), "--out", run],
+         "truncated/test/all__inputs.npy: cannot read ("),
+        (["--data", str(board6), "--out", run], "model.seq_len=16 does not match the data"),
+        (["--data", str(data), "--out", trained], "already holds checkpoints (steps 3, 6)"),
+        (["--data", str(data), "--out", trained, "--resume"],
+         "was written with a different config ("),
+        (["--data", str(data), "--out", run, "--resume-step", "0"], "--resume-step must be >= 1"),
+    ]
+    for extra, expected in probes:
+        assert cli.main([*base, *extra]) == 2, extra
+        line = _one_line_error(capsys, "train")
+        assert expected in line, (extra, line)
+    assert not (tmp_path / "run" / "checkpoints").exists()
+    # --debug: the traceback instead
+    from eqr_jax.config import ConfigError
+    with pytest.raises(ConfigError, match="does not exist"):
+        cli.main([*base, "--data", str(tmp_path / "typo"), "--debug"])
+
+
+def test_eval_user_errors_are_one_line_with_status_2(tmp_path, capsys):
+    """`eqr eval` of a 4x4 model on 6x6 data, of a truncated checkpoint, with a bad batch size,
+    and `eqr data` with a bad count: one line, exit status 2."""
+    import shutil
+
+    from conftest import trained_checkpoint
+
+    run = tmp_path / "run"
+    shutil.copytree(trained_checkpoint(), run)
+    board6 = write_array_dataset(tmp_path / "six", (np.ones((8, 36), np.uint8),) * 2,
+                                 (np.ones((4, 36), np.uint8),) * 2)
+    assert cli.main(["eval", "--checkpoint", str(run), "--data", str(board6)]) == 2
+    assert "six/test holds 6x6 boards, seq_len 36, vocab 6, but the model takes 4x4 boards" \
+        in _one_line_error(capsys, "eval")
+    assert cli.main(["eval", "--checkpoint", str(run), "--batch-size", "-4"]) == 2
+    assert "--batch-size must be >= 1, got -4" in _one_line_error(capsys, "eval")
+    step = Checkpointer(run / "checkpoints", read_only=True).latest_step()
+    for f in (run / "checkpoints" / str(step)).rglob("*"):
+        if f.is_file() and f.parent.name == "d":
+            f.write_bytes(f.read_bytes()[:8])
+    assert cli.main(["eval", "--checkpoint", str(run), "--no-progress"]) == 2
+    assert f"checkpoint {run}/checkpoints/{step} does not restore (" in \
+        _one_line_error(capsys, "eval")
+    assert cli.main(["data", "sudoku", "--out", str(tmp_path / "d"), "--train", "0"]) == 2
+    assert "--train must be >= 1, got 0" in _one_line_error(capsys, "data")
+
+
+def test_train_help_lists_the_override_sections_and_show_config_the_keys(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["train", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "sections: model, data, train, eval" in text and "--show-config" in text
+    assert "75 preempted by SIGTERM" in text
+    assert cli.main(["train", "--preset", "tiny", "train.lr=3e-4", "--show-config"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert "train.lr=0.0003" in lines and "model.hidden_size=64" in lines
+    assert "data.path=data/sudoku4-tiny" in lines and "eval.noise_scale=None" in lines

@@ -69,7 +69,12 @@ def test_dry_run_without_data_plans_from_the_recipe(tmp_path, capsys):
     for preset, steps, cmd in (("sudoku", 50_000, "eqr data sudoku"),
                                ("maze", 100_000, "eqr data maze")):
         data = tmp_path / f"missing-{preset}"
+        # A --data that does not exist is a typo unless --build says to build it there.
         assert main(["--preset", preset, "--dry-run", "--data", str(data),
+                     "--out", str(tmp_path / "run")]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "does not exist; pass --build" in err
+        assert main(["--preset", preset, "--dry-run", "--data", str(data), "--build",
                      "--out", str(tmp_path / "run")]) == 0
         text = capsys.readouterr().out
         assert text.strip().splitlines()[-1] == f"total_steps: {steps}"

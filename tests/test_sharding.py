@@ -16,6 +16,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from eqr_jax import sharding
+from eqr_jax.config import ConfigError
 
 
 def test_mesh_and_shardings_on_this_process():
@@ -91,3 +92,42 @@ def test_data_parallel_8_devices_equals_1():
     res = subprocess.run([sys.executable, "-c", _DP_SCRIPT.format(tests=tests)], env=env,
                          capture_output=True, text=True, timeout=300)
     assert "DP_OK" in res.stdout, res.stdout[-3000:] + res.stderr[-3000:]
+
+
+def test_initialize_distributed_reads_flags_then_environment(monkeypatch):
+    """Flags override JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID, which are
+    passed to `jax.distributed.initialize` explicitly (its bare call does not read them), with
+    gloo collectives on CPU; without any setting nothing is initialised; malformed settings are
+    `ConfigError`s naming the setting."""
+    calls, updates = [], []
+    monkeypatch.setattr(jax.distributed, "initialize", lambda **kw: calls.append(kw))
+    monkeypatch.setattr(jax.distributed, "is_initialized", lambda: False)
+    monkeypatch.setattr(jax.config, "update", lambda k, v: updates.append((k, v)))
+    for var in (*sharding.DISTRIBUTED_ENV, "EQR_DISTRIBUTED", "SLURM_NTASKS",
+                "SLURM_STEP_NUM_TASKS", "OMPI_COMM_WORLD_SIZE", "TPU_WORKER_HOSTNAMES"):
+        monkeypatch.delenv(var, raising=False)
+    assert sharding.initialize_distributed() is False and calls == []
+    monkeypatch.setenv("JAX_COORDINATOR_ADDRESS", "10.0.0.1:1234")
+    monkeypatch.setenv("JAX_NUM_PROCESSES", "4")
+    monkeypatch.setenv("JAX_PROCESS_ID", "2")
+    assert sharding.initialize_distributed() is True
+    assert calls[-1] == {"coordinator_address": "10.0.0.1:1234", "num_processes": 4,
+                         "process_id": 2}
+    assert updates == [("jax_cpu_collectives_implementation", "gloo")]
+    assert sharding.initialize_distributed("h:9", 2, 1) is True
+    assert calls[-1] == {"coordinator_address": "h:9", "num_processes": 2, "process_id": 1}
+    for args, match in ((("h:9", 2, 2), r"--process-id 2 is outside 0\.\.1"),
+                        (("h", 2, 0), r"--coordinator 'h' must be HOST:PORT"),
+                        ((None, 0, None), r"--num-processes must be >= 1")):
+        with pytest.raises(ConfigError, match=match):
+            sharding.initialize_distributed(*args)
+    monkeypatch.setenv("JAX_NUM_PROCESSES", "two")
+    with pytest.raises(ConfigError, match="JAX_NUM_PROCESSES / JAX_PROCESS_ID must be integers"):
+        sharding.initialize_distributed()
+    # A cluster launcher JAX detects itself: the bare call.
+    for var in sharding.DISTRIBUTED_ENV:
+        monkeypatch.delenv(var)
+    monkeypatch.setenv("SLURM_NTASKS", "8")
+    monkeypatch.setenv("SLURM_PROCID", "3")
+    assert sharding.initialize_distributed() is True
+    assert calls[-1] == {"coordinator_address": None, "num_processes": None, "process_id": None}

@@ -123,3 +123,43 @@ def test_guard_freezes_state_inside_the_call():
     after = jax.device_get(state)
     for a, b in zip(jax.tree_util.tree_leaves(before), jax.tree_util.tree_leaves(after)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+class _SigtermAt(_CorruptLabelsAt):
+    """A training loader that sends SIGTERM to this process when its ``at``-th batch is drawn
+    (what a preemption does, at a reproducible point)."""
+
+    def __next__(self):
+        import os
+        import signal
+
+        self.n += 1
+        if self.n == self.at:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return next(self.inner)
+
+
+def test_sigterm_saves_at_the_next_step_boundary_and_resume_is_exact(resume_runs, tmp_path):
+    """SIGTERM while the 2nd batch is drawn (inside the first call of 3 steps): the run saves a
+    checkpoint at step 3, the next boundary, and raises `Preempted`; --resume ends bit for bit
+    where the uninterrupted run ended. The SIGTERM handler is the caller's again afterwards."""
+    import signal
+
+    from eqr_jax.training import Preempted
+
+    root, _, _ = resume_runs
+    cfg = micro_run(str(tmp_path / "pre"), max_steps=6)
+    before = signal.getsignal(signal.SIGTERM)
+    tr, ev = _loaders(cfg)
+    with pytest.raises(Preempted, match=r"checkpoint saved at step 3 in .*pre/checkpoints; "
+                                        r"continue with --resume") as e:
+        train(cfg, (_SigtermAt(tr, 2), ev), progress=False, verbose=False)
+    assert e.value.step == 3 and signal.getsignal(signal.SIGTERM) is before
+    ck = Checkpointer(tmp_path / "pre" / "checkpoints", read_only=True)
+    assert ck.all_steps() == [3]
+    ck.close()
+    _, r = train(cfg, _loaders(cfg), progress=False, verbose=False, resume=True)
+    assert (r["step"], r["steps_this_run"]) == (6, 3)
+    p_full, p_res = load_params(root / "full"), load_params(tmp_path / "pre")
+    for a, b in zip(jax.tree_util.tree_leaves(p_full), jax.tree_util.tree_leaves(p_res)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -94,6 +95,10 @@ def short_reason(e: BaseException, limit: int = 240) -> str:
     """One line for an exception: its type and the first line of its message, shortened
     (TensorStore errors run to pages)."""
     first = (str(e).strip().splitlines() or [""])[0]
+    first = re.sub(r"\s*\[tensorstore_spec.*", "", first)  # pages of JSON
+    parts = first.split(": ")
+    if len(parts) > 3 and "driver" in first:  # TensorStore nests every layer's message
+        first = ": ".join(parts[-2:])
     text = f"{type(e).__name__}: {first}" if first else type(e).__name__
     return text if len(text) <= limit else text[:limit - 3] + "..."
 

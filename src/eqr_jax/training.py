@@ -11,6 +11,10 @@ it takes its loaders (`eqr_jax.data.prepare.make_loaders` opens a dataset folder
 
 Each step's loss and gradient norm are checked on device: from the first non-finite one the call
 freezes the state, and the host raises `NonFiniteError` before anything after it is saved.
+A SIGTERM (preemption) stops the loop at the next call boundary, the same one on every process
+(`PreemptionWatch`), after a checkpoint; `train` then raises `Preempted`. With several
+processes every collective (the step, evaluation gathers, checkpoint saves and restores) is
+entered by all of them in the same order; only process 0 writes the single-writer files.
 """
 
 from __future__ import annotations

@@ -105,6 +105,19 @@ def add_debug_option(p: argparse.ArgumentParser) -> None:
                    help="show Python tracebacks and library log messages on errors")
 
 
+def _quiet_closed_loop(hook):
+    if getattr(hook, "_eqr_quiet", False):
+        return hook
+
+    def quiet(unraisable):
+        e = unraisable.exc_value
+        if not (isinstance(e, RuntimeError) and "Event loop is closed" in str(e)):
+            hook(unraisable)
+
+    quiet._eqr_quiet = True
+    return quiet
+
+
 def guarded(prog: str):
     """Decorator for a sub-command's ``main(argv)``: user errors (`error_status` 2) and the run's
     own failures become ``prog: message`` on stderr and their exit status; Ctrl-C exits 130;
@@ -117,6 +130,11 @@ def guarded(prog: str):
             debug = "--debug" in argv
             if not debug:
                 logging.getLogger("absl").setLevel(logging.ERROR)
+                # A failed TensorStore read (a damaged checkpoint) leaves its sibling reads'
+                # errors unretrieved and their callbacks hitting a closed event loop; the
+                # one-line report names the checkpoint already.
+                logging.getLogger("asyncio").setLevel(logging.CRITICAL)
+                sys.unraisablehook = _quiet_closed_loop(sys.unraisablehook)
             try:
                 return int(main(argv) or 0)
             except KeyboardInterrupt:

@@ -31,7 +31,9 @@ def check_generated_name(out) -> None:
     """Refuse to write generated puzzles under a ``sudoku-extreme`` name: that name means the
     real Sudoku-Extreme data (hub or CSV import), and results on the two are not comparable."""
     if "sudoku-extreme" in Path(out).name.lower():
-        raise ValueError(
+        from eqr_jax.config import ConfigError
+
+        raise ConfigError(
             f"{out}: generated puzzles are not Sudoku-Extreme; choose another folder name, or "
             f"import the real data with --source hub or --source csv DIR")
 

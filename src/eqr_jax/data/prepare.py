@@ -95,6 +95,7 @@ def _build_atomically(cfg: RunConfig, path: Path, progress: bool) -> None:
             shutil.rmtree(partial, ignore_errors=True)
         raise
     os.rename(partial, path)
+    print(f"[eqr] dataset complete: {path}", flush=True)
 
 
 def _build(cfg: RunConfig, out: Path, path: Path, progress: bool) -> None:
