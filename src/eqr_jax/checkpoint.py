@@ -31,7 +31,6 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 import jax
-import numpy as np
 import orbax.checkpoint as ocp
 
 from eqr_jax import config as config_lib
