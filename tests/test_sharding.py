@@ -40,7 +40,7 @@ _DP_SCRIPT = textwrap.dedent("""
     from eqr_jax import optim
     from eqr_jax.config import EvalConfig
     from eqr_jax.data.arrays import ArrayTrainLoader, eval_batches, make_puzzles
-    from eqr_jax.evaluation import Evaluator, batch_key
+    from eqr_jax.evaluation import Evaluator
     from eqr_jax.model import EqRModel
     from eqr_jax.sharding import batch_sharding, make_mesh, to_global, train_state_shardings
     from eqr_jax.training import init_train_state, make_train_step, stack_batches
@@ -66,7 +66,7 @@ _DP_SCRIPT = textwrap.dedent("""
         evaluator = Evaluator(model, EvalConfig(), mesh=mesh)
         placed = evaluator.place_batch(batch)
         assert len(placed["inputs"].sharding.device_set) == n
-        r = evaluator.evaluate_batch(state.params, placed, batch_key(0, 0), depth=2, breadth=2)
+        r = evaluator.evaluate_batch(state.params, placed, 0, depth=2, breadth=2)
         ev[n] = (r, evaluator.evaluate(state.params, [batch], depths=[2], breadths=[2]))
     for a, b in zip(jax.tree_util.tree_leaves(out[8]), jax.tree_util.tree_leaves(out[1])):
         np.testing.assert_allclose(np.asarray(a, np.float64), np.asarray(b, np.float64),
