@@ -392,7 +392,7 @@ def empty_pool(model: EqRModel, slots: int, window: int) -> Pool:
 
 def _stream_local(model: EqRModel, window: int, trace_points: int, params, pool: Pool, inputs,
                   labels, job_rows, job_copies, first_job, num_jobs, first_index, seed, depth,
-                  stop: Stopping, drain):
+                  stop: Stopping, drain, min_iterations):
     """One device's streaming loop (see `stream_jobs`); ``first_job``/``num_jobs`` are (1,)."""
     s_slots, q = pool.job.shape[0], job_rows.shape[0]
     o = q + s_slots
@@ -417,8 +417,8 @@ def _stream_local(model: EqRModel, window: int, trace_points: int, params, pool:
                 nxt + jnp.sum(take.astype(jnp.int32)))
 
     def cond(c):
-        pool, nxt = c[0], c[1]
-        return (nxt < num_jobs) | (drain & jnp.any(pool.job >= 0))
+        pool, nxt, it = c[0], c[1], c[5]
+        return (nxt < num_jobs) | ((drain | (it < min_iterations)) & jnp.any(pool.job >= 0))
 
     def body(c):
         pool, nxt, out, done, trace, it = c
@@ -453,8 +453,8 @@ def _stream_local(model: EqRModel, window: int, trace_points: int, params, pool:
 @functools.partial(jax.jit, static_argnames=("model", "mesh", "window", "trace_points"),
                    donate_argnames=("pool",))
 def stream_jobs(model: EqRModel, mesh, params, pool: Pool, inputs, labels, job_rows, job_copies,
-                first_job, num_jobs, first_index, seed, depth, stop: Stopping, drain, *,
-                window: int, trace_points: int) -> tuple[Pool, StreamOut]:
+                first_job, num_jobs, first_index, seed, depth, stop: Stopping, drain,
+                min_iterations=0, *, window: int, trace_points: int) -> tuple[Pool, StreamOut]:
     """Run a queue of jobs through a pool of slots; returns the pool and the finished jobs.
 
     Each device runs its own pool and its own share of the queue (`jax.shard_map` over the
@@ -472,7 +472,10 @@ def stream_jobs(model: EqRModel, mesh, params, pool: Pool, inputs, labels, job_r
         first queued job and how many of its Q entries are real.
       first_index: int32: the split index of ``inputs`` row 0 (for `job_keys`); seed: int32.
       depth: int32 (traced) step cap; stop: `Stopping`; drain: bool: run until every slot is
-        free, else return as soon as the queue is taken (running jobs stay in the pool).
+        free, else return as soon as the queue is taken (running jobs stay in the pool) and at
+        least ``min_iterations`` iterations ran (while any slot runs; int32, traced). A host
+        that refills the pool itself every K steps calls with a queue of at most the free
+        slots and ``min_iterations=K`` (benchmarks/streaming_eval.py compares the two).
     Returns:
       (pool, `StreamOut` with per-device leading axes concatenated: (D * (Q + S/D), ...)).
     """
@@ -484,11 +487,12 @@ def stream_jobs(model: EqRModel, mesh, params, pool: Pool, inputs, labels, job_r
     out_spec = (pool_spec, StreamOut(*([d] * 8), done=d, trace=ResidualTrace(d, d, d),
                                      iterations=d))
     mapped = jax.shard_map(fn, mesh=mesh, in_specs=(
-        P(), pool_spec, P(), P(), d, d, d, d, P(), P(), P(), P(), P()),
+        P(), pool_spec, P(), P(), d, d, d, d, P(), P(), P(), P(), P(), P()),
         out_specs=out_spec, check_vma=False)
     return mapped(params, pool, inputs, labels, job_rows, job_copies, first_job, num_jobs,
                   jnp.asarray(first_index, jnp.int32), jnp.asarray(seed, jnp.int32),
-                  jnp.asarray(depth, jnp.int32), stop, jnp.asarray(drain))
+                  jnp.asarray(depth, jnp.int32), stop, jnp.asarray(drain),
+                  jnp.asarray(min_iterations, jnp.int32))
 
 
 # ----------------------------------------------------------------------------------------------
