@@ -376,7 +376,9 @@ class StreamRunner:
         pool = core.empty_pool(self.ev.model, self.slots, int(c.convergence_window))
         self.pool = jax.device_put(pool, sharding_lib.batch_sharding(self.ev.mesh))
 
-    def _call(self, inputs, labels, rows, copies, first_index: int, drain: bool) -> None:
+    def _call(self, inputs, labels, rows, copies, first_index: int, drain: bool):
+        """Dispatch one `core.stream_jobs` call with the jobs (``rows``, ``copies``) of the
+        batch (``inputs``, ``labels``); returns the previous call's (not yet fetched) output."""
         d = self.devices
         q = len(rows)
         per = max(1, math.ceil(inputs.shape[0] * self.breadth / d))  # static per batch size
