@@ -51,6 +51,20 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def weights_digest(params) -> str:
+    """SHA-256 of every parameter array (path order), to recognise the weights of a run."""
+    import hashlib
+
+    import jax
+    import numpy as np
+
+    h = hashlib.sha256()
+    for path, leaf in jax.tree_util.tree_flatten_with_path(jax.device_get(params))[0]:
+        h.update(jax.tree_util.keystr(path).encode())
+        h.update(np.ascontiguousarray(leaf).tobytes())
+    return h.hexdigest()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
     from eqr_jax.config import ConfigError
@@ -81,6 +95,8 @@ def main(argv: list[str] | None = None) -> int:
     manifest = {"protocol": proto.name, "model": model_path,
                 "kind": "checkpoint" if args.checkpoint else "reference",
                 "step": args.step, "weights": "raw" if args.no_ema else "ema",
+                # The weights themselves: a checkpoint's "latest" step may move between runs.
+                "weights_sha256": weights_digest(params),
                 "data": os.path.abspath(args.data), "max_puzzles": args.max_puzzles,
                 "batch_size": args.batch_size, "chunk_puzzles": args.chunk,
                 **{f"eval.{k}": v for k, v in dataclasses.asdict(eval_cfg).items()}}
