@@ -47,25 +47,23 @@ def main(argv=None) -> int:
     labels = jax.ShapeDtypeStruct((args.batch, n), jnp.int32)
     mask = jax.ShapeDtypeStruct((args.batch,), jnp.bool_)
     ids = jnp.arange(args.breadth, dtype=jnp.int32)
-    key = jax.random.PRNGKey(0)
     depths = [int(d) for d in args.depths.split(",")]
     print(f"preset={args.preset} batch={args.batch} breadth={args.breadth} "
           f"backend={jax.default_backend()}")
 
     def loop_fn(depth):
         return jax.jit(lambda pr, x, y, m: core.evaluate_copies(
-            model, pr, x, y, m, key, ids, args.breadth, depth, core.stopping("convergence"),
+            model, pr, x, y, m, 0, 0, ids, args.breadth, depth, core.stopping("convergence"),
             window=3, trace_points=64))
 
     def scan_fn(depth):  # materialising baseline: all per-step logits kept
         def f(pr, x, y, m):
             xe = model.embed(pr, x)
-            init_keys, noise_keys = core.copy_keys(key, ids)
-            s0 = jax.vmap(lambda k: model.init_latents(k, x.shape[0]))(init_keys)
+            init_keys, noise_keys = core.batch_job_keys(0, 0, x.shape[0], ids)
+            s0 = core.init_rows(model, init_keys)
 
             def body(s, t):
-                s = jax.vmap(lambda z, k: model.step(pr, z, xe, jax.random.fold_in(k, t)))(
-                    s, noise_keys)
+                s = core.step_rows(model, pr, s, xe, core.fold_step(noise_keys, t))
                 return s, jax.vmap(lambda z: model.readout(pr, z).logits)(s)
 
             _, logits = jax.lax.scan(body, s0, jnp.arange(depth))

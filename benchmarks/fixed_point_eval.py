@@ -67,7 +67,6 @@ def main(argv=None) -> int:
     model = EqRModel(cfg.model)
     x, y = _puzzles(args.batch, args.data_seed)
     batch = {"inputs": x, "labels": y, "mask": np.ones(len(x), bool)}
-    key = jax.random.PRNGKey(0)
     unroll = Evaluator(model, EvalConfig())
     print(f"checkpoint={ckpt} batch={args.batch} backend={jax.default_backend()}")
     print(f"{'solver':<12} {'tol':>8} {'iters':>6} {'time_s':>8} {'residual_rms':>13} "
@@ -77,9 +76,9 @@ def main(argv=None) -> int:
         for solver in ("anderson", "fixed_point"):
             ev = Evaluator(model, dataclasses.replace(EvalConfig(), solver=solver,
                                                       convergence_tol=tol))
-            r, dt = timed(lambda: ev.evaluate_batch(params, batch, key, depth=args.maxiter))
+            r, dt = timed(lambda: ev.evaluate_batch(params, batch, 0, depth=args.maxiter))
             iters = int(r.steps.max())
-            u, du = timed(lambda: unroll.evaluate_batch(params, batch, key, depth=max(iters, 1)))
+            u, du = timed(lambda: unroll.evaluate_batch(params, batch, 0, depth=max(iters, 1)))
             print(f"{solver:<12} {tol:>8.0e} {iters:>6d} {dt:>8.3f} "
                   f"{float(np.sqrt(np.mean(r.residual ** 2)) / np.sqrt(numel)):>13.2e} "
                   f"{r.exact.mean():>9.4f} | {u.exact.mean():>21.4f} {du:>7.3f}")

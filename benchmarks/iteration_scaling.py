@@ -63,18 +63,19 @@ CPU_SLOW = {"maze"}
 
 
 def make_runner(model: EqRModel, breadth: int):
-    """jit(params, inputs, labels, mask, key, depth) -> `CopyResults` of ``depth`` steps.
+    """jit(params, inputs, labels, mask, seed, depth) -> `CopyResults` of ``depth`` steps.
 
     The evaluator's own program (`eqr_jax.evaluation.core.evaluate_copies`, fixed halting, its
     default window and residual record), so the numbers are those of ``eqr eval``; the depth is
-    traced. Copy ``i`` and step ``t`` draw their keys as every evaluation does (`copy_keys`).
+    traced. Job (puzzle, copy) and step ``t`` draw their keys as every evaluation does
+    (`core.job_keys`; ``seed`` is an int32 scalar).
     """
     ids = jnp.arange(breadth, dtype=jnp.int32)
     cfg = EvalConfig()
 
-    def run(params, inputs, labels, mask, key, depth):
-        return core.evaluate_copies(model, params, inputs, labels, mask, key, ids, breadth,
-                                    depth, core.stopping("fixed"),
+    def run(params, inputs, labels, mask, seed, depth):
+        return core.evaluate_copies(model, params, inputs, labels, mask, seed, jnp.int32(0), ids,
+                                    breadth, depth, core.stopping("fixed"),
                                     window=cfg.convergence_window,
                                     trace_points=cfg.trace_points)
 
@@ -115,7 +116,7 @@ def run_preset(name: str, dtype: str, sizes: dict, peak: dict, quick: bool, args
                                         cfg.vocab_size)
             mask = jnp.ones((batch,), bool)
             runner = make_runner(model, breadth)
-            call_args = (params, inputs, inputs, mask, jax.random.PRNGKey(3))
+            call_args = (params, inputs, inputs, mask, jnp.int32(3))
             t0 = time.perf_counter()
             compiled = runner.lower(*call_args, jnp.asarray(1, jnp.int32)).compile()
             mem = bm.memory_of(compiled)

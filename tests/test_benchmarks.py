@@ -167,3 +167,29 @@ def test_official_learning_curves_jax_half(tmp_path, capsys):
     assert run["windows"]["accuracy"][0] is None and 0 <= run["windows"]["accuracy"][1] <= 1
     assert png.stat().st_size > 10_000
     assert "final window loss" in capsys.readouterr().out
+
+
+def test_streaming_eval_smallest(tmp_path, capsys):
+    """The streaming benchmark on the tests' trained model: every mode gives the batched
+    per-job results, and the numbers it prints are consistent."""
+    from conftest import trained_checkpoint, write_array_dataset
+    from eqr_jax.data.arrays import make_puzzles
+
+    data = write_array_dataset(tmp_path / "d", make_puzzles(4, 0),
+                               make_puzzles(6, 1, blanks=(6, 10)))
+    res = _script("streaming_eval").main([
+        "--checkpoint", trained_checkpoint(), "--data", str(data), "--puzzles", "6",
+        "--batch", "4", "--breadth", "2", "--depth", "12", "--tol", "0.2",
+        "--host-refill", "3", "--repeats", "1", "--out", str(tmp_path / "se.json")])
+    rows = {r["mode"]: r for r in res["rows"]}
+    assert set(rows) == {"batched", "stream", "host-refill-3"}
+    useful = rows["batched"]["useful_puzzle_steps"]
+    for r in rows.values():
+        assert r["same_per_job_results"] and r["useful_puzzle_steps"] == useful
+        assert r["exact_accuracy"] == rows["batched"]["exact_accuracy"]
+        assert useful <= r["executed_puzzle_steps"] and r["wall_s"] > 0
+        assert r["puzzle_steps_ratio"] == pytest.approx(
+            rows["batched"]["executed_puzzle_steps"] / r["executed_puzzle_steps"])
+    assert rows["stream"]["executed_puzzle_steps"] < rows["batched"]["executed_puzzle_steps"]
+    out = capsys.readouterr().out
+    assert "streaming saves" in out and json.loads(Path(res["out"]).read_text())["rows"]

@@ -84,6 +84,19 @@ def test_eval_and_solve_report_bad_checkpoints(tmp_path, capsys):
     assert "exactly one of --checkpoint DIR or --reference" in capsys.readouterr().err
 
 
+def test_stream_options_belong_to_eqr_eval(capsys):
+    from conftest import trained_checkpoint
+
+    run = trained_checkpoint()
+    assert cli.main(["eval", "--checkpoint", run, "--slots", "4"]) == 2
+    assert "--slots applies to --stream" in capsys.readouterr().err
+    assert cli.main(["eval", "--checkpoint", run, "--stream", "--solver", "anderson"]) == 2
+    assert "eval.stream needs eval.solver='unroll'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # eqr solve evaluates single batches: no pool to stream
+        cli.main(["solve", "--checkpoint", run, "--stream", "1234123412341234"])
+    assert "unrecognized arguments: --stream" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("command", sorted(cli.COMMANDS))
 def test_every_command_has_help(command, capsys):
     with pytest.raises(SystemExit) as e:

@@ -214,3 +214,11 @@ def test_eval_loader_every_example_once_with_mask(tmp_path):
         joined = np.concatenate([halves[0][k]["inputs"], halves[1][k]["inputs"]])
         assert (joined == batches[k]["inputs"]).all()
         assert (np.concatenate([halves[0][k]["mask"], halves[1][k]["mask"]]) == batches[k]["mask"]).all()
+    # examples [5, 11): batches of 4 from example 5, the last padded
+    part = list(EvalLoader(tmp_path, 4, start=5, stop=11))
+    assert len(part) == 2 and EvalLoader(tmp_path, 4, start=5, stop=11).num_examples == 6
+    assert (np.concatenate([b["inputs"][b["mask"]] for b in part]) == tx[5:11]).all()
+    assert part[-1]["mask"].tolist() == [True, True, False, False]
+    assert list(EvalLoader(tmp_path, 4, start=13)) == []
+    with pytest.raises(ValueError, match=r"examples \[14, None\) outside the split's 13"):
+        EvalLoader(tmp_path, 4, start=14)

@@ -26,9 +26,9 @@ def _batch(inputs, labels, mask):
     return {"inputs": inputs, "labels": labels, "mask": mask}
 
 
-def _run(model, params, batch, key, depth, breadth, **cfg):
-    """`Evaluator.evaluate_batch` with `EvalConfig` fields ``cfg``."""
-    return Evaluator(model, EvalConfig(**cfg)).evaluate_batch(params, batch, key, depth=depth,
+def _run(model, params, batch, first, depth, breadth, **cfg):
+    """`Evaluator.evaluate_batch` (row 0 = puzzle ``first``) with `EvalConfig` fields ``cfg``."""
+    return Evaluator(model, EvalConfig(**cfg)).evaluate_batch(params, batch, first, depth=depth,
                                                               breadth=breadth)
 
 
@@ -100,7 +100,7 @@ def test_convergence_top_k_hand_values():
 def _mem(model, params, inputs, labels, mask, depth):
     ids = jnp.arange(2, dtype=jnp.int32)
     fn = jax.jit(lambda p: core.evaluate_copies(
-        model, p, inputs, labels, mask, jax.random.PRNGKey(0), ids, 2, depth,
+        model, p, inputs, labels, mask, 0, 0, ids, 2, depth,
         core.stopping("convergence"), window=3, trace_points=16))
     return fn.lower(params).compile().memory_analysis()
 
@@ -117,7 +117,7 @@ def test_memory_independent_of_depth(tiny):
 
 def test_q_halt_freezes_rows_and_stops_batch(tiny):
     model, params, inputs, labels, mask = tiny
-    key = jax.random.PRNGKey(7)
+    key = 7  # the batch's first puzzle index
     # Halting logit = z_H[token 0, channel 0]: rows halt at step 1 exactly when it is > 0.
     p = jax.tree_util.tree_map(lambda a: a, params)
     kernel = np.zeros(params["q_head"]["kernel"].shape, np.float32)
@@ -150,7 +150,7 @@ def test_q_halt_freezes_rows_and_stops_batch(tiny):
 
 def test_convergence_halting_window_and_padding(tiny):
     model, params, inputs, labels, mask = tiny
-    key = jax.random.PRNGKey(1)
+    key = 1
     batch = _batch(inputs, labels, mask)
     conv = dict(halt="convergence", convergence_tol=1e9, convergence_window=3)
     r = _run(model, params, batch, key, 50, 2, **conv)
@@ -172,7 +172,7 @@ def test_convergence_halting_window_and_padding(tiny):
 def test_anderson_solver_mode(tiny):
     model, params, inputs, labels, mask = tiny
     batch = _batch(inputs, labels, mask)
-    r = _run(model, params, batch, jax.random.PRNGKey(0), 5, 2, solver="anderson",
+    r = _run(model, params, batch, 0, 5, 2, solver="anderson",
              convergence_tol=1e-6)
     assert r.preds.shape == (6, 2, 16)
     assert np.all(r.steps[mask] <= 5) and np.all(r.steps[mask] >= 1)
@@ -183,7 +183,7 @@ def test_anderson_solver_mode(tiny):
 
 def test_eval_noise_scale(tiny):
     model, params, inputs, labels, mask = tiny
-    key = jax.random.PRNGKey(3)
+    key = 3
     # Breadth 2 at the model's own noise: the compilation the halting tests already made; noise 0
     # adds one more.
     batch = _batch(inputs, labels, mask)
@@ -197,7 +197,10 @@ def test_eval_noise_scale(tiny):
     np.testing.assert_array_equal(run(silent, CFG.noise_scale).residual, default.residual)
     # Noise 0 is the deterministic map: copy 0 from its initial latents, three noise-free steps.
     step = jax.jit(lambda s, x: model.step(params, s, x, None))
-    s = model.init_latents(jax.random.fold_in(jax.random.fold_in(key, 0), 0), inputs.shape[0])
+    b = inputs.shape[0]
+    init_keys, _ = ev.job_keys(0, key + jnp.arange(b), jnp.zeros(b, jnp.int32))
+    s = jax.vmap(lambda k: model.init_latents(k, 1))(init_keys)
+    s = jax.tree_util.tree_map(lambda a: a[:, 0], s)  # one draw per row from its own key
     x = model.embed(params, jnp.asarray(inputs))
     for _ in range(3):
         prev, s = s, step(s, x)
@@ -254,6 +257,70 @@ def test_eval_table_for_trained_model(trained, tmp_path, capsys):
     assert "depth" in (tmp_path / "results.csv").read_text().splitlines()[0]
 
 
+def _halting_params(params):
+    """``params`` with a halting head that reads z_H[token 0, channel 0]: rows halt by q_halt at
+    different steps."""
+    kernel = np.zeros(params["q_head"]["kernel"].shape, np.float32)
+    kernel[0, 0] = 1.0
+    return {**params, "q_head": {"kernel": jnp.asarray(kernel),
+                                 "bias": jnp.full((2,), -0.3, jnp.float32)}}
+
+
+def test_streaming_agrees_with_batched_job_for_job(trained):
+    """A pool of 5 slots (not a divisor of anything here) refilled as jobs halt gives every
+    (puzzle, copy) job the batched loop's prediction, steps and exactness, for rules that halt
+    rows at many different steps; the streaming pool executes fewer row-steps."""
+    from eqr_jax.evaluation.aggregate import SettingAccumulator
+
+    cfg, model, params = trained
+    batches, _, _ = eval_data(n=20, batch=8)  # 3 batches, the last with 4 padding rows
+    cases = (("convergence", params, dict(convergence_tol=0.2)),
+             ("q_halt", _halting_params(params), {}))
+    for halt, p, extra in cases:
+        base = EvalConfig(halt=halt, seed=4, **extra)
+        streaming = dataclasses.replace(base, stream=True, stream_slots=5)
+        batched = list(Evaluator(model, base).results(p, batches, depth=12, breadth=3))
+        acc = SettingAccumulator()
+        streamed = list(Evaluator(model, streaming).results(p, batches, depth=12, breadth=3,
+                                                            accumulator=acc))
+        assert [t for t, _ in streamed] == [t for t, _ in batched] == [0, 1, 2]
+        steps = []
+        for (_, a), (_, b) in zip(batched, streamed):
+            m = a.mask
+            np.testing.assert_array_equal(b.mask, m)
+            for name in ("preds", "steps", "exact", "n_correct"):
+                np.testing.assert_array_equal(getattr(b, name)[m], getattr(a, name)[m],
+                                              err_msg=f"{halt}: {name}")
+            for name in ("score", "residual", "q_halt"):
+                np.testing.assert_allclose(getattr(b, name)[m], getattr(a, name)[m],
+                                           rtol=1e-4, atol=1e-5, err_msg=f"{halt}: {name}")
+            steps.append(a.steps[m])
+        steps = np.concatenate(steps)
+        assert len(np.unique(steps)) >= 3, (halt, np.unique(steps))  # a mix of halting times
+        # Cost: every batched batch runs until its slowest row; the pool keeps slots busy.
+        executed = sum(a.executed for _, a in batched)
+        assert steps.sum() <= acc.executed < executed, (halt, steps.sum(), acc.executed, executed)
+        # The residual record is a function of the jobs' own steps: the same in both.
+        ref = SettingAccumulator()
+        for _, a in batched:
+            ref.add(a)
+        assert sorted(acc.trace) == sorted(ref.trace)
+        for t, (total, count) in ref.trace.items():
+            assert acc.trace[t][1] == count
+            assert acc.trace[t][0] == pytest.approx(total, rel=1e-4)
+    # The whole evaluation (`eqr eval --stream`): the same metrics but for the cost.
+    res = {s: Evaluator(model, dataclasses.replace(base, stream=s)).evaluate(
+        p, batches, depths=[12], breadths=[3])["settings"][0] for s in (False, True)}
+    cost = {"time_s", "halting/executed_row_steps", "halting/utilisation",
+            "halting/mean_batch_loop_steps"}
+    assert res[True]["stream"] and not res[False]["stream"]
+    for k, v in res[False]["metrics"].items():
+        if k not in cost:
+            assert res[True]["metrics"][k] == pytest.approx(v, rel=1e-4, abs=1e-6), k
+    assert res[True]["metrics"]["halting/utilisation"] > res[False]["metrics"][
+        "halting/utilisation"]
+
+
 # ---------------------------------------------------------------------------------------------
 # Keys, copies and trajectories: one rule
 
@@ -269,28 +336,36 @@ def test_halting_rules_registry():
 
 
 def test_copies_independent_reproducible_and_trajectory_follows_them(tiny):
-    """Copies start from different latents and stay apart, the same key gives the same result,
-    and `Evaluator.trajectory` follows exactly the evaluation's keys: its state after t steps is
-    what a fixed-depth evaluation at depth t reaches."""
+    """Copies start from different latents and stay apart, a job's keys depend only on (seed,
+    puzzle index, copy) (not on the row it sits in), and `Evaluator.trajectory` follows exactly
+    the evaluation's keys: its state after t steps is what a fixed-depth evaluation at depth t
+    reaches."""
     model, params, inputs, labels, mask = tiny
-    key = ev.batch_key(0, 5)
-    init_keys, _ = ev.copy_keys(key, jnp.arange(4))
-    states0 = jax.vmap(lambda k: model.init_latents(k, inputs.shape[0]))(init_keys)
-    assert states0.z_H.shape == (4, inputs.shape[0], CFG.seq_len, CFG.hidden_size)
+    b = inputs.shape[0]
+    init_keys, _ = ev.job_keys(0, jnp.broadcast_to(5 + jnp.arange(b), (4, b)),
+                               jnp.broadcast_to(jnp.arange(4)[:, None], (4, b)))
+    states0 = core.init_rows(model, init_keys)
+    assert states0.z_H.shape == (4, b, CFG.seq_len, CFG.hidden_size)
     assert not np.allclose(states0.z_H[0], states0.z_H[1])
+    assert not np.allclose(states0.z_H[0, 0], states0.z_H[0, 1])
     assert abs(float(states0.z_H.std()) - CFG.H_init_std) < 0.05
     evaluator = Evaluator(model, EvalConfig())
     latents = lambda p, z: z
-    states = evaluator.trajectory(params, inputs, key, depth=3, trace=latents, copies=[0, 1])
+    states = evaluator.trajectory(params, inputs, 5, depth=3, trace=latents, copies=[0, 1])
     traj = states.z_H
-    assert traj.shape == (2, 3, inputs.shape[0], CFG.seq_len, CFG.hidden_size)
+    assert traj.shape == (2, 3, b, CFG.seq_len, CFG.hidden_size)
     assert not np.allclose(traj[0, -1], traj[1, -1])
-    same = evaluator.trajectory(params, inputs, key, depth=3, trace=latents, copies=[0, 1])
-    np.testing.assert_array_equal(same.z_H, traj)  # same key, same result
+    same = evaluator.trajectory(params, inputs, 5, depth=3, trace=latents, copies=[0, 1])
+    np.testing.assert_array_equal(same.z_H, traj)  # same keys, same result
     # The evaluation's residual at depth 3 is the trajectory's last step change (breadth 2: the
     # halting tests' compiled program; chunking copies is checked there too).
-    r = evaluator.evaluate_batch(params, _batch(inputs, labels, np.ones(6, bool)), key, depth=3,
-                                 breadth=2)
+    full = _batch(inputs, labels, np.ones(6, bool))
+    r = evaluator.evaluate_batch(params, full, 5, depth=3, breadth=2)
+    # The same puzzles one row up (puzzle 6 now in row 0): the same per-job results.
+    shifted = _batch(np.roll(inputs, -1, 0), np.roll(labels, -1, 0), np.arange(6) < 5)
+    up = evaluator.evaluate_batch(params, shifted, 6, depth=3, breadth=2)
+    np.testing.assert_array_equal(up.preds[:5], r.preds[1:])
+    np.testing.assert_allclose(up.residual[:5], r.residual[1:], rtol=1e-5)
     want = np.sqrt(sum(np.sum(np.square(np.asarray(a[:, 2], np.float64)
                                         - np.asarray(a[:, 1], np.float64)), axis=(-2, -1))
                        for a in states))  # (copies, B)

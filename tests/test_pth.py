@@ -7,7 +7,6 @@ import io
 import json
 import os
 import pickle
-import struct
 import zipfile
 from pathlib import Path
 
@@ -17,6 +16,8 @@ import pytest
 
 from conftest import fixture_path, reference_step_jit
 from eqr_jax import interop, pth
+from torch_zip import dict_ as _dict, global_ as _global, str_ as _str, tensor as _tensor
+from torch_zip import torch_zip as _torch_zip, tuple_ as _tuple
 
 DATA = Path(__file__).resolve().parent / "data"
 TOL = dict(atol=2e-4, rtol=2e-4)
@@ -149,45 +150,7 @@ def test_not_a_checkpoint(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------
-# Hand-made pickles in torch's zip layout
-
-
-def _global(module: str, name: str) -> bytes:
-    return f"c{module}\n{name}\n".encode()
-
-
-def _str(text: str) -> bytes:
-    b = text.encode()
-    return b"X" + struct.pack("<I", len(b)) + b
-
-
-def _int(n: int) -> bytes:
-    return b"J" + struct.pack("<i", n)
-
-
-def _tuple(*items: bytes) -> bytes:
-    return b"(" + b"".join(items) + b"t"
-
-
-def _tensor(key: str, numel: int, offset: int, size, stride, storage="FloatStorage") -> bytes:
-    pid = _tuple(_str("storage"), _global("torch", storage), _str(key), _str("cpu"), _int(numel))
-    hooks = _global("collections", "OrderedDict") + b")R"
-    return (_global("torch._utils", "_rebuild_tensor_v2")
-            + _tuple(pid + b"Q", _int(offset), _tuple(*map(_int, size)),
-                     _tuple(*map(_int, stride)), b"\x89", hooks) + b"R")
-
-
-def _dict(**items: bytes) -> bytes:
-    return b"}(" + b"".join(_str(k) + v for k, v in items.items()) + b"u"
-
-
-def _torch_zip(path: Path, body: bytes, records: dict[str, bytes] | None = None) -> Path:
-    with zipfile.ZipFile(path, "w") as z:
-        z.writestr("archive/data.pkl", b"\x80\x02" + body + b".")
-        z.writestr("archive/byteorder", "little")
-        for key, data in (records or {}).items():
-            z.writestr(f"archive/data/{key}", data)
-    return path
+# Hand-made pickles in torch's zip layout (raw opcodes: tests/torch_zip.py)
 
 
 def test_crafted_views_offsets_and_strides(tmp_path):

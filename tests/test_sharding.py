@@ -1,6 +1,7 @@
 """Sharding: the mesh helpers, and data parallelism on 8 fake CPU devices: the same training steps
-and the same evaluation as on 1 device (one subprocess, training and evaluation sharing the
-`eqr_jax.sharding` helpers)."""
+and the same evaluation as on 1 device, and the streaming evaluator's per-device pools give the
+batched results (one subprocess, training and evaluation sharing the `eqr_jax.sharding`
+helpers)."""
 
 from __future__ import annotations
 
@@ -41,7 +42,7 @@ _DP_SCRIPT = textwrap.dedent("""
     from eqr_jax import optim
     from eqr_jax.config import EvalConfig
     from eqr_jax.data.arrays import ArrayTrainLoader, eval_batches, make_puzzles
-    from eqr_jax.evaluation import Evaluator, batch_key
+    from eqr_jax.evaluation import Evaluator
     from eqr_jax.model import EqRModel
     from eqr_jax.sharding import batch_sharding, make_mesh, to_global, train_state_shardings
     from eqr_jax.training import init_train_state, make_train_step, stack_batches
@@ -67,8 +68,16 @@ _DP_SCRIPT = textwrap.dedent("""
         evaluator = Evaluator(model, EvalConfig(), mesh=mesh)
         placed = evaluator.place_batch(batch)
         assert len(placed["inputs"].sharding.device_set) == n
-        r = evaluator.evaluate_batch(state.params, placed, batch_key(0, 0), depth=2, breadth=2)
+        r = evaluator.evaluate_batch(state.params, placed, 0, depth=2, breadth=2)
         ev[n] = (r, evaluator.evaluate(state.params, [batch], depths=[2], breadths=[2]))
+        if n == 8:  # streaming: one pool of 2 slots per device, each with its share of jobs
+            streamer = Evaluator(model, EvalConfig(stream=True, stream_slots=16), mesh=mesh)
+            (_, s8), = streamer.results(state.params, [batch], depth=2, breadth=2)
+    real = s8.mask
+    np.testing.assert_array_equal(s8.preds[real], ev[8][0].preds[real])
+    np.testing.assert_array_equal(s8.steps[real], ev[8][0].steps[real])
+    np.testing.assert_allclose(s8.residual[real], ev[8][0].residual[real], rtol=2e-4,
+                               atol=2e-5)
     for a, b in zip(jax.tree_util.tree_leaves(out[8]), jax.tree_util.tree_leaves(out[1])):
         np.testing.assert_allclose(np.asarray(a, np.float64), np.asarray(b, np.float64),
                                    rtol=2e-4, atol=2e-5)

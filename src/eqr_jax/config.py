@@ -246,6 +246,11 @@ class EvalConfig:
     # Std of the update noise at test time; None: the model's training value (model.noise_scale).
     # The paper evaluates Sudoku with 0.5 (trained with 0.01) and its Maze control with 0.1.
     noise_scale: float | None = None
+    # Streaming evaluation: a fixed pool of `stream_slots` rows on device (0: batch x breadth,
+    # at most max_rows); a row whose job (puzzle, copy) halts takes the next job at once instead
+    # of idling until its batch ends. Same per-job results as the batched loop.
+    stream: bool = False
+    stream_slots: int = 0
 
     def __post_init__(self):
         _check_choice("eval.halt", self.halt, modes.HALT_RULES)
@@ -255,6 +260,10 @@ class EvalConfig:
         for name in ("breadth", "trace_points"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"eval.{name} must be >= 1, got {getattr(self, name)}")
+        if self.stream_slots < 0:
+            raise ConfigError(f"eval.stream_slots must be >= 0, got {self.stream_slots}")
+        if self.stream and self.solver != "unroll":
+            raise ConfigError(f"eval.stream needs eval.solver='unroll', got {self.solver!r}")
         if self.depth < 0:
             raise ConfigError(f"eval.depth must be >= 1 (or 0 for model.halt_max_steps), got "
                               f"{self.depth}")

@@ -85,18 +85,19 @@ def solve_puzzles(evaluator, params, puzzles: Sequence[Puzzle], *, depth: int | 
     """Run ``evaluator`` (an `eqr_jax.evaluation.Evaluator`) on ``puzzles`` (all of the model's
     board size) and pick one copy each.
 
-    Batch ``i`` uses the evaluator's key of batch ``i``. ``select``: ``convergence`` (lowest
+    Puzzle ``i`` of ``puzzles`` is job index ``i`` of the evaluator's key rule (so the keys do
+    not depend on ``batch_size``). ``select``: ``convergence`` (lowest
     convergence score), ``majority`` (most frequent grid) or ``valid`` (first copy that is a
     valid solution, else the most converged one).
     """
-    from eqr_jax.evaluation import batch_key, majority_vote
+    from eqr_jax.evaluation import majority_vote
 
     n = puzzles[0].grid.shape[0]
     out: list[Solved] = []
     for bi, batch in enumerate(puzzle_batches(puzzles, batch_size)):
         chunk = puzzles[bi * batch_size:(bi + 1) * batch_size]
-        r = evaluator.evaluate_batch(params, batch, batch_key(evaluator.cfg.seed, bi),
-                                     depth=depth, breadth=breadth)
+        r = evaluator.evaluate_batch(params, batch, bi * batch_size, depth=depth,
+                                     breadth=breadth)
         mv = majority_vote(r.preds, batch["labels"]) if select == "majority" else None
         for i, p in enumerate(chunk):
             cand = grid_from_tokens(r.preds[i], n)  # (breadth, n, n)
@@ -119,20 +120,17 @@ def trajectory(evaluator, params, puzzles: Sequence[Puzzle], *, depth: int, batc
                copy: int = 0, max_frames: int = 60) -> tuple[list[int], list[np.ndarray]]:
     """Predicted grids of the first puzzle's copy ``copy`` after each of ``depth`` steps.
 
-    The first batch is built and keyed as in `solve_puzzles`, so this is the trajectory that
-    solving it followed (with fixed halting). Returns (steps, grids), subsampled to at most
+    The first puzzle is keyed as in `solve_puzzles`, so this is the trajectory that solving it
+    followed (with fixed halting). Returns (steps, grids), subsampled to at most
     ``max_frames`` log-spaced steps.
     """
     import jax.numpy as jnp
-
-    from eqr_jax.evaluation import batch_key
 
     n = puzzles[0].grid.shape[0]
     batch = next(puzzle_batches(puzzles, batch_size))
     row0 = lambda params, z: jnp.argmax(
         evaluator.model.readout(params, z).logits[0], -1).astype(jnp.int32)
-    preds = np.asarray(evaluator.trajectory(params, batch["inputs"],
-                                            batch_key(evaluator.cfg.seed, 0), depth=depth,
+    preds = np.asarray(evaluator.trajectory(params, batch["inputs"], 0, depth=depth,
                                             trace=row0, copies=[copy]))[0]  # (depth, N)
     steps = np.unique(np.round(np.geomspace(1, depth, min(depth, max_frames))).astype(int))
     return steps.tolist(), [grid_from_tokens(preds[t - 1], n) for t in steps]

@@ -1,8 +1,8 @@
 """The whole landscape analysis of one model on a set of puzzles: numbers, plots, summary.
 
 `analyze` runs `trace.trace_trajectories` batch by batch through an `Evaluator` of the model
-(puzzle batch ``i`` uses the evaluator's key `batch_key(seed, i)`, so the trajectories are those
-``eqr eval --halt fixed`` scores with the same seed and batch size) and returns one JSON-ready
+(puzzle ``i`` draws the evaluator's keys of puzzle ``i``, so the trajectories are those
+``eqr eval --halt fixed`` scores with the same seed) and returns one JSON-ready
 dict; `eqr_jax.analysis.plots.save_landscape_plots` draws every figure from that dict alone, and
 `summary_lines` condenses it for the terminal. What each number means is documented in
 ``docs/analysis.md``.
@@ -23,7 +23,7 @@ from eqr_jax.analysis import landscape as L
 from eqr_jax.analysis.stability import float32_model, jacobian_spectral_radius
 from eqr_jax.analysis.trace import Trajectories, trace_trajectories
 from eqr_jax.config import EvalConfig
-from eqr_jax.evaluation import Evaluator, batch_key, convergence_top_k, majority_vote
+from eqr_jax.evaluation import Evaluator, convergence_top_k, majority_vote
 from eqr_jax.losses import IGNORE_LABEL
 from eqr_jax.model import EqRModel, LatentState
 
@@ -195,17 +195,20 @@ def analyze(model: EqRModel, params, inputs, labels, opts: AnalysisOptions = Ana
         xi = np.zeros((bs, n_tok), np.int32)
         yi = np.full((bs, n_tok), IGNORE_LABEL, np.int32)
         xi[:nb], yi[:nb] = inputs[start:start + nb], labels[start:start + nb]
-        return start, nb, xi, yi, batch_key(opts.seed, bi)
+        return start, nb, xi, yi
 
+    # The Krylov iterations' random start vectors (not the trajectories' keys).
+    radius_key = lambda bi: jax.random.fold_in(jax.random.fold_in(
+        jax.random.PRNGKey(opts.seed), bi), 2)
     per_step = {name: [] for name in ("residual", "logit_change", "q_halt", "exact")}
     final_preds, census = [], []
     radius = {"radius": [], "eig": [], "res": [], "puzzle": [], "copy": []}
     for bi in range(math.ceil(p / bs)):
-        start, nb, xi, yi, key = batch(bi)
+        start, nb, xi, yi = batch(bi)
         t0 = time.perf_counter()
         # Row 0's path is recorded and dropped: the PCA re-run below then reuses this
         # compilation with another (traced) row.
-        tr = trace_trajectories(evaluator, params, xi, yi, key, copies=k, depth=d,
+        tr = trace_trajectories(evaluator, params, xi, yi, start, copies=k, depth=d,
                                 snapshots=snaps, path_row=0, path_points=opts.path_points)
         t1 = time.perf_counter()
         for name in per_step:
@@ -220,7 +223,7 @@ def analyze(model: EqRModel, params, inputs, labels, opts: AnalysisOptions = Ana
         x = np.broadcast_to(x[None], (rc,) + x.shape).reshape((rc * nb,) + x.shape[1:])
         # One chunk size for every batch (the last, partial one is padded): one compilation.
         rad, lam, res = _radius_rows(model, params, fin, x, min(opts.radius_rows, rc * bs),
-                                     opts.krylov, opts.restarts, jax.random.fold_in(key, 2))
+                                     opts.krylov, opts.restarts, radius_key(bi))
         radius["radius"].append(rad)
         radius["eig"].append(lam)
         radius["res"].append(res)
@@ -319,7 +322,7 @@ def analyze(model: EqRModel, params, inputs, labels, opts: AnalysisOptions = Ana
     else:
         diff["note"] = "no difficulty ratings (not a Sudoku dataset): only blanks are used"
 
-    # -- PCA: re-run the chosen puzzle's batch (same key: the same trajectories) with its path --
+    # -- PCA: re-run the chosen puzzle's batch (same keys: the same trajectories) with its path --
     t0 = time.perf_counter()
     pz = opts.pca_puzzle
     if pz < 0:
@@ -328,8 +331,8 @@ def analyze(model: EqRModel, params, inputs, labels, opts: AnalysisOptions = Ana
         pz = int(min(range(p), key=lambda i: (-min(census[i][-1]["solution_basin"],
                                                    1 - census[i][-1]["solution_basin"]),
                                               -census[i][-1]["n_attractors"], i)))
-    start, nb, xi, yi, key = batch(pz // bs)
-    tr = trace_trajectories(evaluator, params, xi, yi, key, copies=k, depth=d, snapshots=snaps,
+    start, nb, xi, yi = batch(pz // bs)
+    tr = trace_trajectories(evaluator, params, xi, yi, start, copies=k, depth=d, snapshots=snaps,
                             path_row=pz - start, path_points=opts.path_points)
     # The random initial latents are far from everything else and would take the first
     # component: the projection is fitted on steps >= 1 and drawn from step 1 on.

@@ -1,9 +1,9 @@
 """Per-step records of many initialisations per puzzle: the trace the landscape analysis reads.
 
 `trace_trajectories` runs ``copies`` random initialisations of every puzzle in a batch for
-``depth`` steps of an `Evaluator`'s model (its test-time noise, its keys: copy ``c`` of batch key
-``key`` exactly as `Evaluator.evaluate_batch` draws it, so the trajectories are the ones
-``eqr eval --halt fixed`` scores) and records per step and row the latent residual, the logit
+``depth`` steps of an `Evaluator`'s model (its test-time noise, its keys: copy ``c`` of puzzle
+``first_index + r`` exactly as `Evaluator.evaluate_batch` draws it, so the trajectories are the
+ones ``eqr eval --halt fixed`` scores) and records per step and row the latent residual, the logit
 change, the halting logit and whether the decoded grid is right, plus the full state at a few
 *snapshot* depths and, for one puzzle, a subsampled latent path. The evaluation loop keeps O(1)
 memory in depth and so cannot give these per-step series; the quantities are computed by the
@@ -65,12 +65,12 @@ def _row_flat(state: LatentState, row) -> jax.Array:
 
 
 @functools.partial(jax.jit, static_argnames=("model", "depth", "snapshots", "path_stride"))
-def _trace_core(model: EqRModel, params, inputs, labels, key, copy_ids, path_row, *, depth: int,
-                snapshots: tuple[int, ...], path_stride: int):
+def _trace_core(model: EqRModel, params, inputs, labels, seed, first_index, copy_ids, path_row,
+                *, depth: int, snapshots: tuple[int, ...], path_stride: int):
     c, b = copy_ids.shape[0], inputs.shape[0]
     x = model.embed(params, inputs)
-    init_keys, noise_keys = core.copy_keys(key, copy_ids)
-    state0 = jax.vmap(lambda k: model.init_latents(k, b))(init_keys)
+    init_keys, noise_keys = core.batch_job_keys(seed, first_index, b, copy_ids)
+    state0 = core.init_rows(model, init_keys)
     readout = jax.vmap(lambda s: model.readout(params, s))
     logits0 = readout(state0).logits
     snap_at = jnp.asarray(snapshots, jnp.int32)
@@ -86,8 +86,7 @@ def _trace_core(model: EqRModel, params, inputs, labels, key, copy_ids, path_row
     def body(carry, t):
         state, logits, snaps, spreds, path = carry
         # With noise_scale 0 the update adds no noise whatever the key: the noise-free map.
-        keys = jax.vmap(lambda kk: jax.random.fold_in(kk, t))(noise_keys)
-        new = jax.vmap(lambda s, kk: model.step(params, s, x, kk))(state, keys)
+        new = core.step_rows(model, params, state, x, core.fold_step(noise_keys, t))
         ro = readout(new)
         res = core.latent_residual(new, state)
         dl = core.logit_change(ro.logits, logits)
@@ -111,7 +110,7 @@ def _trace_core(model: EqRModel, params, inputs, labels, key, copy_ids, path_row
                 path=path)
 
 
-def trace_trajectories(evaluator, params, inputs, labels, key: jax.Array, *, copies: int,
+def trace_trajectories(evaluator, params, inputs, labels, first_index: int = 0, *, copies: int,
                        depth: int, snapshots: Sequence[int] | None = None,
                        path_row: int | None = None, path_points: int = 128) -> Trajectories:
     """Run ``copies`` initialisations of each puzzle for ``depth`` steps, recording every step.
@@ -120,9 +119,10 @@ def trace_trajectories(evaluator, params, inputs, labels, key: jax.Array, *, cop
       evaluator: an `eqr_jax.evaluation.Evaluator`: its model with its test-time noise
         (``EvalConfig(noise_scale=0.0)`` runs the noise-free map); params: the parameters.
       inputs, labels: (B, N) token ids; labels use `IGNORE_LABEL` for unsupervised tokens.
-      key: the batch key (`eqr_jax.evaluation.batch_key`); copies draw their initial latents and
-        noise with `eqr_jax.evaluation.copy_keys`, as `Evaluator.evaluate_batch` does, so its
-        ``halt="fixed"`` results are these.
+      first_index: the split index of row 0: copy ``c`` of row ``r`` draws its initial latents
+        and noise from `eqr_jax.evaluation.job_keys` of (``first_index + r``, ``c``) with the
+        evaluator's seed, as `Evaluator.evaluate_batch` does, so its ``halt="fixed"`` results
+        are these.
       copies: initialisations per puzzle.
       depth: steps (static: one compilation per depth).
       snapshots: increasing depths in [1, depth] at which full states are kept (default: depth).
@@ -150,7 +150,8 @@ def trace_trajectories(evaluator, params, inputs, labels, key: jax.Array, *, cop
         if not 0 <= int(path_row) < inputs.shape[0]:
             raise ValueError(f"path_row {path_row} outside the batch of {inputs.shape[0]}")
         stride = max(1, math.ceil(depth / max(int(path_points), 1)))
-    out = jax.device_get(_trace_core(evaluator.model, params, inputs, labels, key,
+    out = jax.device_get(_trace_core(evaluator.model, params, inputs, labels,
+                                     jnp.int32(evaluator.cfg.seed), jnp.int32(first_index),
                                      jnp.arange(copies, dtype=jnp.int32),
                                      jnp.int32(path_row or 0), depth=depth, snapshots=snaps,
                                      path_stride=stride))

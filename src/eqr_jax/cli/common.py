@@ -284,8 +284,9 @@ def load_model(args: argparse.Namespace):
 
 
 def add_eval_options(p: argparse.ArgumentParser, depth_help: str, breadth_help: str,
-                     depth_type=int_list, breadth_type=int_list) -> None:
-    """The `EvalConfig` flags of ``eqr eval`` and ``eqr solve`` (default: the checkpoint's)."""
+                     depth_type=int_list, breadth_type=int_list, streaming: bool = False) -> None:
+    """The `EvalConfig` flags of ``eqr eval`` and ``eqr solve`` (default: the checkpoint's);
+    ``streaming`` adds ``--stream`` / ``--slots`` (commands that evaluate whole datasets)."""
     p.add_argument("--noise", type=float, help="update-noise std at test time (default: the "
                    "model's training value; the paper uses 0.5 for Sudoku, 0.1 for Maze)")
     p.add_argument("--depth", type=depth_type, help=depth_help)
@@ -301,6 +302,14 @@ def add_eval_options(p: argparse.ArgumentParser, depth_help: str, breadth_help: 
     p.add_argument("--top-k", type=int, help="convergence top-k selection (0: off)")
     p.add_argument("--max-rows", type=int, help="rows (copies x puzzles) per compiled call")
     p.add_argument("--seed", type=int)
+    if not streaming:
+        return
+    p.add_argument("--stream", action="store_true", default=None,
+                   help="streaming evaluation: a pool of slots on device; a (puzzle, copy) job "
+                   "that halts hands its slot to the next job (same results, less idle work "
+                   "with q_halt / convergence halting)")
+    p.add_argument("--slots", type=int, help="with --stream: slots in the pool (default: batch "
+                   "x breadth, at most --max-rows)")
 
 
 def eval_config_from_args(base: EvalConfig, args: argparse.Namespace) -> EvalConfig:
@@ -308,5 +317,8 @@ def eval_config_from_args(base: EvalConfig, args: argparse.Namespace) -> EvalCon
     upd = {"halt": args.halt, "solver": args.solver, "convergence_tol": args.tol,
            "convergence_window": args.window, "convergence_metric": args.convergence_metric,
            "convergence_top_k": args.top_k, "max_rows": args.max_rows, "seed": args.seed,
-           "max_batches": getattr(args, "max_batches", None), "noise_scale": args.noise}
+           "max_batches": getattr(args, "max_batches", None), "noise_scale": args.noise,
+           "stream": getattr(args, "stream", None), "stream_slots": getattr(args, "slots", None)}
+    if upd["stream_slots"] is not None and not (upd["stream"] or base.stream):
+        raise config_lib.ConfigError("--slots applies to --stream")
     return dataclasses.replace(base, **{k: v for k, v in upd.items() if v is not None})

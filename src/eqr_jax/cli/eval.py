@@ -3,13 +3,16 @@
     eqr eval --checkpoint runs/tiny --data data/sudoku4-tiny --depth 4,16,64 --breadth 1,8
     eqr eval --checkpoint runs/sudoku --depth 16,64,256 --breadth 1,8,64 --halt convergence
     eqr eval --reference eqr.pth --data data/sudoku-extreme-1k-aug-1000 --depth 64 --noise 0.5
+    eqr eval --checkpoint runs/sudoku --depth 1024 --halt convergence --stream
 
 Prints a depth x breadth table of exact accuracy (and of majority vote, convergence top-k,
 any-correct and mean steps used), writes ``results.json`` and ``results.csv`` and, unless
 ``--no-plots``, ``accuracy_vs_depth.png``, ``residual_vs_step.png`` and ``steps_histogram.png``
 into ``--out`` (default ``<checkpoint>/eval``, or ``<reference>-eval`` beside a ``.pth``).
 ``--reference`` runs an official PyTorch checkpoint directly (read safely, without torch; see
-``eqr convert`` to convert it once). Batches are split over all devices.
+``eqr convert`` to convert it once). Batches are split over all devices. ``--stream`` runs a
+pool of slots that hands a halted job's slot to the next (puzzle, copy) job at once (the same
+per-job results; less idle work when rows halt at different steps).
 
 It is the evaluator training runs: with the checkpoint's own settings (no flags, or
 ``--breadth 1``) it reproduces the ``all/exact_accuracy`` training logged for that step. The
@@ -55,7 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="eqr eval", description=__doc__.split("\n\n")[0])
     common.add_model_options(p)
     common.add_eval_options(p, "depths, e.g. 16,64,256 (default: the config's eval.depth)",
-                            "breadths, e.g. 1,8,64 (default: the config's eval.breadth)")
+                            "breadths, e.g. 1,8,64 (default: the config's eval.breadth)",
+                            streaming=True)
     p.add_argument("--data", help="dataset directory (default: the checkpoint's data.path)")
     p.add_argument("--batch-size", type=int, help="puzzles per batch (default: eval batch size)")
     p.add_argument("--max-batches", type=int, help="evaluate only the first N batches")
@@ -103,7 +107,8 @@ def main(argv: list[str] | None = None) -> int:
     noise = with_eval_noise(model, eval_cfg.noise_scale).cfg.noise_scale
     print(f"[eqr eval] {data}: batch {bs}, depths {depths}, breadths {breadths}, "
           f"halt={eval_cfg.halt}, solver={eval_cfg.solver}, noise={noise:g}, seed="
-          f"{eval_cfg.seed}, {jax.device_count()} device(s)", flush=True)
+          f"{eval_cfg.seed}{', streaming' if eval_cfg.stream else ''}, "
+          f"{jax.device_count()} device(s)", flush=True)
     try:
         run(model, params, loader, eval_cfg, depths, breadths, out, plots=not args.no_plots,
             progress=not args.no_progress)

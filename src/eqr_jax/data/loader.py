@@ -305,11 +305,13 @@ class EvalLoader:
 
     Each process gets its contiguous slice of every global batch (``batch_size`` must be a
     multiple of ``process_count``).  Rows past the end are padding: inputs 0, labels -100,
-    puzzle_identifiers 0, ``mask`` False.  ``len()`` is the number of batches.
+    puzzle_identifiers 0, ``mask`` False.  ``len()`` is the number of batches. ``start`` /
+    ``stop`` restrict it to examples ``[start, stop)`` (a resumed or shortened evaluation;
+    batch ``i`` then starts at example ``start + i * batch_size``).
     """
 
     def __init__(self, root_or_split, batch_size: int, process_index: int = 0, process_count: int = 1,
-                 split_name: str = "test"):
+                 split_name: str = "test", start: int = 0, stop: int | None = None):
         if batch_size <= 0 or batch_size % process_count:
             raise ValueError(f"batch_size {batch_size} must be a positive multiple of process_count "
                              f"{process_count}")
@@ -317,20 +319,25 @@ class EvalLoader:
         self.batch_size = int(batch_size)
         self.local_batch_size = self.batch_size // process_count
         self.process_index, self.process_count = int(process_index), int(process_count)
+        total = self.split.num_examples
+        self.start, self.stop = int(start), total if stop is None else min(int(stop), total)
+        if not 0 <= self.start <= self.stop:
+            raise ValueError(f"examples [{start}, {stop}) outside the split's {total}")
         # example -> puzzle id (every example belongs to one puzzle)
         pi = np.asarray(self.split.puzzle_indices, np.int64)
         self._puzzle_of = np.repeat(np.arange(len(pi) - 1), np.diff(pi))
 
     @property
     def num_examples(self) -> int:
-        return self.split.num_examples
+        """Examples this loader yields (``stop - start``)."""
+        return self.stop - self.start
 
     def __len__(self) -> int:
         return math.ceil(self.num_examples / self.batch_size)
 
     def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
-        E = self.num_examples
-        for start in range(0, E, self.batch_size):
+        E = self.stop
+        for start in range(self.start, E, self.batch_size):
             lo = min(E, start + self.process_index * self.local_batch_size)
             hi = min(E, start + (self.process_index + 1) * self.local_batch_size)
             rows = np.arange(lo, hi)

@@ -2,8 +2,9 @@
 
 * `Evaluator` / `evaluate` (:mod:`.evaluator`): the one evaluation API, used by training, the
   CLIs, the ablation and the benchmarks;
-* :mod:`.core`: the jitted while loop (memory independent of depth), the jaxopt solver variant
-  and the key-derivation rule;
+* :mod:`.core`: the jitted batched while loop (memory independent of depth), the streaming
+  loop (a pool of slots refilled from a job queue on device), the jaxopt solver variant and the
+  key-derivation rule (`job_keys`: from the puzzle's index in the split and the copy);
 * :mod:`.aggregate`: pass@k, majority vote, convergence top-k and the per-setting metrics.
 
 See docs/evaluation.md for the definitions.
@@ -12,11 +13,11 @@ See docs/evaluation.md for the definitions.
 from eqr_jax.evaluation.aggregate import (MajorityVote, any_correct, avg_pass_rate,
                                           convergence_top_k, majority_vote, pass_at_k,
                                           pass_at_k_table, summarize_setting)
-from eqr_jax.evaluation.core import batch_key, copy_keys
-from eqr_jax.evaluation.evaluator import (BatchResult, Evaluator, copies_per_call, evaluate,
-                                          with_eval_noise)
+from eqr_jax.evaluation.core import job_keys
+from eqr_jax.evaluation.evaluator import (BatchedRunner, BatchResult, Evaluator, StreamRunner,
+                                          copies_per_call, evaluate, with_eval_noise)
 
 __all__ = ["Evaluator", "evaluate", "BatchResult", "with_eval_noise", "copies_per_call",
-           "batch_key", "copy_keys", "pass_at_k", "pass_at_k_table", "any_correct",
+           "BatchedRunner", "StreamRunner", "job_keys", "pass_at_k", "pass_at_k_table", "any_correct",
            "avg_pass_rate", "majority_vote", "MajorityVote", "convergence_top_k",
            "summarize_setting"]

@@ -121,7 +121,7 @@ def convergence_top_k(scores, exact, k: int) -> dict[str, float]:
 
 class SettingAccumulator:
     """One (depth, breadth) setting's per-puzzle results, accumulated over batches (real rows
-    only), with the residual record and the time spent."""
+    only), with the residual record, the row-steps the loops executed and the time spent."""
 
     def __init__(self):
         self.parts: dict[str, list] = {}
@@ -129,8 +129,9 @@ class SettingAccumulator:
         self.votes: list[np.ndarray] = []
         self.seconds = 0.0
         self.loop_steps: list[int] = []
+        self.executed = 0
 
-    def add(self, r, seconds: float) -> None:
+    def add(self, r, seconds: float = 0.0) -> None:
         """Add a host `eqr_jax.evaluation.BatchResult` (its ``mask`` selects the real rows)."""
         keep = np.asarray(r.mask, bool)
         for name in ("n_correct", "exact", "steps", "score", "residual", "q_halt"):
@@ -139,13 +140,19 @@ class SettingAccumulator:
         if r.exact.shape[1] > 1:
             mv = majority_vote(r.preds[keep], r.labels[keep])
             self.votes.append(np.stack([mv.exact, mv.n_correct, mv.n_valid], axis=1))
-        for s, tot, cnt in zip(r.trace_steps, r.trace_sum, r.trace_count):
+        self.add_trace(r.trace_steps, r.trace_sum, r.trace_count)
+        self.seconds += seconds
+        if r.loop_steps >= 0:  # -1: streamed
+            self.loop_steps.append(r.loop_steps)
+        self.executed += int(r.executed)
+
+    def add_trace(self, steps, sums, counts) -> None:
+        """Add a residual record (slots with step 0 are unused)."""
+        for s, tot, cnt in zip(steps, sums, counts):
             if s > 0:
                 e = self.trace.setdefault(int(s), [0.0, 0])
                 e[0] += float(tot)
                 e[1] += int(cnt)
-        self.seconds += seconds
-        self.loop_steps.append(r.loop_steps)
 
     def get(self, name: str) -> np.ndarray:
         return np.concatenate(self.parts[name], axis=0)
@@ -175,9 +182,12 @@ def summarize_setting(acc: SettingAccumulator, depth: int, breadth: int,
         "halting/mean_steps": mean(steps),
         "halting/halted_early": mean(steps < depth),
         "halting/compute_saved": float(1.0 - steps.mean() / depth) if p else 0.0,
-        "halting/mean_batch_loop_steps": float(np.mean(acc.loop_steps)) if acc.loop_steps else 0.,
+        "halting/executed_row_steps": int(acc.executed),
+        "halting/utilisation": float(steps.sum() / acc.executed) if acc.executed else 0.0,
         "time_s": acc.seconds,
     }
+    if acc.loop_steps:  # batched: iterations of each batch's loop (streaming has none)
+        m["halting/mean_batch_loop_steps"] = float(np.mean(acc.loop_steps))
     if breadth > 1 and p:
         m["different_init/n"] = breadth
         m["different_init/total_samples"] = int(p)

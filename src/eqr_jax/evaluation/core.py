@@ -1,19 +1,28 @@
 """The jitted evaluation programs and the one key-derivation rule (docs/evaluation.md).
 
-`evaluate_copies` runs ``C`` copies of a batch of ``B`` puzzles through the noisy step map in one
-`lax.while_loop` whose carry (`LoopState`) holds only the current latents, logits and a few
-per-row counters, so memory does not depend on the depth. The depth and the halting rule
-(`Stopping`) are traced values: one compilation serves every depth and every rule. A row that
-halted is frozen (state, logits and counters no longer change); padding rows never run; the loop
-exits as soon as every row halted. `solve_copies` is the jaxopt alternative (Anderson or plain
-fixed-point iteration of the noise-free map).
+Two programs run the noisy step map on evaluation *jobs* (one job = one random initialisation,
+a *copy*, of one puzzle), with the same per-row halting rules (`advance_rows`):
 
-Randomness (`batch_key`, `copy_keys`): batch ``i`` of an evaluation uses
-``fold_in(PRNGKey(seed), i)``; copy ``c`` of it draws its initial latents from
-``fold_in(fold_in(key, 0), c)`` and its noise from ``fold_in(fold_in(key, 1), c)``, step ``t``
-folding in ``t`` as `eqr_jax.dynamics.unroll` does. So a depth-16 run is the prefix of the
-depth-64 one, breadth-8 copies are the first 8 of breadth-64, and results do not depend on how
-copies are chunked into calls or rows sharded over devices.
+* `evaluate_copies` (batched): ``C`` copies of a batch of ``B`` puzzles in one `lax.while_loop`
+  whose carry holds only the current latents, logits and a few per-row counters, so memory does
+  not depend on the depth. A row that halted is frozen; the loop exits once every row halted.
+* `stream_jobs` (streaming): a fixed pool of slots; a slot whose job halts (q_halt, convergence
+  or the depth cap) records the job's result and takes the next job of a queue held on device,
+  inside the same loop, so no slot idles while work is left. One pool per device
+  (`jax.shard_map`): nothing crosses devices inside the loop.
+
+The depth and the halting rule (`Stopping`) are traced values: one compilation serves every
+depth and every rule. `solve_copies` is the jaxopt alternative (Anderson or plain fixed-point
+iteration of the noise-free map).
+
+Randomness (`job_keys`): the job (puzzle ``p``, copy ``c``) of an evaluation with ``seed``, where
+``p`` is the puzzle's index in the evaluated split, draws its initial latents from
+``fold_in(fold_in(k_p, 0), c)`` and its update noise from ``fold_in(fold_in(k_p, 1), c)``, with
+``k_p = fold_in(PRNGKey(seed), p)``; its step ``t`` (its own count, from 0) folds in ``t``. Every
+row draws its own latents and noise, so a job's trajectory depends on nothing but (seed, p, c):
+not on the batch it sits in, the batch size, how copies are chunked into calls, the device, the
+slot or the time a streaming pool runs it. A depth-16 run is the prefix of the depth-64 one and
+breadth-8 copies are the first 8 of breadth-64.
 """
 
 from __future__ import annotations
@@ -24,10 +33,12 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+from jax.sharding import PartitionSpec as P
 
 from eqr_jax import dynamics, modes
 from eqr_jax.losses import sequence_exact
-from eqr_jax.model import EqRModel, LatentState
+from eqr_jax.model import EqRModel, LatentState, compute_dtype
 
 # Halting rule name -> (stop on q_halt > 0, stop on convergence); `fixed` stops only at depth.
 HALT_RULES = {"fixed": (False, False), "q_halt": (True, False), "convergence": (False, True)}
@@ -51,39 +62,227 @@ def stopping(halt: str, convergence_metric: str = "logits", tol: float = 1e-3) -
                     jnp.asarray(convergence_metric == "latents"), jnp.asarray(tol, jnp.float32))
 
 
-def batch_key(seed: int, index: int) -> jax.Array:
-    """The key of batch ``index`` of an evaluation with ``seed``."""
-    return jax.random.fold_in(jax.random.PRNGKey(seed), index)
+# ----------------------------------------------------------------------------------------------
+# Keys, initial latents and steps of rows that each carry their own key
 
 
-def copy_keys(key: jax.Array, copy_ids: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """(initial-latent keys, noise keys) of the copies ``copy_ids`` (C,) of a batch key."""
-    fold = lambda k: jax.vmap(lambda i: jax.random.fold_in(k, i))(copy_ids)
-    return fold(jax.random.fold_in(key, 0)), fold(jax.random.fold_in(key, 1))
+def job_keys(seed, puzzle_ids: jax.Array, copy_ids: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(initial-latent keys, noise keys) of the jobs (``puzzle_ids[r]``, ``copy_ids[r]``).
+
+    Args:
+      seed: int or int32 scalar (may be traced); puzzle_ids, copy_ids: int32 of one shape L.
+    Returns:
+      Two raw PRNG key arrays of shape L + (2,).
+    """
+    base = jax.random.PRNGKey(seed)
+
+    def one(p, c):
+        k = jax.random.fold_in(base, p)
+        return (jax.random.fold_in(jax.random.fold_in(k, 0), c),
+                jax.random.fold_in(jax.random.fold_in(k, 1), c))
+
+    shape = jnp.shape(puzzle_ids)
+    init, noise = jax.vmap(one)(jnp.ravel(puzzle_ids), jnp.ravel(copy_ids))
+    return init.reshape(shape + init.shape[-1:]), noise.reshape(shape + noise.shape[-1:])
+
+
+def batch_job_keys(seed, first_index, batch: int, copy_ids: jax.Array):
+    """`job_keys` of copies ``copy_ids`` (C,) of puzzles ``first_index + arange(batch)``: two
+    (C, batch, 2) key arrays."""
+    rows = jnp.asarray(first_index, jnp.int32) + jnp.arange(batch, dtype=jnp.int32)
+    c = copy_ids.shape[0]
+    return job_keys(seed, jnp.broadcast_to(rows[None, :], (c, batch)),
+                    jnp.broadcast_to(copy_ids[:, None], (c, batch)))
+
+
+def _per_row(fn, n_lead: int):
+    """``fn`` mapped over ``n_lead`` leading axes (vmap nested once per axis)."""
+    for _ in range(n_lead):
+        fn = jax.vmap(fn)
+    return fn
+
+
+def init_rows(model: EqRModel, keys: jax.Array) -> LatentState:
+    """Initial latents of rows with keys (*L, 2): leaves (*L, N, H), one draw per row's key."""
+    one = lambda k: jax.tree_util.tree_map(lambda a: a[0], model.init_latents(k, 1))
+    return _per_row(one, keys.ndim - 1)(keys)
+
+
+def step_rows(model: EqRModel, params, latents: LatentState, x: jax.Array,
+              keys: jax.Array) -> LatentState:
+    """One noisy step of rows that each carry their own noise key.
+
+    Args:
+      latents: leaves (*L, N, H); x: the input injection (*L, N, H), or (*L[1:], N, H) shared
+        by the first axis (the copies of a batch); keys: (*L, 2).
+    """
+    lead = keys.ndim - 1
+
+    def one(z, xr, k):
+        z1 = jax.tree_util.tree_map(lambda a: a[None], z)
+        return jax.tree_util.tree_map(lambda a: a[0], model.step(params, z1, xr[None], k))
+
+    if x.ndim == latents.z_H.ndim:
+        return _per_row(one, lead)(latents, x, keys)
+    inner = _per_row(one, lead - 1)
+    return jax.vmap(inner, in_axes=(0, None, 0))(latents, x, keys)
+
+
+def fold_step(keys: jax.Array, t: jax.Array) -> jax.Array:
+    """Noise keys (*L, 2) of step ``t`` ((*L) int32, or a scalar) of each row."""
+    t = jnp.broadcast_to(jnp.asarray(t, jnp.int32), keys.shape[:-1])
+    return _per_row(jax.random.fold_in, keys.ndim - 1)(keys, t)
+
+
+# ----------------------------------------------------------------------------------------------
+# Per-row measurements and the halting rules, shared by the batched and the streaming loop
+
+
+def _row_sq(a, b):
+    """Per row squared L2 distance for leaves (*L, N, H): float32 (*L)."""
+    d = a.astype(jnp.float32) - b.astype(jnp.float32)
+    return jnp.sum(jnp.square(d), axis=(-2, -1))
+
+
+def latent_residual(new: LatentState, old: LatentState) -> jax.Array:
+    """‖S_new − S_old‖₂ over [z_H; z_L] per row: (*L) float32 for leaves (*L, N, H)."""
+    return jnp.sqrt(sum(_row_sq(a, b) for a, b in zip(new, old)))
+
+
+def logit_change(new: jax.Array, old: jax.Array) -> jax.Array:
+    """Mean over tokens of the L2 (over vocab) change of the logits: (*L) float32."""
+    d = new.astype(jnp.float32) - old.astype(jnp.float32)
+    return jnp.mean(jnp.sqrt(jnp.sum(jnp.square(d), axis=-1)), axis=-1)
+
+
+def score_predictions(logits, labels):
+    """(preds (C, B, N), correct tokens (C, B), supervised tokens (B,), exact (C, B)) of the
+    logits (C, B, N, V) of C copies against labels (B, N)."""
+    preds = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    n_correct, n_valid, exact = jax.vmap(lambda lg: sequence_exact(lg, labels))(logits)
+    return preds, n_correct, n_valid[0], exact
+
+
+class Rows(NamedTuple):
+    """Per-row evaluation state; every field has the rows' leading axes L."""
+
+    latents: LatentState  # leaves (*L, N, H)
+    logits: jax.Array  # (*L, N, V): the row's last read-out
+    steps: jax.Array  # int32: steps the row took (its own clock)
+    calm_streak: jax.Array  # int32: consecutive steps with the change below tol
+    recent_changes: jax.Array  # (*L, W) float32 ring of the last W logit changes
+    changes_seen: jax.Array  # int32: logit changes recorded in the ring
+    residual: jax.Array  # float32: the row's last latent residual
+    q_halt: jax.Array  # float32: the row's last halting logit
+
+
+def fresh_rows(latents: LatentState, logits: jax.Array, window: int) -> Rows:
+    """`Rows` at step 0 from initial latents and their read-out logits."""
+    lead = logits.shape[:-2]
+    zf, zi = jnp.zeros(lead, jnp.float32), jnp.zeros(lead, jnp.int32)
+    return Rows(latents, logits, zi, zi, jnp.zeros(lead + (max(window, 1),), jnp.float32), zi,
+                zf, zf)
+
+
+def advance_rows(rows: Rows, new: LatentState, logits: jax.Array, q_halt: jax.Array,
+                 active: jax.Array, stop: Stopping, window: int) -> tuple[Rows, jax.Array,
+                                                                           jax.Array]:
+    """Take one computed step (``new`` latents, their ``logits`` and ``q_halt``) into the rows
+    that are ``active``; the others keep their state. Returns (rows, halts, residual): ``halts``
+    marks active rows that stop by the halting rule (not the depth cap), ``residual`` the
+    latent residual of the step for every row."""
+    w = max(window, 1)
+    t1 = rows.steps + 1
+    res = latent_residual(new, rows.latents)
+    dlogits = logit_change(logits, rows.logits)
+    keep = active[..., None, None]
+    latents = LatentState(*(jnp.where(keep, n, o) for n, o in zip(new, rows.latents)))
+    # The convergence score: the last `window` logit changes (from step 2 on), in a ring.
+    record = active & (t1 >= 2)
+    if window > 0:
+        slot = jnp.arange(w) == (rows.changes_seen % w)[..., None]
+        ring = jnp.where(record[..., None] & slot, dlogits[..., None], rows.recent_changes)
+    else:
+        ring = rows.recent_changes + jnp.where(record, dlogits, 0.0)[..., None]
+    numel = 2 * new.z_H.shape[-2] * new.z_H.shape[-1]
+    calm = jnp.where(stop.watch_latents, res / math.sqrt(numel) < stop.tol,
+                     (dlogits < stop.tol) & (t1 >= 2))
+    streak = jnp.where(active, jnp.where(calm, rows.calm_streak + 1, 0), rows.calm_streak)
+    halts = active & ((stop.on_q_halt & (q_halt > 0)) | (stop.on_convergence & (streak >= w)))
+    out = Rows(latents=latents, logits=jnp.where(keep, logits, rows.logits),
+               steps=rows.steps + active.astype(jnp.int32), calm_streak=streak,
+               recent_changes=ring, changes_seen=rows.changes_seen + record.astype(jnp.int32),
+               residual=jnp.where(active, res, rows.residual),
+               q_halt=jnp.where(active, q_halt, rows.q_halt))
+    return out, halts, res
+
+
+def convergence_score(rows: Rows, window: int) -> jax.Array:
+    """Mean of the last ``window`` logit changes (0: of all of them) per row; lower = more
+    converged."""
+    if window > 0:
+        return jnp.sum(rows.recent_changes, -1) / jnp.maximum(
+            jnp.minimum(rows.changes_seen, window), 1)
+    return rows.recent_changes[..., 0] / jnp.maximum(rows.changes_seen, 1)
+
+
+# ----------------------------------------------------------------------------------------------
+# The residual-vs-step record
 
 
 class ResidualTrace(NamedTuple):
-    """Residual-vs-step record in ``K`` slots: the step stored in each slot (0: unused), and the
-    sum and count of the latent residuals of the real rows still running at that step."""
+    """Residual-vs-step record in ``K`` slots: the step recorded in each slot (0: unused), and
+    the sum and count of the latent residuals of the real rows that took that step."""
 
     steps: jax.Array  # (K,) int32
     total: jax.Array  # (K,) float32
     rows: jax.Array  # (K,) int32
 
 
+def empty_trace(k: int) -> ResidualTrace:
+    return ResidualTrace(jnp.zeros((k,), jnp.int32), jnp.zeros((k,), jnp.float32),
+                         jnp.zeros((k,), jnp.int32))
+
+
+def _trace_slot(t, depth, k: int):
+    """Slot of step ``t`` (1-based) in a ``k``-slot record: exact for t <= k/2, log-spaced after
+    (step ``depth`` always lands in the last slot)."""
+    half = max(k // 2, 1)
+    tf = t.astype(jnp.float32)
+    df = jnp.maximum(depth.astype(jnp.float32), half + 1.0)
+    frac = jnp.log(tf / half) / jnp.log(df / half)
+    late = half + jnp.floor((k - half - 1) * frac + 1e-4).astype(jnp.int32)
+    slot = jnp.where(t <= half, t - 1, late)
+    return jnp.clip(slot, 0, k - 1)
+
+
+def record_trace(trace: ResidualTrace, t1: jax.Array, res: jax.Array, took: jax.Array,
+                 depth: jax.Array) -> ResidualTrace:
+    """Add the residuals ``res`` of the rows that ``took`` their step ``t1`` (all (*L)).
+
+    Each slot records one step: the last step that maps to it (so every step up to k/2, then
+    log-spaced ones, and ``depth``); a row's residual counts at that step only. The record is
+    a function of the rows' own steps, the same in the batched and the streaming loop.
+    """
+    k = trace.steps.shape[0]
+    t1 = jnp.ravel(jnp.broadcast_to(t1, took.shape))
+    slot = _trace_slot(t1, depth, k)
+    use = jnp.ravel(took) & ((t1 == depth) | (_trace_slot(t1 + 1, depth, k) != slot))
+    return ResidualTrace(trace.steps.at[slot].max(jnp.where(use, t1, 0)),
+                         trace.total.at[slot].add(jnp.where(use, jnp.ravel(res), 0.0)),
+                         trace.rows.at[slot].add(use.astype(jnp.int32)))
+
+
+# ----------------------------------------------------------------------------------------------
+# The batched loop
+
+
 class LoopState(NamedTuple):
-    """Carry of the evaluation loop; per-row fields are (C, B) for C copies of B puzzles."""
+    """Carry of the batched loop; per-row fields are (C, B) for C copies of B puzzles."""
 
     t: jax.Array  # int32: steps taken by the loop
-    latents: LatentState  # leaves (C, B, N, H)
-    logits: jax.Array  # (C, B, N, V): each row's last read-out
+    rows: Rows
     running: jax.Array  # bool: the row still updates
-    steps: jax.Array  # int32: steps the row used
-    calm_streak: jax.Array  # int32: consecutive steps with the change below tol
-    recent_changes: jax.Array  # (C, B, W) float32 ring of the last W logit changes
-    changes_seen: jax.Array  # int32: logit changes recorded in the ring
-    residual: jax.Array  # float32: the row's last latent residual
-    q_halt: jax.Array  # float32: the row's last halting logit
     trace: ResidualTrace
 
 
@@ -102,128 +301,207 @@ class CopyResults(NamedTuple):
     loop_steps: jax.Array  # int32: iterations of the loop
 
 
-def _trace_slot(t, depth, k: int):
-    """Slot of step ``t`` (1-based) in a ``k``-slot record: exact for t <= k/2, log-spaced after.
-
-    Every slot keeps the last step mapped to it; step ``depth`` always lands in the last slot.
-    """
-    half = max(k // 2, 1)
-    tf = t.astype(jnp.float32)
-    df = jnp.maximum(depth.astype(jnp.float32), half + 1.0)
-    frac = jnp.log(tf / half) / jnp.log(df / half)
-    late = half + jnp.floor((k - half - 1) * frac + 1e-4).astype(jnp.int32)
-    slot = jnp.where(t <= half, t - 1, late)
-    return jnp.clip(slot, 0, k - 1)
-
-
-def _row_sq(a, b):
-    """Per (copy, row) squared L2 distance for leaves (C, B, N, H): float32 (C, B)."""
-    d = a.astype(jnp.float32) - b.astype(jnp.float32)
-    return jnp.sum(jnp.square(d), axis=(-2, -1))
-
-
-def latent_residual(new: LatentState, old: LatentState) -> jax.Array:
-    """‖S_new − S_old‖₂ over [z_H; z_L] per (copy, row): (C, B) float32."""
-    return jnp.sqrt(sum(_row_sq(a, b) for a, b in zip(new, old)))
-
-
-def logit_change(new: jax.Array, old: jax.Array) -> jax.Array:
-    """Mean over tokens of the L2 (over vocab) change of the logits: (C, B) float32."""
-    d = new.astype(jnp.float32) - old.astype(jnp.float32)
-    return jnp.mean(jnp.sqrt(jnp.sum(jnp.square(d), axis=-1)), axis=-1)
-
-
-def score_predictions(logits, labels):
-    """(preds (C, B, N), correct tokens (C, B), supervised tokens (B,), exact (C, B)) of the
-    logits (C, B, N, V) of C copies against labels (B, N)."""
-    preds = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    n_correct, n_valid, exact = jax.vmap(lambda lg: sequence_exact(lg, labels))(logits)
-    return preds, n_correct, n_valid[0], exact
-
-
 @functools.partial(jax.jit, static_argnames=("model", "window", "trace_points"))
-def evaluate_copies(model: EqRModel, params, inputs, labels, mask, key, copy_ids, num_copies,
-                    depth, stop: Stopping, *, window: int, trace_points: int) -> CopyResults:
+def evaluate_copies(model: EqRModel, params, inputs, labels, mask, seed, first_index, copy_ids,
+                    num_copies, depth, stop: Stopping, *, window: int,
+                    trace_points: int) -> CopyResults:
     """Run copies ``copy_ids`` (C,) of a batch through at most ``depth`` noisy steps.
 
     Args:
       model: static; its ``noise_scale`` is the update noise.
       inputs, labels: (B, N) int32; mask: (B,) bool, False rows never run.
-      key: the batch key (`batch_key`); copies derive theirs with `copy_keys`.
+      seed, first_index: int32 scalars: the evaluation's seed and the split index of row 0
+        (row ``r`` is puzzle ``first_index + r`` of `job_keys`).
       copy_ids: (C,) int32; ids >= ``num_copies`` (the overrun of a last, partial chunk) never run.
       depth: int32 scalar (traced); stop: `Stopping` (traced).
       window: consecutive changes below ``stop.tol`` that stop a row, and the length of the
         convergence score's window (0: the mean over all steps).
       trace_points: slots of the `ResidualTrace`.
     """
-    c, b = copy_ids.shape[0], inputs.shape[0]
+    b = inputs.shape[0]
     depth = jnp.asarray(depth, jnp.int32)
     x = model.embed(params, inputs)
-    init_keys, noise_keys = copy_keys(key, copy_ids)
-    latents0 = jax.vmap(lambda k: model.init_latents(k, b))(init_keys)
+    init_keys, noise_keys = batch_job_keys(seed, first_index, b, copy_ids)
+    latents0 = init_rows(model, init_keys)
     readout = jax.vmap(lambda s: model.readout(params, s))
-    numel = 2 * latents0.z_H.shape[-2] * latents0.z_H.shape[-1]
-    w, k = max(window, 1), trace_points
-    zeros_f, zeros_i = jnp.zeros((c, b), jnp.float32), jnp.zeros((c, b), jnp.int32)
-    init = LoopState(
-        t=jnp.int32(0), latents=latents0, logits=readout(latents0).logits,
-        running=mask[None, :] & (copy_ids < num_copies)[:, None], steps=zeros_i,
-        calm_streak=zeros_i, recent_changes=jnp.zeros((c, b, w), jnp.float32),
-        changes_seen=zeros_i, residual=zeros_f, q_halt=zeros_f,
-        trace=ResidualTrace(jnp.zeros((k,), jnp.int32), jnp.zeros((k,), jnp.float32),
-                            jnp.zeros((k,), jnp.int32)))
+    init = LoopState(t=jnp.int32(0),
+                     rows=fresh_rows(latents0, readout(latents0).logits, window),
+                     running=mask[None, :] & (copy_ids < num_copies)[:, None],
+                     trace=empty_trace(trace_points))
 
     def cond(s: LoopState):
         return (s.t < depth) & jnp.any(s.running)
 
     def body(s: LoopState) -> LoopState:
-        t1 = s.t + 1
-        run = s.running
-        step_keys = jax.vmap(lambda kk: jax.random.fold_in(kk, s.t))(noise_keys)
-        new = jax.vmap(lambda z, kk: model.step(params, z, x, kk))(s.latents, step_keys)
+        new = step_rows(model, params, s.rows.latents, x, fold_step(noise_keys, s.t))
         out = readout(new)
-        res = latent_residual(new, s.latents)
-        dlogits = logit_change(out.logits, s.logits)
-        keep = run[:, :, None, None]
-        latents = LatentState(*(jnp.where(keep, n, o) for n, o in zip(new, s.latents)))
-        logits = jnp.where(keep, out.logits, s.logits)
-        # The convergence score: the last `window` logit changes (from step 2 on), in a ring.
-        record = run & (t1 >= 2)
-        if window > 0:
-            slot = jnp.arange(w)[None, None, :] == (s.changes_seen % w)[..., None]
-            ring = jnp.where(record[..., None] & slot, dlogits[..., None], s.recent_changes)
-        else:
-            ring = s.recent_changes + jnp.where(record, dlogits, 0.0)[..., None]
-        calm = jnp.where(stop.watch_latents, res / math.sqrt(numel) < stop.tol,
-                         (dlogits < stop.tol) & (t1 >= 2))
-        streak = jnp.where(run, jnp.where(calm, s.calm_streak + 1, 0), s.calm_streak)
-        halts = ((stop.on_q_halt & (out.q_halt > 0))
-                 | (stop.on_convergence & (streak >= w)))
-        real = run & mask[None, :]
-        at = _trace_slot(t1, depth, k)
-        trace = ResidualTrace(s.trace.steps.at[at].set(t1),
-                              s.trace.total.at[at].set(jnp.sum(jnp.where(real, res, 0.0))),
-                              s.trace.rows.at[at].set(jnp.sum(real.astype(jnp.int32))))
-        return LoopState(t=t1, latents=latents, logits=logits, running=run & ~halts,
-                         steps=s.steps + run.astype(jnp.int32), calm_streak=streak,
-                         recent_changes=ring,
-                         changes_seen=s.changes_seen + record.astype(jnp.int32),
-                         residual=jnp.where(run, res, s.residual),
-                         q_halt=jnp.where(run, out.q_halt, s.q_halt), trace=trace)
+        rows, halts, res = advance_rows(s.rows, new, out.logits, out.q_halt, s.running, stop,
+                                        window)
+        trace = record_trace(s.trace, s.t + 1, res, s.running & mask[None, :], depth)
+        return LoopState(t=s.t + 1, rows=rows, running=s.running & ~halts, trace=trace)
 
     s = jax.lax.while_loop(cond, body, init)
-    if window > 0:
-        score = jnp.sum(s.recent_changes, -1) / jnp.maximum(jnp.minimum(s.changes_seen, w), 1)
-    else:
-        score = s.recent_changes[..., 0] / jnp.maximum(s.changes_seen, 1)
-    preds, n_correct, n_valid, exact = score_predictions(s.logits, labels)
-    return CopyResults(preds, n_correct, n_valid, exact, s.steps, score, s.residual, s.q_halt,
+    preds, n_correct, n_valid, exact = score_predictions(s.rows.logits, labels)
+    return CopyResults(preds, n_correct, n_valid, exact, s.rows.steps,
+                       convergence_score(s.rows, window), s.rows.residual, s.rows.q_halt,
                        s.trace, s.t)
 
 
+# ----------------------------------------------------------------------------------------------
+# The streaming loop
+
+
+class Pool(NamedTuple):
+    """The slots of a streaming evaluation, (S, ...) leading axis; a free slot has job -1."""
+
+    rows: Rows
+    x: jax.Array  # (S, N, H): the input injection of the slot's puzzle
+    labels: jax.Array  # (S, N) int32
+    noise_keys: jax.Array  # (S, 2): the job's noise key (`job_keys`)
+    job: jax.Array  # (S,) int32: the job's number in the stream, -1: free
+
+
+class StreamOut(NamedTuple):
+    """The jobs that finished during one `stream_jobs` call, per device in finishing order:
+    records ``[:done]`` are valid (leading axis O = jobs queued + slots, per device)."""
+
+    job: jax.Array  # (O,) int32: the job's number in the stream
+    preds: jax.Array  # (O, N) int32
+    n_correct: jax.Array  # (O,) int32
+    exact: jax.Array  # (O,) bool
+    steps: jax.Array  # (O,) int32
+    score: jax.Array  # (O,) float32
+    residual: jax.Array  # (O,) float32
+    q_halt: jax.Array  # (O,) float32
+    done: jax.Array  # (1,) int32: records written
+    trace: ResidualTrace  # leaves (1, K)
+    iterations: jax.Array  # (1,) int32: loop iterations (each steps every slot)
+
+
+def empty_pool(model: EqRModel, slots: int, window: int) -> Pool:
+    """A pool of ``slots`` free slots as host arrays (place it with the mesh's sharding)."""
+    c = model.cfg
+    lat = jnp.zeros((slots, c.seq_len, c.hidden_size), compute_dtype(c))
+    rows = fresh_rows(LatentState(lat, lat), jnp.zeros((slots, c.seq_len, c.vocab_size),
+                                                       jnp.float32), window)
+    pool = Pool(rows, lat, jnp.zeros((slots, c.seq_len), jnp.int32),
+                jnp.zeros((slots, 2), jnp.uint32), jnp.full((slots,), -1, jnp.int32))
+    # Host copies: leaves that share a buffer could not all be donated.
+    return jax.tree_util.tree_map(lambda a: np.array(a), pool)
+
+
+def _stream_local(model: EqRModel, window: int, trace_points: int, params, pool: Pool, inputs,
+                  labels, job_rows, job_copies, first_job, num_jobs, first_index, seed, depth,
+                  stop: Stopping, drain, min_iterations):
+    """One device's streaming loop (see `stream_jobs`); ``first_job``/``num_jobs`` are (1,)."""
+    s_slots, q = pool.job.shape[0], job_rows.shape[0]
+    o = q + s_slots
+    n_tok = labels.shape[1]
+    depth = jnp.asarray(depth, jnp.int32)
+    first_job, num_jobs = first_job[0], num_jobs[0]
+    readout = lambda z: model.readout(params, z)
+
+    def refill(pool: Pool, nxt):
+        free = pool.job < 0
+        rank = jnp.cumsum(free.astype(jnp.int32)) - 1
+        take = free & (nxt + rank < num_jobs)
+        j = jnp.clip(nxt + rank, 0, q - 1)
+        rows_ = job_rows[j]
+        init_keys, noise_keys = job_keys(seed, first_index + rows_, job_copies[j])
+        lat = init_rows(model, init_keys)
+        fresh = Pool(fresh_rows(lat, readout(lat).logits, window),
+                     model.embed(params, inputs[rows_]), labels[rows_], noise_keys,
+                     first_job + j)
+        pick = lambda n, o_: jnp.where(take.reshape(take.shape + (1,) * (n.ndim - 1)), n, o_)
+        return (jax.tree_util.tree_map(pick, fresh, pool),
+                nxt + jnp.sum(take.astype(jnp.int32)))
+
+    def cond(c):
+        pool, nxt, it = c[0], c[1], c[5]
+        return (nxt < num_jobs) | ((drain | (it < min_iterations)) & jnp.any(pool.job >= 0))
+
+    def body(c):
+        pool, nxt, out, done, trace, it = c
+        refillable = jnp.any(pool.job < 0) & (nxt < num_jobs)
+        pool, nxt = jax.lax.cond(refillable, refill, lambda p, n: (p, n), pool, nxt)
+        active = pool.job >= 0
+        r = pool.rows
+        new = step_rows(model, params, r.latents, pool.x, fold_step(pool.noise_keys, r.steps))
+        ro = readout(new)
+        rows, halts, res = advance_rows(r, new, ro.logits, ro.q_halt, active, stop, window)
+        trace = record_trace(trace, r.steps + 1, res, active, depth)
+        finished = halts | (active & (rows.steps >= depth))
+        pos = jnp.where(finished, done + jnp.cumsum(finished.astype(jnp.int32)) - 1, o)
+        n_correct, _, exact = sequence_exact(rows.logits, pool.labels)
+        rec = (pool.job, jnp.argmax(rows.logits, -1).astype(jnp.int32), n_correct, exact,
+               rows.steps, convergence_score(rows, window), rows.residual, rows.q_halt)
+        out = tuple(buf.at[pos].set(v, mode="drop") for buf, v in zip(out, rec))
+        pool = pool._replace(rows=rows, job=jnp.where(finished, -1, pool.job))
+        return (pool, nxt, out, done + jnp.sum(finished.astype(jnp.int32)), trace, it + 1)
+
+    zeros = lambda dt: jnp.zeros((o,), dt)
+    out0 = (jnp.full((o,), -1, jnp.int32), jnp.zeros((o, n_tok), jnp.int32),
+            zeros(jnp.int32), zeros(bool), zeros(jnp.int32), zeros(jnp.float32),
+            zeros(jnp.float32), zeros(jnp.float32))
+    carry = (pool, jnp.int32(0), out0, jnp.int32(0), empty_trace(trace_points), jnp.int32(0))
+    pool, _, out, done, trace, it = jax.lax.while_loop(cond, body, carry)
+    lead = lambda a: a[None]
+    return pool, StreamOut(*out, done=lead(done),
+                           trace=jax.tree_util.tree_map(lead, trace), iterations=lead(it))
+
+
+@functools.partial(jax.jit, static_argnames=("model", "mesh", "window", "trace_points"),
+                   donate_argnames=("pool",))
+def stream_jobs(model: EqRModel, mesh, params, pool: Pool, inputs, labels, job_rows, job_copies,
+                first_job, num_jobs, first_index, seed, depth, stop: Stopping, drain,
+                min_iterations=0, *, window: int, trace_points: int) -> tuple[Pool, StreamOut]:
+    """Run a queue of jobs through a pool of slots; returns the pool and the finished jobs.
+
+    Each device runs its own pool and its own share of the queue (`jax.shard_map` over the
+    mesh's ``data`` axis; D devices). Every iteration refills the free slots with the next
+    queued jobs (fresh latents from `job_keys`, counters at 0), takes one step of every slot,
+    and records and frees the slots whose job halted by ``stop`` or reached ``depth`` steps.
+
+    Args:
+      mesh: static; the pool, the queue and the outputs are split along its ``data`` axis.
+      pool: `Pool` with (S, ...) leaves, S a multiple of D (donated): jobs still running from
+        an earlier call continue.
+      inputs, labels: (B, N) int32, replicated: the puzzles the queued jobs refer to.
+      job_rows, job_copies: (D * Q,) int32: each device's Q queued jobs (row of ``inputs``,
+        copy number); first_job, num_jobs: (D,) int32: the stream number of each device's
+        first queued job and how many of its Q entries are real.
+      first_index: int32: the split index of ``inputs`` row 0 (for `job_keys`); seed: int32.
+      depth: int32 (traced) step cap; stop: `Stopping`; drain: bool: run until every slot is
+        free, else return as soon as the queue is taken (running jobs stay in the pool) and at
+        least ``min_iterations`` iterations ran (while any slot runs; int32, traced). A host
+        that refills the pool itself every K steps calls with a queue of at most the free
+        slots and ``min_iterations=K`` (benchmarks/streaming_eval.py compares the two).
+    Returns:
+      (pool, `StreamOut` with per-device leading axes concatenated: (D * (Q + S/D), ...)).
+    """
+    from eqr_jax.sharding import DATA_AXIS
+
+    d = P(DATA_AXIS)
+    fn = functools.partial(_stream_local, model, window, trace_points)
+    pool_spec = jax.tree_util.tree_map(lambda _: d, pool)
+    out_spec = (pool_spec, StreamOut(*([d] * 8), done=d, trace=ResidualTrace(d, d, d),
+                                     iterations=d))
+    mapped = jax.shard_map(fn, mesh=mesh, in_specs=(
+        P(), pool_spec, P(), P(), d, d, d, d, P(), P(), P(), P(), P(), P()),
+        out_specs=out_spec, check_vma=False)
+    return mapped(params, pool, inputs, labels, job_rows, job_copies, first_job, num_jobs,
+                  jnp.asarray(first_index, jnp.int32), jnp.asarray(seed, jnp.int32),
+                  jnp.asarray(depth, jnp.int32), stop, jnp.asarray(drain),
+                  jnp.asarray(min_iterations, jnp.int32))
+
+
+# ----------------------------------------------------------------------------------------------
+# The jaxopt alternative
+
+
 @functools.partial(jax.jit, static_argnames=("model", "solver", "depth", "tol", "history_size"))
-def solve_copies(model: EqRModel, params, inputs, labels, mask, key, copy_ids, *, solver: str,
-                 depth: int, tol: float, history_size: int = 5) -> CopyResults:
+def solve_copies(model: EqRModel, params, inputs, labels, mask, seed, first_index, copy_ids, *,
+                 solver: str, depth: int, tol: float, history_size: int = 5) -> CopyResults:
     """jaxopt solve of the noise-free map per copy (``depth`` = iteration cap, static).
 
     ``tol`` is an RMS per latent element; jaxopt's criterion is the L2 norm over a copy's whole
@@ -232,8 +510,8 @@ def solve_copies(model: EqRModel, params, inputs, labels, mask, key, copy_ids, *
     """
     c, b = copy_ids.shape[0], inputs.shape[0]
     x = model.embed(params, inputs)
-    init_keys, _ = copy_keys(key, copy_ids)
-    latents0 = jax.vmap(lambda k: model.init_latents(k, b))(init_keys)
+    init_keys, _ = batch_job_keys(seed, first_index, b, copy_ids)
+    latents0 = init_rows(model, init_keys)
     numel = 2 * b * latents0.z_H.shape[-2] * latents0.z_H.shape[-1]
     method = "anderson" if solver == "anderson" else "iteration"
 
@@ -251,7 +529,5 @@ def solve_copies(model: EqRModel, params, inputs, labels, mask, key, copy_ids, *
     score = logit_change(readout(nxt).logits, out.logits)
     preds, n_correct, n_valid, exact = score_predictions(out.logits, labels)
     steps = (jnp.broadcast_to(sol.iterations[:, None], (c, b)) * mask[None, :]).astype(jnp.int32)
-    empty = ResidualTrace(jnp.zeros((1,), jnp.int32), jnp.zeros((1,), jnp.float32),
-                          jnp.zeros((1,), jnp.int32))
-    return CopyResults(preds, n_correct, n_valid, exact, steps, score, res, out.q_halt, empty,
-                       jnp.max(sol.iterations))
+    return CopyResults(preds, n_correct, n_valid, exact, steps, score, res, out.q_halt,
+                       empty_trace(1), jnp.max(sol.iterations))

@@ -1,11 +1,13 @@
 """The one evaluation API: `Evaluator` (after big_vision's evaluators), used by training's
-periodic evaluation, ``eqr eval``, ``eqr solve``, the ablation and the benchmarks.
+periodic evaluation, ``eqr eval``, ``eqr solve``, the analysis, the ablation and the benchmarks.
 
-An `Evaluator` binds a model, an `EvalConfig` (halting rule, solver, test-time noise, seed, ...)
-and a device mesh. `Evaluator.evaluate` makes one pass over a dataset and evaluates every
-(depth, breadth) setting on each batch; batch ``i`` always uses `core.batch_key` ``(seed, i)``,
-so training's evaluation at breadth 1 and ``eqr eval --breadth 1`` on the saved checkpoint give
-the same numbers, under the same metric names (`aggregate.summarize_setting`).
+An `Evaluator` binds a model, an `EvalConfig` (halting rule, solver, test-time noise, seed,
+streaming, ...) and a device mesh. `Evaluator.evaluate` makes one pass over a dataset and
+evaluates every (depth, breadth) setting on each batch. A job (puzzle, copy) draws its keys from
+the puzzle's index in the split and the copy (`core.job_keys`), so training's evaluation at
+breadth 1 and ``eqr eval --breadth 1`` on the saved checkpoint give the same numbers, under the
+same metric names (`aggregate.summarize_setting`), and the streaming evaluator
+(``cfg.stream``) gives the batched one's per-job results.
 
 Batches arrive as process-local rows; they are assembled into global arrays split along the
 mesh's ``data`` axis, and per-row results come back through `eqr_jax.sharding.fetch`.
@@ -15,14 +17,15 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import time
-from typing import Any, Callable, Iterable, Mapping, NamedTuple, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from eqr_jax import dynamics, modes
+from eqr_jax import modes
 from eqr_jax import sharding as sharding_lib
 from eqr_jax.config import EvalConfig
 from eqr_jax.evaluation import core
@@ -38,8 +41,11 @@ class BatchResult(NamedTuple):
     its last latent residual ‖S_t − S_{t−1}‖₂ over [z_H; z_L] (S_0 = the initial latents);
     ``score`` the convergence score (mean over the last ``window`` logit changes of the per-token
     L2 norm, lowest = most converged); ``trace_*`` the residual-vs-step record (sums over the
-    real rows still running at that step, slots with step 0 unused); ``mask`` and ``labels``
-    the batch as evaluated (False rows are padding).
+    real rows that took that step, slots with step 0 unused; empty from the streaming evaluator,
+    which records it per setting); ``loop_steps`` the iterations of the batch loop (max over
+    chunks; -1 when streamed); ``executed`` the row-steps the loops computed for this batch,
+    frozen and padding rows included (0 when streamed: a pool's cost is per setting);
+    ``mask`` and ``labels`` the batch as evaluated (False rows are padding).
     """
 
     preds: np.ndarray  # (B, n, N) int32
@@ -53,7 +59,8 @@ class BatchResult(NamedTuple):
     trace_steps: np.ndarray  # (K,) int32
     trace_sum: np.ndarray  # (K,) float64
     trace_count: np.ndarray  # (K,) int64
-    loop_steps: int  # iterations of the batch loop (max over chunks)
+    loop_steps: int
+    executed: int
     mask: np.ndarray  # (B,) bool
     labels: np.ndarray  # (B, N) int32
 
@@ -87,8 +94,8 @@ class Evaluator:
 
     Args:
       model: the model; ``cfg.noise_scale`` (when set) replaces its update noise at test time.
-      cfg: halting rule, solver, tolerances, seed, max_batches, max_rows (see `EvalConfig`).
-        ``cfg.depth`` 0 means the model's ``halt_max_steps``.
+      cfg: halting rule, solver, tolerances, seed, max_batches, max_rows, stream / stream_slots
+        (see `EvalConfig`). ``cfg.depth`` 0 means the model's ``halt_max_steps``.
       mesh: device mesh whose ``data`` axis splits each batch (default: every device).
     """
 
@@ -99,6 +106,8 @@ class Evaluator:
         if cfg.solver != "unroll" and cfg.halt != "fixed":
             raise ValueError(f"halt={cfg.halt!r} needs solver='unroll' (the jaxopt solvers stop "
                              "on their own residual tolerance)")
+        if cfg.stream and cfg.solver != "unroll":
+            raise ValueError(f"stream=True needs solver='unroll', got {cfg.solver!r}")
         self.cfg = cfg
         self.model = with_eval_noise(model, cfg.noise_scale)
         self.mesh = sharding_lib.make_mesh() if mesh is None else mesh
@@ -138,8 +147,15 @@ class Evaluator:
                              f"{self.mesh.devices.size} devices")
         return sharding_lib.to_global(host, sh)
 
+    def _check(self, depth: int | None, breadth: int | None) -> tuple[int, int]:
+        depth = self.depth if depth is None else int(depth)
+        breadth = self.cfg.breadth if breadth is None else int(breadth)
+        if depth < 1 or breadth < 1:
+            raise ValueError(f"depth and breadth must be >= 1, got {depth}, {breadth}")
+        return depth, breadth
+
     # -- one batch ----------------------------------------------------------------------------
-    def evaluate_batch(self, params, batch: Mapping[str, Any], key: jax.Array, *,
+    def evaluate_batch(self, params, batch: Mapping[str, Any], first_index: int = 0, *,
                        depth: int | None = None, breadth: int | None = None) -> BatchResult:
         """Evaluate one batch at ``depth`` (default the config's) with ``breadth`` random
         initialisations per puzzle, chunked so that copies x B <= ``cfg.max_rows``.
@@ -149,29 +165,30 @@ class Evaluator:
           batch: ``inputs``, ``labels`` (B, N) int (`IGNORE_LABEL` for unsupervised tokens) and
             optionally ``mask`` (B,) bool (False rows never run and count nowhere); host or
             already placed (`place_batch`).
-          key: the batch key (`core.batch_key`).
+          first_index: the index in the evaluated split of the batch's first (global) row: row
+            ``r`` is puzzle ``first_index + r`` and its copies draw `core.job_keys` of it.
         """
-        depth = self.depth if depth is None else int(depth)
-        breadth = self.cfg.breadth if breadth is None else int(breadth)
-        if depth < 1 or breadth < 1:
-            raise ValueError(f"depth and breadth must be >= 1, got {depth}, {breadth}")
+        depth, breadth = self._check(depth, breadth)
         params = self.place_params(params)
         if not isinstance(batch.get("mask"), jax.Array):
             batch = self.place_batch(batch)
         inputs, labels, mask = batch["inputs"], batch["labels"], batch["mask"]
         c = self.cfg
-        chunk = copies_per_call(breadth, inputs.shape[0], c.max_rows)
+        b = inputs.shape[0]
+        chunk = copies_per_call(breadth, b, c.max_rows)
         stop = core.stopping(c.halt, c.convergence_metric, c.convergence_tol)
+        seed, first = jnp.int32(c.seed), jnp.int32(first_index)
         outs = []
         for start in range(0, breadth, chunk):
             ids = jnp.arange(start, start + chunk, dtype=jnp.int32)  # the last may overrun
             if c.solver == "unroll":
-                out = core.evaluate_copies(self.model, params, inputs, labels, mask, key, ids,
-                                           breadth, depth, stop, window=int(c.convergence_window),
+                out = core.evaluate_copies(self.model, params, inputs, labels, mask, seed, first,
+                                           ids, breadth, depth, stop,
+                                           window=int(c.convergence_window),
                                            trace_points=int(c.trace_points))
             else:
-                out = core.solve_copies(self.model, params, inputs, labels, mask, key, ids,
-                                        solver=c.solver, depth=depth,
+                out = core.solve_copies(self.model, params, inputs, labels, mask, seed, first,
+                                        ids, solver=c.solver, depth=depth,
                                         tol=float(c.convergence_tol))
             outs.append(sharding_lib.fetch(out))
         host_mask, host_labels = sharding_lib.fetch((mask, labels))
@@ -184,77 +201,289 @@ class Evaluator:
             trace_sum=sum(o.trace.total.astype(np.float64) for o in outs),
             trace_count=sum(o.trace.rows.astype(np.int64) for o in outs),
             loop_steps=int(max(int(o.loop_steps) for o in outs)),
+            executed=int(sum(int(o.loop_steps) * chunk * b for o in outs)),
             mask=np.asarray(host_mask, bool), labels=np.asarray(host_labels), **per_copy)
 
     # -- a dataset ----------------------------------------------------------------------------
+    def runner(self, params, *, depth: int | None = None, breadth: int | None = None,
+               accumulator: SettingAccumulator | None = None) -> "BatchedRunner | StreamRunner":
+        """A runner of one (depth, breadth) setting over a sequence of batches: a
+        `StreamRunner` when ``cfg.stream``, else a `BatchedRunner` (the same interface)."""
+        depth, breadth = self._check(depth, breadth)
+        cls = StreamRunner if self.cfg.stream else BatchedRunner
+        return cls(self, self.place_params(params), depth, breadth, accumulator)
+
+    def results(self, params, batches: Iterable[Mapping[str, Any]], *,
+                depth: int | None = None, breadth: int | None = None, first_index: int = 0,
+                accumulator: SettingAccumulator | None = None) -> Iterator[tuple[int, BatchResult]]:
+        """(batch number, `BatchResult`) of every batch of one setting, as batches complete
+        (in order when batched; streaming completes them roughly in order).
+
+        ``first_index`` is the split index of the first batch's row 0; later batches follow
+        on (each advances it by its global row count). ``accumulator`` (optional) also receives
+        the per-setting cost (executed row-steps, residual record) of a streaming run.
+        """
+        run = self.runner(params, depth=depth, breadth=breadth, accumulator=accumulator)
+        index = int(first_index)
+        for bi, batch in enumerate(batches):
+            placed = self.place_batch(batch)
+            yield from run.feed(placed, index, bi)
+            index += int(placed["inputs"].shape[0])
+        yield from run.finish()
+
     def evaluate(self, params, batches: Iterable[Mapping[str, Any]], *,
                  depths: Sequence[int] | None = None, breadths: Sequence[int] | None = None,
                  progress: bool = False) -> dict[str, Any]:
         """Evaluate every (depth, breadth) combination in one pass over ``batches``.
 
         Args:
-          batches: iterable of dicts as in `evaluate_batch` (e.g. an `EvalLoader`); only the
-            first ``cfg.max_batches`` are used when that is set.
+          batches: iterable of dicts as in `evaluate_batch` (e.g. an `EvalLoader`), in split
+            order (batch ``i``'s rows are puzzles ``i * B ...``); only the first
+            ``cfg.max_batches`` are used when that is set.
           depths, breadths: the grid (default: the config's depth / breadth).
         Returns:
           ``{"settings": [one `summarize_setting` dict per (depth, breadth), breadth-major, each
-          with halt / solver / noise_scale; empty without batches], "eval_config",
+          with halt / solver / noise_scale / stream; empty without batches], "eval_config",
           "num_batches", "devices", "platform"}``.
         """
         depths = [self.depth] if depths is None else [int(d) for d in depths]
         breadths = [self.cfg.breadth] if breadths is None else [int(n) for n in breadths]
         params = self.place_params(params)
-        accs = {(d, n): SettingAccumulator() for n in breadths for d in depths}
+        grid = [(d, n) for n in breadths for d in depths]
+        accs = {s: SettingAccumulator() for s in grid}
+        runs = {s: self.runner(params, depth=s[0], breadth=s[1], accumulator=accs[s])
+                for s in grid}
         it = iter(batches)
         if progress:
             from tqdm import tqdm
             it = tqdm(it, desc="eval", leave=False)
-        num_batches = 0
+        num_batches, index = 0, 0
         for bi, batch in enumerate(it):
             if self.cfg.max_batches and bi >= self.cfg.max_batches:
                 break
             placed = self.place_batch(batch)
-            key = core.batch_key(self.cfg.seed, bi)
-            for n in breadths:
-                for d in depths:
-                    t0 = time.perf_counter()
-                    r = self.evaluate_batch(params, placed, key, depth=d, breadth=n)
-                    accs[(d, n)].add(r, time.perf_counter() - t0)
+            for s in grid:
+                t0 = time.perf_counter()
+                for _, r in runs[s].feed(placed, index, bi):
+                    accs[s].add(r)
+                accs[s].seconds += time.perf_counter() - t0
+            index += int(placed["inputs"].shape[0])
             num_batches += 1
-        settings = [summarize_setting(accs[(d, n)], d, n, self.cfg.convergence_top_k)
-                    for n in breadths for d in depths] if num_batches else []
+        for s in grid:
+            t0 = time.perf_counter()
+            for _, r in runs[s].finish():
+                accs[s].add(r)
+            accs[s].seconds += time.perf_counter() - t0
+        settings = [summarize_setting(accs[s], s[0], s[1], self.cfg.convergence_top_k)
+                    for s in grid] if num_batches else []
         for s in settings:
-            s.update(halt=self.cfg.halt, solver=self.cfg.solver, noise_scale=self.noise_scale)
+            s.update(halt=self.cfg.halt, solver=self.cfg.solver, noise_scale=self.noise_scale,
+                     stream=bool(self.cfg.stream))
         return {"settings": settings, "eval_config": dataclasses.asdict(self.cfg),
                 "num_batches": num_batches, "devices": jax.device_count(),
                 "platform": jax.devices()[0].platform}
 
     # -- trajectories -------------------------------------------------------------------------
-    def trajectory(self, params, inputs, key: jax.Array, *, depth: int,
+    def trajectory(self, params, inputs, first_index: int = 0, *, depth: int,
                    trace: Callable[[Any, Any], Any], copies: Sequence[int] = (0,)):
         """Per-step ``trace(params, latents)`` of the noisy trajectories of ``copies``.
 
-        The same keys as `evaluate_batch` (copy ``c`` of batch key ``key``), so the state after
-        step ``t`` is the one a fixed-depth evaluation reaches at depth ``t``. Not O(1) in
-        depth: every step's trace is kept. Returns traces with axes (copies, depth, ...).
+        The same keys as `evaluate_batch` (copy ``c`` of puzzle ``first_index + r`` for row
+        ``r``), so the state after step ``t`` is the one a fixed-depth evaluation reaches at
+        depth ``t``. Not O(1) in depth: every step's trace is kept. Returns traces with axes
+        (copies, depth, ...).
         """
         return _trajectory(self.model, depth, trace, self.place_params(params),
-                           jnp.asarray(inputs, jnp.int32), key,
-                           jnp.asarray(list(copies), jnp.int32))
+                           jnp.asarray(inputs, jnp.int32), jnp.int32(self.cfg.seed),
+                           jnp.int32(first_index), jnp.asarray(list(copies), jnp.int32))
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2))
-def _trajectory(model: EqRModel, depth: int, trace: Callable, params, inputs, key, copy_ids):
+def _trajectory(model: EqRModel, depth: int, trace: Callable, params, inputs, seed, first_index,
+                copy_ids):
     x = model.embed(params, inputs)
-    init_keys, noise_keys = core.copy_keys(key, copy_ids)
+    init_keys, noise_keys = core.batch_job_keys(seed, first_index, inputs.shape[0], copy_ids)
 
-    def one(k_init, k_noise):
-        z0 = model.init_latents(k_init, inputs.shape[0])
-        _, out = dynamics.unroll(model.step, params, z0, x, k_noise, depth,
-                                 adjoint=dynamics.NoGrad(), trace=lambda z: trace(params, z))
-        return out
+    def body(z, t):
+        z = core.step_rows(model, params, z, x, core.fold_step(noise_keys, t))
+        return z, jax.vmap(lambda s: trace(params, s))(z)
 
-    return jax.vmap(one)(init_keys, noise_keys)
+    _, out = jax.lax.scan(body, core.init_rows(model, init_keys), jnp.arange(depth))
+    return jax.tree_util.tree_map(lambda a: jnp.moveaxis(a, 0, 1), out)
+
+
+# ----------------------------------------------------------------------------------------------
+# Runners: one (depth, breadth) setting over a sequence of batches
+
+
+class BatchedRunner:
+    """Each batch in one call of the frozen-row loop (`Evaluator.evaluate_batch`)."""
+
+    def __init__(self, ev: Evaluator, params, depth: int, breadth: int,
+                 accumulator: SettingAccumulator | None = None):
+        self.ev, self.params, self.depth, self.breadth = ev, params, depth, breadth
+
+    def feed(self, placed: Mapping[str, Any], first_index: int,
+             tag: int) -> list[tuple[int, BatchResult]]:
+        """Evaluate a placed batch whose row 0 is puzzle ``first_index``; returns it."""
+        return [(tag, self.ev.evaluate_batch(self.params, placed, first_index, depth=self.depth,
+                                             breadth=self.breadth))]
+
+    def finish(self) -> list[tuple[int, BatchResult]]:
+        return []
+
+
+@dataclasses.dataclass
+class _Pending:
+    """A batch whose jobs are in the stream: its per-copy buffers, filled as jobs finish."""
+
+    tag: int
+    first_job: int
+    rows: np.ndarray  # (Q,) int32: the real jobs' rows, puzzle-major
+    copies: np.ndarray  # (Q,) int32
+    buffers: dict
+    mask: np.ndarray
+    labels: np.ndarray
+    left: int  # jobs not finished yet
+
+
+class StreamRunner:
+    """A fixed pool of slots on device (`core.stream_jobs`): each batch's jobs (real rows x
+    breadth copies, puzzle-major) join a queue; a slot whose job halts takes the next one.
+
+    `feed` returns the batches whose jobs have all finished so far; `finish` runs the pool dry.
+    The pool has ``cfg.stream_slots`` slots (0: batch x breadth, at most ``cfg.max_rows``),
+    rounded up to a multiple of the devices; each device runs its own pool and its share of
+    every batch's jobs. A call is dispatched before the previous call's records are fetched,
+    so the host's bookkeeping overlaps the device's work.
+    """
+
+    _FIELDS = ("n_correct", "exact", "steps", "score", "residual", "q_halt")
+
+    def __init__(self, ev: Evaluator, params, depth: int, breadth: int,
+                 accumulator: SettingAccumulator | None = None):
+        self.ev, self.params, self.depth, self.breadth = ev, params, depth, breadth
+        self.acc = accumulator
+        self.devices = ev.mesh.devices.size
+        c = ev.cfg
+        self.stop = core.stopping(c.halt, c.convergence_metric, c.convergence_tol)
+        self.pool = None
+        self.slots = 0
+        self.pending: list[_Pending] = []
+        self.next_job = 0
+        self.inflight = None
+        self.last = None  # (inputs, labels) of the last batch: shapes for the drain call
+
+    def _make_pool(self, batch: int) -> None:
+        c = self.ev.cfg
+        slots = c.stream_slots or batch * self.breadth
+        if not c.stream_slots and c.max_rows:
+            slots = min(slots, c.max_rows)
+        self.slots = int(math.ceil(max(slots, 1) / self.devices) * self.devices)
+        pool = core.empty_pool(self.ev.model, self.slots, int(c.convergence_window))
+        self.pool = jax.device_put(pool, sharding_lib.batch_sharding(self.ev.mesh))
+
+    def _call(self, inputs, labels, rows, copies, first_index: int, drain: bool):
+        """Dispatch one `core.stream_jobs` call with the jobs (``rows``, ``copies``) of the
+        batch (``inputs``, ``labels``); returns the previous call's (not yet fetched) output."""
+        d = self.devices
+        q = len(rows)
+        per = max(1, math.ceil(inputs.shape[0] * self.breadth / d))  # static per batch size
+        job_rows = np.zeros((d * per,), np.int32)
+        job_copies = np.zeros((d * per,), np.int32)
+        job_rows[:q], job_copies[:q] = rows, copies
+        starts = np.arange(d) * per
+        num = np.clip(q - starts, 0, per).astype(np.int32)
+        first_job = (self.next_job + starts).astype(np.int32)
+        sh = sharding_lib.batch_sharding(self.ev.mesh)
+        put = lambda a: jax.device_put(a, sh)
+        repl = lambda a: jax.device_put(a, sharding_lib.replicated(self.ev.mesh))
+        c = self.ev.cfg
+        self.pool, out = core.stream_jobs(
+            self.ev.model, self.ev.mesh, self.params, self.pool, repl(inputs), repl(labels),
+            put(job_rows), put(job_copies), put(first_job), put(num), first_index, c.seed,
+            self.depth, self.stop, drain, window=int(c.convergence_window),
+            trace_points=int(c.trace_points))
+        self.next_job += q
+        previous, self.inflight = self.inflight, out
+        return previous
+
+    def _collect(self, out) -> list[tuple[int, BatchResult]]:
+        """File the records of one call's `StreamOut` into their batches."""
+        if out is None:
+            return []
+        out = sharding_lib.fetch(out)
+        d = self.devices
+        per = out.job.shape[0] // d
+        keep = np.concatenate([np.arange(i * per, i * per + int(out.done[i])) for i in range(d)])
+        jobs = out.job[keep]
+        if self.acc is not None:
+            self.acc.executed += int(np.sum(out.iterations)) * (self.slots // d)
+            self.acc.add_trace(np.max(out.trace.steps, axis=0),
+                               np.sum(out.trace.total.astype(np.float64), axis=0),
+                               np.sum(out.trace.rows.astype(np.int64), axis=0))
+        starts = [p.first_job for p in self.pending]
+        which = np.searchsorted(starts, jobs, side="right") - 1
+        for bi in np.unique(which):
+            p = self.pending[bi]
+            sel = which == bi
+            local = jobs[sel] - p.first_job
+            r, c = p.rows[local], p.copies[local]
+            p.buffers["preds"][r, c] = out.preds[keep[sel]]
+            for name in self._FIELDS:
+                p.buffers[name][r, c] = getattr(out, name)[keep[sel]]
+            p.left -= int(sel.sum())
+        done = []
+        while self.pending and self.pending[0].left == 0:
+            done.append(self._result(self.pending.pop(0)))
+        return done
+
+    def _result(self, p: _Pending) -> tuple[int, BatchResult]:
+        b = p.labels.shape[0]
+        n_valid = np.sum(p.labels != IGNORE_LABEL, axis=1).astype(np.int32)
+        empty = np.zeros((0,), np.int32)
+        return p.tag, BatchResult(n_valid=n_valid, trace_steps=empty,
+                                  trace_sum=empty.astype(np.float64),
+                                  trace_count=empty.astype(np.int64), loop_steps=-1, executed=0,
+                                  mask=p.mask, labels=p.labels, **p.buffers)
+
+    def feed(self, placed: Mapping[str, Any], first_index: int,
+             tag: int) -> list[tuple[int, BatchResult]]:
+        """Queue a placed batch's jobs (row ``r`` is puzzle ``first_index + r``); returns the
+        batches completed so far, in feeding order."""
+        inputs, labels, mask = sharding_lib.fetch((placed["inputs"], placed["labels"],
+                                                   placed["mask"]))
+        inputs, labels = np.asarray(inputs, np.int32), np.asarray(labels, np.int32)
+        mask = np.asarray(mask, bool)
+        if self.pool is None:
+            self._make_pool(inputs.shape[0])
+        n, b = self.breadth, inputs.shape[0]
+        real = np.nonzero(mask)[0].astype(np.int32)
+        rows, copies = np.repeat(real, n), np.tile(np.arange(n, dtype=np.int32), len(real))
+        shape = (b, n)
+        buffers = {"preds": np.zeros(shape + (inputs.shape[1],), np.int32),
+                   "n_correct": np.zeros(shape, np.int32), "exact": np.zeros(shape, bool),
+                   "steps": np.zeros(shape, np.int32), "score": np.zeros(shape, np.float32),
+                   "residual": np.zeros(shape, np.float32), "q_halt": np.zeros(shape, np.float32)}
+        self.pending.append(_Pending(tag, self.next_job, rows, copies, buffers, mask, labels,
+                                     len(rows)))
+        self.last = (inputs, labels)
+        previous = self._call(inputs, labels, rows, copies, first_index, drain=False)
+        return self._collect(previous)
+
+    def finish(self) -> list[tuple[int, BatchResult]]:
+        """Run every job still in the pool to its end; returns the remaining batches."""
+        if self.pool is None:
+            return []
+        inputs, labels = self.last
+        previous = self._call(inputs, labels, np.zeros((0,), np.int32),
+                              np.zeros((0,), np.int32), 0, drain=True)
+        done = self._collect(previous)
+        last, self.inflight = self.inflight, None
+        done += self._collect(last)
+        if self.pending:
+            raise RuntimeError(f"streaming evaluation lost jobs of {len(self.pending)} batches")
+        return done
 
 
 def evaluate(model: EqRModel, params, batches: Iterable[Mapping[str, Any]],
