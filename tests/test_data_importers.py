@@ -132,7 +132,7 @@ def test_build_from_csv_dir_and_cli(tmp_path, capsys):
     out = tmp_path / "ds"
     rc = data_cli.main(["sudoku", "--out", str(out), "--source", "csv", str(src), "--num-aug", "4",
                      "--no-progress"])
-    assert rc == 1
+    assert rc == 2  # bad input rows: a user error
     assert f"{src / 'train.csv'}:5:" in capsys.readouterr().err
     rc = data_cli.main(["sudoku", "--out", str(out), "--source", "csv", str(src), "--num-aug", "4",
                      "--skip-invalid", "--no-progress"])
