@@ -22,6 +22,19 @@ from eqr_jax.training import (NonFiniteError, _cached_train_step, _compute_key,
                               init_train_state, stack_batches, train)
 
 
+def _assert_resumes_from_step_3_to_the_full_run(cfg, full_dir, run_dir):
+    """The stopped run's only checkpoint is step 3, and --resume ends with the uninterrupted
+    6-step run's parameters to the last bit."""
+    ck = Checkpointer(run_dir / "checkpoints", read_only=True)
+    assert ck.all_steps() == [3]
+    ck.close()
+    _, r = train(cfg, _loaders(cfg), progress=False, verbose=False, resume=True)
+    assert (r["step"], r["steps_this_run"]) == (6, 3)
+    for a, b in zip(jax.tree_util.tree_leaves(load_params(full_dir)),
+                    jax.tree_util.tree_leaves(load_params(run_dir))):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
 def test_tiny_model_learns():
     """Loss falls and accuracy rises within a few dozen steps (the jitted step directly; the
     config is the resume tests' one, so the compiled function is shared with them)."""
@@ -95,14 +108,7 @@ def test_nonfinite_guard_stops_without_saving_and_resume_continues(resume_runs, 
     with pytest.raises(NonFiniteError, match=r"non-finite loss at step 5: .*"
                                              r"newest checkpoint is step 3"):
         train(cfg, (_CorruptLabelsAt(tr, 5), ev), progress=False, verbose=False)
-    ck = Checkpointer(tmp_path / "nan" / "checkpoints", read_only=True)
-    assert ck.all_steps() == [3]
-    ck.close()
-    _, r = train(cfg, _loaders(cfg), progress=False, verbose=False, resume=True)
-    assert (r["step"], r["steps_this_run"]) == (6, 3)
-    p_full, p_res = load_params(root / "full"), load_params(tmp_path / "nan")
-    for a, b in zip(jax.tree_util.tree_leaves(p_full), jax.tree_util.tree_leaves(p_res)):
-        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    _assert_resumes_from_step_3_to_the_full_run(cfg, root / "full", tmp_path / "nan")
 
 
 def test_guard_freezes_state_inside_the_call():
@@ -155,11 +161,4 @@ def test_sigterm_saves_at_the_next_step_boundary_and_resume_is_exact(resume_runs
                                         r"continue with --resume") as e:
         train(cfg, (_SigtermAt(tr, 2), ev), progress=False, verbose=False)
     assert e.value.step == 3 and signal.getsignal(signal.SIGTERM) is before
-    ck = Checkpointer(tmp_path / "pre" / "checkpoints", read_only=True)
-    assert ck.all_steps() == [3]
-    ck.close()
-    _, r = train(cfg, _loaders(cfg), progress=False, verbose=False, resume=True)
-    assert (r["step"], r["steps_this_run"]) == (6, 3)
-    p_full, p_res = load_params(root / "full"), load_params(tmp_path / "pre")
-    for a, b in zip(jax.tree_util.tree_leaves(p_full), jax.tree_util.tree_leaves(p_res)):
-        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    _assert_resumes_from_step_3_to_the_full_run(cfg, root / "full", tmp_path / "pre")
