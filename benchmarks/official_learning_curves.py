@@ -279,19 +279,13 @@ def plot(result: dict, path: str) -> None:
 # ----------------------------------------------------------------------------------------------
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_run_options(p: argparse.ArgumentParser) -> None:
+    """The options both frameworks' runs are built from (also used by official_speed.py)."""
     p.add_argument("--official", help="checkout of locuslab/EqR (omit: run the JAX half only)")
     p.add_argument("--data", default="data/sudoku9-curves",
                    help="9x9 dataset (built with 256 puzzles x 101 if missing)")
     p.add_argument("--build-train", type=int, default=256, help="train puzzles when building")
-    p.add_argument("--steps", type=int, default=300)
-    p.add_argument("--seeds", default="0,1", help="init / data / stream seeds, comma list")
     p.add_argument("--dtypes", default="float32,bfloat16")
-    p.add_argument("--modes", default="preset,deterministic")
-    p.add_argument("--det-seeds", default="",
-                   help="seeds of the deterministic mode (default: the first of --seeds)")
-    p.add_argument("--log-every", type=int, default=10)
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--hidden", type=int, default=64)
     p.add_argument("--heads", type=int, default=8)
@@ -307,6 +301,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr-min-ratio", type=float, default=0.1)
     p.add_argument("--weight-decay", type=float, default=1.0)
     p.add_argument("--ema-rate", type=float, default=0.999)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_run_options(p)
+    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--seeds", default="0,1", help="init / data / stream seeds, comma list")
+    p.add_argument("--modes", default="preset,deterministic")
+    p.add_argument("--det-seeds", default="",
+                   help="seeds of the deterministic mode (default: the first of --seeds)")
+    p.add_argument("--log-every", type=int, default=10)
     p.add_argument("--torch-threads", type=int, default=1,
                    help="torch intra-op threads (0: torch's default; on a shared CPU more than "
                         "one thread can be 10x slower)")

@@ -142,6 +142,29 @@ def test_eval_depth_memory_is_flat(capsys):
     assert ratio == _approx(1.0)
 
 
+def test_official_speed_jax_half(tmp_path, capsys):
+    """Without --official the speed benchmark times eqr-jax's train step both ways (a step per
+    call with a sync, several steps per call) on the loader's batches and writes its JSON."""
+    from eqr_jax.data.format import write_split
+
+    rng = np.random.default_rng(0)
+    y = rng.integers(2, 11, (24, 81)).astype(np.uint8)
+    x = np.where(rng.random((24, 81)) < 0.5, 1, y).astype(np.uint8)
+    write_split(tmp_path / "d", "train", x, y, group_sizes=[2] * 12, vocab_size=11)
+    write_split(tmp_path / "d", "test", x[:4], y[:4], vocab_size=11)
+    out = tmp_path / "speed.json"
+    rc = _script("official_speed").main([
+        "--data", str(tmp_path / "d"), "--steps", "2", "--warmup-steps", "1",
+        "--steps-per-call", "2", "--dtypes", "bfloat16", "--batch", "4", "--hidden", "16",
+        "--heads", "2", "--layers", "1", "--halt-max-steps", "2", "--json", str(out)])
+    assert rc == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["framework"], r["setting"]) for r in rows] == [
+        ("eqr-jax", "sync every step"), ("eqr-jax", "2 steps per call")]
+    assert all(r["s_per_step"] > 0 and r["vs_official"] is None for r in rows)
+    assert "| bfloat16 | eqr-jax | 2 steps per call |" in capsys.readouterr().out
+
+
 def test_official_learning_curves_jax_half(tmp_path, capsys):
     """Without --official the learning-curve benchmark runs its JAX half (make_train_step on the
     loader's batches) and writes its JSON and plot."""
