@@ -439,7 +439,6 @@ class StreamRunner:
         return done
 
     def _result(self, p: _Pending) -> tuple[int, BatchResult]:
-        b = p.labels.shape[0]
         n_valid = np.sum(p.labels != IGNORE_LABEL, axis=1).astype(np.int32)
         empty = np.zeros((0,), np.int32)
         return p.tag, BatchResult(n_valid=n_valid, trace_steps=empty,
