@@ -14,7 +14,7 @@ compiles it (``--repeats`` interleaved runs, the median wall time):
   slowest row halts; halted rows are still computed (and discarded) every step;
 * ``stream``: the streaming pool with its job queue on device (``eqr eval --stream``): a slot
   whose job halts takes the next job inside the same jitted loop;
-* ``host-refill-K``: the same pool refilled by the host every K steps (`core.stream_jobs` given
+* ``host-refill-K``: the same pool refilled by the host every K steps (`stream.stream_jobs` given
   only as many jobs as there are free slots and ``min_iterations=K``; one round trip per call).
 
 All runs use the same rows per step (``--batch`` x ``--breadth`` slots) and give the same
@@ -39,7 +39,7 @@ import common as bm
 from eqr_jax import modes
 from eqr_jax.config import EvalConfig
 from eqr_jax.data.arrays import eval_batches
-from eqr_jax.evaluation import Evaluator, core
+from eqr_jax.evaluation import Evaluator, core, stream
 from eqr_jax.evaluation.aggregate import SettingAccumulator, summarize_setting
 from eqr_jax.model import EqRModel
 from eqr_jax.sharding import fetch, replicated
@@ -90,7 +90,7 @@ def run_host_refill(ev: Evaluator, params, x, y, depth: int, breadth: int, slots
     inputs, labels = put(np.asarray(x, np.int32)), put(np.asarray(y, np.int32))
     stop = core.stopping(c.halt, c.convergence_metric, c.convergence_tol)
     params = ev.place_params(params)
-    pool = put(core.empty_pool(ev.model, slots, int(c.convergence_window)))
+    pool = put(stream.empty_pool(ev.model, slots, int(c.convergence_window)))
     exact, steps = np.zeros((p, n), bool), np.zeros((p, n), np.int32)
     free, nxt, executed, calls = slots, 0, 0, 0
     t0 = time.perf_counter()
@@ -98,7 +98,7 @@ def run_host_refill(ev: Evaluator, params, x, y, depth: int, breadth: int, slots
         q = min(free, len(rows) - nxt)
         jr, jc = np.zeros((slots,), np.int32), np.zeros((slots,), np.int32)
         jr[:q], jc[:q] = rows[nxt:nxt + q], copies[nxt:nxt + q]
-        pool, out = core.stream_jobs(
+        pool, out = stream.stream_jobs(
             ev.model, ev.mesh, params, pool, inputs, labels, put(jr), put(jc),
             put(np.array([nxt], np.int32)), put(np.array([q], np.int32)), 0, c.seed, depth,
             stop, False, every, window=int(c.convergence_window),

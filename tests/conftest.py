@@ -105,6 +105,16 @@ def trained_checkpoint() -> str:
     return out
 
 
+@pytest.fixture(scope="session")
+def trained_model():
+    """(config, model, EMA parameters) of `trained_checkpoint`, loaded as ``eqr eval`` loads it."""
+    from eqr_jax.checkpoint import load_for_inference
+    from eqr_jax.model import EqRModel
+
+    cfg, params = load_for_inference(trained_checkpoint())
+    return cfg, EqRModel(cfg.model), params
+
+
 def eval_data(n: int = 20, batch: int = 8, seed: int = 3):
     """Evaluation batches of easy puzzles; the last batch is partly padding."""
     from eqr_jax.data.arrays import eval_batches, make_puzzles

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import eval_data, micro_model, trained_checkpoint
+from conftest import eval_data, micro_model
 from eqr_jax import evaluation as ev
 from eqr_jax import modes
 from eqr_jax.config import EvalConfig
@@ -217,18 +217,10 @@ def test_eval_noise_scale(tiny):
 # A trained model, end to end
 
 
-@pytest.fixture(scope="module")
-def trained():
-    from eqr_jax.checkpoint import load_for_inference
-
-    cfg, params = load_for_inference(trained_checkpoint())
-    return cfg, EqRModel(cfg.model), params
-
-
-def test_eval_table_for_trained_model(trained, tmp_path, capsys):
+def test_eval_table_for_trained_model(trained_model, tmp_path, capsys):
     from eqr_jax.cli.eval import run
 
-    cfg, model, params = trained
+    cfg, model, params = trained_model
     batches, x, y = eval_data(n=20, batch=8)
     # max_rows = batch: every call runs one copy, so one compilation serves the whole grid.
     eval_cfg = dataclasses.replace(EvalConfig(), convergence_top_k=1, max_rows=8)
@@ -255,70 +247,6 @@ def test_eval_table_for_trained_model(trained, tmp_path, capsys):
     saved = json.loads((tmp_path / "results.json").read_text())
     assert len(saved["settings"]) == 4
     assert "depth" in (tmp_path / "results.csv").read_text().splitlines()[0]
-
-
-def _halting_params(params):
-    """``params`` with a halting head that reads z_H[token 0, channel 0]: rows halt by q_halt at
-    different steps."""
-    kernel = np.zeros(params["q_head"]["kernel"].shape, np.float32)
-    kernel[0, 0] = 1.0
-    return {**params, "q_head": {"kernel": jnp.asarray(kernel),
-                                 "bias": jnp.full((2,), -0.3, jnp.float32)}}
-
-
-def test_streaming_agrees_with_batched_job_for_job(trained):
-    """A pool of 5 slots (not a divisor of anything here) refilled as jobs halt gives every
-    (puzzle, copy) job the batched loop's prediction, steps and exactness, for rules that halt
-    rows at many different steps; the streaming pool executes fewer row-steps."""
-    from eqr_jax.evaluation.aggregate import SettingAccumulator
-
-    cfg, model, params = trained
-    batches, _, _ = eval_data(n=20, batch=8)  # 3 batches, the last with 4 padding rows
-    cases = (("convergence", params, dict(convergence_tol=0.2)),
-             ("q_halt", _halting_params(params), {}))
-    for halt, p, extra in cases:
-        base = EvalConfig(halt=halt, seed=4, **extra)
-        streaming = dataclasses.replace(base, stream=True, stream_slots=5)
-        batched = list(Evaluator(model, base).results(p, batches, depth=12, breadth=3))
-        acc = SettingAccumulator()
-        streamed = list(Evaluator(model, streaming).results(p, batches, depth=12, breadth=3,
-                                                            accumulator=acc))
-        assert [t for t, _ in streamed] == [t for t, _ in batched] == [0, 1, 2]
-        steps = []
-        for (_, a), (_, b) in zip(batched, streamed):
-            m = a.mask
-            np.testing.assert_array_equal(b.mask, m)
-            for name in ("preds", "steps", "exact", "n_correct"):
-                np.testing.assert_array_equal(getattr(b, name)[m], getattr(a, name)[m],
-                                              err_msg=f"{halt}: {name}")
-            for name in ("score", "residual", "q_halt"):
-                np.testing.assert_allclose(getattr(b, name)[m], getattr(a, name)[m],
-                                           rtol=1e-4, atol=1e-5, err_msg=f"{halt}: {name}")
-            steps.append(a.steps[m])
-        steps = np.concatenate(steps)
-        assert len(np.unique(steps)) >= 3, (halt, np.unique(steps))  # a mix of halting times
-        # Cost: every batched batch runs until its slowest row; the pool keeps slots busy.
-        executed = sum(a.executed for _, a in batched)
-        assert steps.sum() <= acc.executed < executed, (halt, steps.sum(), acc.executed, executed)
-        # The residual record is a function of the jobs' own steps: the same in both.
-        ref = SettingAccumulator()
-        for _, a in batched:
-            ref.add(a)
-        assert sorted(acc.trace) == sorted(ref.trace)
-        for t, (total, count) in ref.trace.items():
-            assert acc.trace[t][1] == count
-            assert acc.trace[t][0] == pytest.approx(total, rel=1e-4)
-    # The whole evaluation (`eqr eval --stream`): the same metrics but for the cost.
-    res = {s: Evaluator(model, dataclasses.replace(base, stream=s)).evaluate(
-        p, batches, depths=[12], breadths=[3])["settings"][0] for s in (False, True)}
-    cost = {"time_s", "halting/executed_row_steps", "halting/utilisation",
-            "halting/mean_batch_loop_steps"}
-    assert res[True]["stream"] and not res[False]["stream"]
-    for k, v in res[False]["metrics"].items():
-        if k not in cost:
-            assert res[True]["metrics"][k] == pytest.approx(v, rel=1e-4, abs=1e-6), k
-    assert res[True]["metrics"]["halting/utilisation"] > res[False]["metrics"][
-        "halting/utilisation"]
 
 
 # ---------------------------------------------------------------------------------------------

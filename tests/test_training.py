@@ -151,7 +151,7 @@ def test_sigterm_saves_at_the_next_step_boundary_and_resume_is_exact(resume_runs
     where the uninterrupted run ended. The SIGTERM handler is the caller's again afterwards."""
     import signal
 
-    from eqr_jax.training import Preempted
+    from eqr_jax.preemption import Preempted
 
     root, _, _ = resume_runs
     cfg = micro_run(str(tmp_path / "pre"), max_steps=6)

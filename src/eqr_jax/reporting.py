@@ -1,4 +1,5 @@
-"""Reporting: the one table printer, evaluation tables, and the JSON / CSV results writers.
+"""Reporting: the one table printer, evaluation tables, the JSON / CSV results writers, and
+training's log (`TrainLog`: TensorBoard, progress bar, console) and summary table.
 
 Every table of the project (evaluation grids, training summaries, the ablation, the benchmarks)
 goes through `format_table`; every results file records the machine it was measured on
@@ -192,3 +193,87 @@ def write_json(path: str | os.PathLike, payload: Mapping[str, Any], *,
     tmp.write_text(json.dumps(_jsonable(data), indent=2, allow_nan=False) + "\n")
     os.replace(tmp, path)
     return path
+
+
+# ----------------------------------------------------------------------------------------------
+# Training's log and summary
+
+
+class TrainLog:
+    """Training's TensorBoard scalars/histograms, progress bar and console lines (written by the
+    main process only)."""
+
+    def __init__(self, cfg, out_dir: Path, total: int, step: int, progress: bool,
+                 verbose: bool):
+        import jax
+
+        self.main = jax.process_index() == 0
+        self.verbose = verbose
+        self.writer = self.bar = None
+        if self.main:
+            from tensorboardX import SummaryWriter
+            self.writer = SummaryWriter(str(out_dir / "tb"))
+        if progress and self.main:
+            from tqdm import tqdm
+            self.bar = tqdm(total=total, initial=step, desc=f"train {cfg.preset}",
+                            dynamic_ncols=True, smoothing=0.1)
+
+    def print(self, text: str) -> None:
+        if self.bar is not None:
+            self.bar.write(text)
+        elif self.main and self.verbose:
+            print(text, flush=True)
+
+    def write(self, scalars: Mapping[str, float], at: int,
+              hists: Mapping[str, np.ndarray] = {}) -> None:
+        if self.writer is None:
+            return
+        for k, v in scalars.items():
+            self.writer.add_scalar(k, v, at)
+        for k, counts in hists.items():
+            if counts.sum() > 0:
+                vals = np.arange(1, len(counts) + 1, dtype=np.float64)
+                nz = np.flatnonzero(counts)
+                self.writer.add_histogram_raw(
+                    k, min=float(vals[nz[0]]), max=float(vals[nz[-1]]), num=int(counts.sum()),
+                    sum=float((vals * counts).sum()), sum_squares=float((vals ** 2 * counts).sum()),
+                    bucket_limits=(vals + 0.5).tolist(), bucket_counts=counts.tolist(),
+                    global_step=at)
+        self.writer.flush()
+
+    def train_line(self, at: int, s: Mapping[str, float]) -> None:
+        if self.bar is not None:
+            self.bar.set_postfix(loss=f"{s.get('train/total_loss', 0):.3f}",
+                                 acc=f"{s.get('train/accuracy', 0):.3f}",
+                                 exact=f"{s.get('train/exact_accuracy', 0):.3f}",
+                                 steps=f"{s.get('train/steps', 0):.1f}", refresh=False)
+        elif self.main and self.verbose:
+            print(f"[eqr] step {at}: " + " ".join(
+                f"{k.split('/')[1]}={s[k]:.4g}" for k in
+                ("train/total_loss", "train/accuracy", "train/exact_accuracy", "train/steps",
+                 "train/lr", "train/puzzles_per_s") if k in s), flush=True)
+
+    def close_bar(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+    def close(self) -> None:
+        self.close_bar()
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
+
+
+def train_results_table(cfg, r: Mapping[str, Any]) -> str:
+    """A short markdown results table of a run (``cfg`` its `RunConfig`, ``r`` the dict
+    `eqr_jax.training.train` returns)."""
+    pct = lambda v: "n/a" if v is None else f"{100 * v:.2f}%"
+    rows = [("preset", cfg.preset), ("steps", f"{r['step']} / {r['total_steps']}"),
+            ("test exact accuracy", pct(r.get("all/exact_accuracy"))),
+            ("test token accuracy", pct(r.get("all/accuracy"))),
+            ("test puzzles", f"{int(r.get('eval_puzzles', 0))}"),
+            ("train exact accuracy (halted rows)", pct(r.get("train/exact_accuracy"))),
+            ("train loss", f"{r.get('train/total_loss', float('nan')):.4f}"),
+            ("wall time", f"{r['time_s']:.1f} s")]
+    return format_table([{"metric": a, "value": b} for a, b in rows], markdown=True)

@@ -12,7 +12,7 @@ it takes its loaders (`eqr_jax.data.prepare.make_loaders` opens a dataset folder
 Each step's loss and gradient norm are checked on device: from the first non-finite one the call
 freezes the state, and the host raises `NonFiniteError` before anything after it is saved.
 A SIGTERM (preemption) stops the loop at the next call boundary, the same one on every process
-(`PreemptionWatch`), after a checkpoint; `train` then raises `Preempted`. With several
+(`eqr_jax.preemption`), after a checkpoint; `train` then raises `Preempted`. With several
 processes every collective (the step, evaluation gathers, checkpoint saves and restores) is
 entered by all of them in the same order; only process 0 writes the single-writer files.
 """
@@ -22,9 +22,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-import signal
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, NamedTuple
@@ -42,6 +40,8 @@ from eqr_jax.act import ACTCarry, BATCH_KEYS, init_carry
 from eqr_jax.config import RunConfig
 from eqr_jax.losses import loss_and_metrics
 from eqr_jax.model import EqRModel
+from eqr_jax.preemption import Preempted, PreemptionWatch
+from eqr_jax.reporting import TrainLog, train_results_table
 
 # Bit flags of the quantities the non-finite guard watches (``nonfinite_what``).
 NONFINITE_QUANTITIES = {1: "loss", 2: "gradient norm"}
@@ -49,59 +49,6 @@ NONFINITE_QUANTITIES = {1: "loss", 2: "gradient norm"}
 
 class NonFiniteError(FloatingPointError):
     """Training produced a non-finite loss or gradient norm (the message names step and quantity)."""
-
-
-class Preempted(Exception):
-    """Training stopped at a preemption notice (SIGTERM) after every process saved a checkpoint
-    at ``step`` in ``directory``; ``--resume`` continues exactly (``eqr train`` exits with
-    status 75)."""
-
-    def __init__(self, step: int, directory):
-        super().__init__(f"preempted (SIGTERM): checkpoint saved at step {step} in {directory}; "
-                         "continue with --resume")
-        self.step, self.directory = int(step), directory
-
-
-class PreemptionWatch:
-    """Whether a preemption notice (SIGTERM) arrived, agreed by every process at one step
-    boundary.
-
-    In a multi-process run (`jax.distributed` initialised) JAX's preemption sync manager
-    receives SIGTERM on any process and `multihost_utils.reached_preemption_sync_point` turns
-    True on every process at the same boundary id (each process calls it at every boundary with
-    the same increasing ids; no per-step communication). With one process a SIGTERM handler sets
-    a flag. Use as ``watch.reached(boundary)``; ``close()`` restores the previous handler.
-    """
-
-    def __init__(self):
-        self.distributed = jax.distributed.is_initialized()
-        self._flag = False
-        self._previous = None
-        if not self.distributed and threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGTERM, self._on_sigterm)
-
-    def _on_sigterm(self, signum, frame) -> None:
-        self._flag = True
-
-    def reached(self, boundary: int) -> bool:
-        if not self.distributed:
-            return self._flag
-        from jax.experimental import multihost_utils
-
-        try:
-            return bool(multihost_utils.reached_preemption_sync_point(int(boundary)))
-        except RuntimeError as e:  # jax_enable_preemption_service off: no coordinated stop
-            if jax.process_index() == 0:
-                print(f"[eqr] warning: no preemption handling ({e})", file=sys.stderr,
-                      flush=True)
-            self.distributed, self._flag = False, False
-            self.reached = lambda boundary: False  # type: ignore[method-assign]
-            return False
-
-    def close(self) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
-            self._previous = None
 
 
 def _check_local_rows(host: Mapping[str, np.ndarray], global_batch: int) -> None:
@@ -249,69 +196,6 @@ def _first_nonfinite(statuses: list) -> tuple[int, int] | None:
     return None
 
 
-class _Log:
-    """TensorBoard scalars/histograms, the progress bar and console lines of the main process."""
-
-    def __init__(self, cfg: RunConfig, out_dir: Path, total: int, step: int, progress: bool,
-                 verbose: bool):
-        self.main = jax.process_index() == 0
-        self.verbose = verbose
-        self.writer = self.bar = None
-        if self.main:
-            from tensorboardX import SummaryWriter
-            self.writer = SummaryWriter(str(out_dir / "tb"))
-        if progress and self.main:
-            from tqdm import tqdm
-            self.bar = tqdm(total=total, initial=step, desc=f"train {cfg.preset}",
-                            dynamic_ncols=True, smoothing=0.1)
-
-    def print(self, text: str) -> None:
-        if self.bar is not None:
-            self.bar.write(text)
-        elif self.main and self.verbose:
-            print(text, flush=True)
-
-    def write(self, scalars: Mapping[str, float], at: int,
-              hists: Mapping[str, np.ndarray] = {}) -> None:
-        if self.writer is None:
-            return
-        for k, v in scalars.items():
-            self.writer.add_scalar(k, v, at)
-        for k, counts in hists.items():
-            if counts.sum() > 0:
-                vals = np.arange(1, len(counts) + 1, dtype=np.float64)
-                nz = np.flatnonzero(counts)
-                self.writer.add_histogram_raw(
-                    k, min=float(vals[nz[0]]), max=float(vals[nz[-1]]), num=int(counts.sum()),
-                    sum=float((vals * counts).sum()), sum_squares=float((vals ** 2 * counts).sum()),
-                    bucket_limits=(vals + 0.5).tolist(), bucket_counts=counts.tolist(),
-                    global_step=at)
-        self.writer.flush()
-
-    def train_line(self, at: int, s: Mapping[str, float]) -> None:
-        if self.bar is not None:
-            self.bar.set_postfix(loss=f"{s.get('train/total_loss', 0):.3f}",
-                                 acc=f"{s.get('train/accuracy', 0):.3f}",
-                                 exact=f"{s.get('train/exact_accuracy', 0):.3f}",
-                                 steps=f"{s.get('train/steps', 0):.1f}", refresh=False)
-        elif self.main and self.verbose:
-            print(f"[eqr] step {at}: " + " ".join(
-                f"{k.split('/')[1]}={s[k]:.4g}" for k in
-                ("train/total_loss", "train/accuracy", "train/exact_accuracy", "train/steps",
-                 "train/lr", "train/puzzles_per_s") if k in s), flush=True)
-
-    def close_bar(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-            self.bar = None
-
-    def close(self) -> None:
-        self.close_bar()
-        if self.writer is not None:
-            self.writer.close()
-            self.writer = None
-
-
 def train(cfg: RunConfig, loaders: tuple[Any, Callable[[], Iterable]], mesh: Mesh | None = None,
           *, resume: bool = False, resume_step: int | None = None,
           stop_after: int | None = None, progress: bool = True,
@@ -404,7 +288,7 @@ def train(cfg: RunConfig, loaders: tuple[Any, Callable[[], Iterable]], mesh: Mes
     step_fn = lambda n: _cached_train_step(_compute_key(cfg), total, n, mesh)
     stacked = sharding_lib.batch_sharding(mesh, stacked=True)
     evaluator = Evaluator(model, cfg.eval, mesh=mesh)
-    log = _Log(cfg, out_dir, total, step, progress, verbose)
+    log = TrainLog(cfg, out_dir, total, step, progress, verbose)
     merge = jax.jit(metrics_lib.merge_metrics)
 
     last_train: dict[str, float] = {}
@@ -544,24 +428,9 @@ def train(cfg: RunConfig, loaders: tuple[Any, Callable[[], Iterable]], mesh: Mes
               "steps_this_run": step - start_step, "interrupted": interrupted,
               **last_train, **last_eval}
     if jax.process_index() == 0 and (progress or verbose):
-        print(results_table(cfg, result), flush=True)
+        print(train_results_table(cfg, result), flush=True)
     if interrupted:
         raise KeyboardInterrupt
     if preempted:
         raise Preempted(step, ckpt.directory)
     return state, result
-
-
-def results_table(cfg: RunConfig, r: Mapping[str, Any]) -> str:
-    """A short markdown results table of a run (the dict `train` returns)."""
-    from eqr_jax.reporting import format_table
-
-    pct = lambda v: "n/a" if v is None else f"{100 * v:.2f}%"
-    rows = [("preset", cfg.preset), ("steps", f"{r['step']} / {r['total_steps']}"),
-            ("test exact accuracy", pct(r.get("all/exact_accuracy"))),
-            ("test token accuracy", pct(r.get("all/accuracy"))),
-            ("test puzzles", f"{int(r.get('eval_puzzles', 0))}"),
-            ("train exact accuracy (halted rows)", pct(r.get("train/exact_accuracy"))),
-            ("train loss", f"{r.get('train/total_loss', float('nan')):.4f}"),
-            ("wall time", f"{r['time_s']:.1f} s")]
-    return format_table([{"metric": a, "value": b} for a, b in rows], markdown=True)

@@ -51,7 +51,7 @@ def _classes(names) -> tuple[type, ...]:
 
 def error_status(e: BaseException) -> int | None:
     """The exit status for an exception that is not a bug (None: a bug, show the traceback)."""
-    preempted = _classes([("eqr_jax.training", "Preempted")])
+    preempted = _classes([("eqr_jax.preemption", "Preempted")])
     if preempted and isinstance(e, preempted):
         return EXIT_PREEMPTED
     if isinstance(e, _classes(_RUN_FAILURES)):

@@ -68,7 +68,8 @@ def main(argv: list[str] | None = None) -> int:
     import jax
 
     from eqr_jax.data import prepare
-    from eqr_jax.training import Preempted, train
+    from eqr_jax.preemption import Preempted
+    from eqr_jax.training import train
 
     data_exists = prepare.check_data_path(cfg, config_lib.preset(args.preset).data.path,
                                           build=args.build)

@@ -119,6 +119,37 @@ def convergence_top_k(scores, exact, k: int) -> dict[str, float]:
     return out
 
 
+class BatchResult(NamedTuple):
+    """Per puzzle and copy results of one batch on the host (puzzle-major: (B, copies, ...)).
+
+    ``steps`` counts the step-map applications (or solver iterations) a row used; ``residual`` is
+    its last latent residual ‖S_t − S_{t−1}‖₂ over [z_H; z_L] (S_0 = the initial latents);
+    ``score`` the convergence score (mean over the last ``window`` logit changes of the per-token
+    L2 norm, lowest = most converged); ``trace_*`` the residual-vs-step record (sums over the
+    real rows that took that step, slots with step 0 unused; empty from the streaming evaluator,
+    which records it per setting); ``loop_steps`` the iterations of the batch loop (max over
+    chunks; -1 when streamed); ``executed`` the row-steps the loops computed for this batch,
+    frozen and padding rows included (0 when streamed: a pool's cost is per setting);
+    ``mask`` and ``labels`` the batch as evaluated (False rows are padding).
+    """
+
+    preds: np.ndarray  # (B, n, N) int32
+    n_correct: np.ndarray  # (B, n) int32
+    n_valid: np.ndarray  # (B,) int32
+    exact: np.ndarray  # (B, n) bool
+    steps: np.ndarray  # (B, n) int32
+    score: np.ndarray  # (B, n) float32
+    residual: np.ndarray  # (B, n) float32
+    q_halt: np.ndarray  # (B, n) float32
+    trace_steps: np.ndarray  # (K,) int32
+    trace_sum: np.ndarray  # (K,) float64
+    trace_count: np.ndarray  # (K,) int64
+    loop_steps: int
+    executed: int
+    mask: np.ndarray  # (B,) bool
+    labels: np.ndarray  # (B, N) int32
+
+
 class SettingAccumulator:
     """One (depth, breadth) setting's per-puzzle results, accumulated over batches (real rows
     only), with the residual record, the row-steps the loops executed and the time spent."""

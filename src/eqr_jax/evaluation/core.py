@@ -6,10 +6,11 @@ a *copy*, of one puzzle), with the same per-row halting rules (`advance_rows`):
 * `evaluate_copies` (batched): ``C`` copies of a batch of ``B`` puzzles in one `lax.while_loop`
   whose carry holds only the current latents, logits and a few per-row counters, so memory does
   not depend on the depth. A row that halted is frozen; the loop exits once every row halted.
-* `stream_jobs` (streaming): a fixed pool of slots; a slot whose job halts (q_halt, convergence
-  or the depth cap) records the job's result and takes the next job of a queue held on device,
-  inside the same loop, so no slot idles while work is left. One pool per device
-  (`jax.shard_map`): nothing crosses devices inside the loop.
+* `eqr_jax.evaluation.stream.stream_jobs` (streaming): a fixed pool of slots; a slot whose job
+  halts (q_halt, convergence or the depth cap) records the job's result and takes the next job
+  of a queue held on device, inside the same loop, so no slot idles while work is left. One pool
+  per device (`jax.shard_map`): nothing crosses devices inside the loop. It is built from this
+  module's per-row pieces (`Rows`, `advance_rows`, `step_rows`, `job_keys`).
 
 The depth and the halting rule (`Stopping`) are traced values: one compilation serves every
 depth and every rule. `solve_copies` is the jaxopt alternative (Anderson or plain fixed-point
@@ -33,12 +34,10 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
-from jax.sharding import PartitionSpec as P
 
 from eqr_jax import dynamics, modes
 from eqr_jax.losses import sequence_exact
-from eqr_jax.model import EqRModel, LatentState, compute_dtype
+from eqr_jax.model import EqRModel, LatentState
 
 # Halting rule name -> (stop on q_halt > 0, stop on convergence); `fixed` stops only at depth.
 HALT_RULES = {"fixed": (False, False), "q_halt": (True, False), "convergence": (False, True)}
@@ -345,154 +344,6 @@ def evaluate_copies(model: EqRModel, params, inputs, labels, mask, seed, first_i
     return CopyResults(preds, n_correct, n_valid, exact, s.rows.steps,
                        convergence_score(s.rows, window), s.rows.residual, s.rows.q_halt,
                        s.trace, s.t)
-
-
-# ----------------------------------------------------------------------------------------------
-# The streaming loop
-
-
-class Pool(NamedTuple):
-    """The slots of a streaming evaluation, (S, ...) leading axis; a free slot has job -1."""
-
-    rows: Rows
-    x: jax.Array  # (S, N, H): the input injection of the slot's puzzle
-    labels: jax.Array  # (S, N) int32
-    noise_keys: jax.Array  # (S, 2): the job's noise key (`job_keys`)
-    job: jax.Array  # (S,) int32: the job's number in the stream, -1: free
-
-
-class StreamOut(NamedTuple):
-    """The jobs that finished during one `stream_jobs` call, per device in finishing order:
-    records ``[:done]`` are valid (leading axis O = jobs queued + slots, per device)."""
-
-    job: jax.Array  # (O,) int32: the job's number in the stream
-    preds: jax.Array  # (O, N) int32
-    n_correct: jax.Array  # (O,) int32
-    exact: jax.Array  # (O,) bool
-    steps: jax.Array  # (O,) int32
-    score: jax.Array  # (O,) float32
-    residual: jax.Array  # (O,) float32
-    q_halt: jax.Array  # (O,) float32
-    done: jax.Array  # (1,) int32: records written
-    trace: ResidualTrace  # leaves (1, K)
-    iterations: jax.Array  # (1,) int32: loop iterations (each steps every slot)
-
-
-def empty_pool(model: EqRModel, slots: int, window: int) -> Pool:
-    """A pool of ``slots`` free slots as host arrays (place it with the mesh's sharding)."""
-    c = model.cfg
-    lat = jnp.zeros((slots, c.seq_len, c.hidden_size), compute_dtype(c))
-    rows = fresh_rows(LatentState(lat, lat), jnp.zeros((slots, c.seq_len, c.vocab_size),
-                                                       jnp.float32), window)
-    pool = Pool(rows, lat, jnp.zeros((slots, c.seq_len), jnp.int32),
-                jnp.zeros((slots, 2), jnp.uint32), jnp.full((slots,), -1, jnp.int32))
-    # Host copies: leaves that share a buffer could not all be donated.
-    return jax.tree_util.tree_map(lambda a: np.array(a), pool)
-
-
-def _stream_local(model: EqRModel, window: int, trace_points: int, params, pool: Pool, inputs,
-                  labels, job_rows, job_copies, first_job, num_jobs, first_index, seed, depth,
-                  stop: Stopping, drain, min_iterations):
-    """One device's streaming loop (see `stream_jobs`); ``first_job``/``num_jobs`` are (1,)."""
-    s_slots, q = pool.job.shape[0], job_rows.shape[0]
-    o = q + s_slots
-    n_tok = labels.shape[1]
-    depth = jnp.asarray(depth, jnp.int32)
-    first_job, num_jobs = first_job[0], num_jobs[0]
-    readout = lambda z: model.readout(params, z)
-
-    def refill(pool: Pool, nxt):
-        free = pool.job < 0
-        rank = jnp.cumsum(free.astype(jnp.int32)) - 1
-        take = free & (nxt + rank < num_jobs)
-        j = jnp.clip(nxt + rank, 0, q - 1)
-        rows_ = job_rows[j]
-        init_keys, noise_keys = job_keys(seed, first_index + rows_, job_copies[j])
-        lat = init_rows(model, init_keys)
-        fresh = Pool(fresh_rows(lat, readout(lat).logits, window),
-                     model.embed(params, inputs[rows_]), labels[rows_], noise_keys,
-                     first_job + j)
-        pick = lambda n, o_: jnp.where(take.reshape(take.shape + (1,) * (n.ndim - 1)), n, o_)
-        return (jax.tree_util.tree_map(pick, fresh, pool),
-                nxt + jnp.sum(take.astype(jnp.int32)))
-
-    def cond(c):
-        pool, nxt, it = c[0], c[1], c[5]
-        return (nxt < num_jobs) | ((drain | (it < min_iterations)) & jnp.any(pool.job >= 0))
-
-    def body(c):
-        pool, nxt, out, done, trace, it = c
-        refillable = jnp.any(pool.job < 0) & (nxt < num_jobs)
-        pool, nxt = jax.lax.cond(refillable, refill, lambda p, n: (p, n), pool, nxt)
-        active = pool.job >= 0
-        r = pool.rows
-        new = step_rows(model, params, r.latents, pool.x, fold_step(pool.noise_keys, r.steps))
-        ro = readout(new)
-        rows, halts, res = advance_rows(r, new, ro.logits, ro.q_halt, active, stop, window)
-        trace = record_trace(trace, r.steps + 1, res, active, depth)
-        finished = halts | (active & (rows.steps >= depth))
-        pos = jnp.where(finished, done + jnp.cumsum(finished.astype(jnp.int32)) - 1, o)
-        n_correct, _, exact = sequence_exact(rows.logits, pool.labels)
-        rec = (pool.job, jnp.argmax(rows.logits, -1).astype(jnp.int32), n_correct, exact,
-               rows.steps, convergence_score(rows, window), rows.residual, rows.q_halt)
-        out = tuple(buf.at[pos].set(v, mode="drop") for buf, v in zip(out, rec))
-        pool = pool._replace(rows=rows, job=jnp.where(finished, -1, pool.job))
-        return (pool, nxt, out, done + jnp.sum(finished.astype(jnp.int32)), trace, it + 1)
-
-    zeros = lambda dt: jnp.zeros((o,), dt)
-    out0 = (jnp.full((o,), -1, jnp.int32), jnp.zeros((o, n_tok), jnp.int32),
-            zeros(jnp.int32), zeros(bool), zeros(jnp.int32), zeros(jnp.float32),
-            zeros(jnp.float32), zeros(jnp.float32))
-    carry = (pool, jnp.int32(0), out0, jnp.int32(0), empty_trace(trace_points), jnp.int32(0))
-    pool, _, out, done, trace, it = jax.lax.while_loop(cond, body, carry)
-    lead = lambda a: a[None]
-    return pool, StreamOut(*out, done=lead(done),
-                           trace=jax.tree_util.tree_map(lead, trace), iterations=lead(it))
-
-
-@functools.partial(jax.jit, static_argnames=("model", "mesh", "window", "trace_points"),
-                   donate_argnames=("pool",))
-def stream_jobs(model: EqRModel, mesh, params, pool: Pool, inputs, labels, job_rows, job_copies,
-                first_job, num_jobs, first_index, seed, depth, stop: Stopping, drain,
-                min_iterations=0, *, window: int, trace_points: int) -> tuple[Pool, StreamOut]:
-    """Run a queue of jobs through a pool of slots; returns the pool and the finished jobs.
-
-    Each device runs its own pool and its own share of the queue (`jax.shard_map` over the
-    mesh's ``data`` axis; D devices). Every iteration refills the free slots with the next
-    queued jobs (fresh latents from `job_keys`, counters at 0), takes one step of every slot,
-    and records and frees the slots whose job halted by ``stop`` or reached ``depth`` steps.
-
-    Args:
-      mesh: static; the pool, the queue and the outputs are split along its ``data`` axis.
-      pool: `Pool` with (S, ...) leaves, S a multiple of D (donated): jobs still running from
-        an earlier call continue.
-      inputs, labels: (B, N) int32, replicated: the puzzles the queued jobs refer to.
-      job_rows, job_copies: (D * Q,) int32: each device's Q queued jobs (row of ``inputs``,
-        copy number); first_job, num_jobs: (D,) int32: the stream number of each device's
-        first queued job and how many of its Q entries are real.
-      first_index: int32: the split index of ``inputs`` row 0 (for `job_keys`); seed: int32.
-      depth: int32 (traced) step cap; stop: `Stopping`; drain: bool: run until every slot is
-        free, else return as soon as the queue is taken (running jobs stay in the pool) and at
-        least ``min_iterations`` iterations ran (while any slot runs; int32, traced). A host
-        that refills the pool itself every K steps calls with a queue of at most the free
-        slots and ``min_iterations=K`` (benchmarks/streaming_eval.py compares the two).
-    Returns:
-      (pool, `StreamOut` with per-device leading axes concatenated: (D * (Q + S/D), ...)).
-    """
-    from eqr_jax.sharding import DATA_AXIS
-
-    d = P(DATA_AXIS)
-    fn = functools.partial(_stream_local, model, window, trace_points)
-    pool_spec = jax.tree_util.tree_map(lambda _: d, pool)
-    out_spec = (pool_spec, StreamOut(*([d] * 8), done=d, trace=ResidualTrace(d, d, d),
-                                     iterations=d))
-    mapped = jax.shard_map(fn, mesh=mesh, in_specs=(
-        P(), pool_spec, P(), P(), d, d, d, d, P(), P(), P(), P(), P(), P()),
-        out_specs=out_spec, check_vma=False)
-    return mapped(params, pool, inputs, labels, job_rows, job_copies, first_job, num_jobs,
-                  jnp.asarray(first_index, jnp.int32), jnp.asarray(seed, jnp.int32),
-                  jnp.asarray(depth, jnp.int32), stop, jnp.asarray(drain),
-                  jnp.asarray(min_iterations, jnp.int32))
 
 
 # ----------------------------------------------------------------------------------------------

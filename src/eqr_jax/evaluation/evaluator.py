@@ -17,9 +17,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 import time
-from typing import Any, Callable, Iterable, Iterator, Mapping, NamedTuple, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -29,40 +28,10 @@ from eqr_jax import modes
 from eqr_jax import sharding as sharding_lib
 from eqr_jax.config import EvalConfig
 from eqr_jax.evaluation import core
-from eqr_jax.evaluation.aggregate import SettingAccumulator, summarize_setting
+from eqr_jax.evaluation.aggregate import BatchResult, SettingAccumulator, summarize_setting
+from eqr_jax.evaluation.stream import StreamRunner
 from eqr_jax.losses import IGNORE_LABEL
 from eqr_jax.model import EqRModel
-
-
-class BatchResult(NamedTuple):
-    """Per puzzle and copy results of one batch on the host (puzzle-major: (B, copies, ...)).
-
-    ``steps`` counts the step-map applications (or solver iterations) a row used; ``residual`` is
-    its last latent residual ‖S_t − S_{t−1}‖₂ over [z_H; z_L] (S_0 = the initial latents);
-    ``score`` the convergence score (mean over the last ``window`` logit changes of the per-token
-    L2 norm, lowest = most converged); ``trace_*`` the residual-vs-step record (sums over the
-    real rows that took that step, slots with step 0 unused; empty from the streaming evaluator,
-    which records it per setting); ``loop_steps`` the iterations of the batch loop (max over
-    chunks; -1 when streamed); ``executed`` the row-steps the loops computed for this batch,
-    frozen and padding rows included (0 when streamed: a pool's cost is per setting);
-    ``mask`` and ``labels`` the batch as evaluated (False rows are padding).
-    """
-
-    preds: np.ndarray  # (B, n, N) int32
-    n_correct: np.ndarray  # (B, n) int32
-    n_valid: np.ndarray  # (B,) int32
-    exact: np.ndarray  # (B, n) bool
-    steps: np.ndarray  # (B, n) int32
-    score: np.ndarray  # (B, n) float32
-    residual: np.ndarray  # (B, n) float32
-    q_halt: np.ndarray  # (B, n) float32
-    trace_steps: np.ndarray  # (K,) int32
-    trace_sum: np.ndarray  # (K,) float64
-    trace_count: np.ndarray  # (K,) int64
-    loop_steps: int
-    executed: int
-    mask: np.ndarray  # (B,) bool
-    labels: np.ndarray  # (B, N) int32
 
 
 def with_eval_noise(model: EqRModel, noise_scale: float | None) -> EqRModel:
@@ -331,158 +300,6 @@ class BatchedRunner:
 
     def finish(self) -> list[tuple[int, BatchResult]]:
         return []
-
-
-@dataclasses.dataclass
-class _Pending:
-    """A batch whose jobs are in the stream: its per-copy buffers, filled as jobs finish."""
-
-    tag: int
-    first_job: int
-    rows: np.ndarray  # (Q,) int32: the real jobs' rows, puzzle-major
-    copies: np.ndarray  # (Q,) int32
-    buffers: dict
-    mask: np.ndarray
-    labels: np.ndarray
-    left: int  # jobs not finished yet
-
-
-class StreamRunner:
-    """A fixed pool of slots on device (`core.stream_jobs`): each batch's jobs (real rows x
-    breadth copies, puzzle-major) join a queue; a slot whose job halts takes the next one.
-
-    `feed` returns the batches whose jobs have all finished so far; `finish` runs the pool dry.
-    The pool has ``cfg.stream_slots`` slots (0: batch x breadth, at most ``cfg.max_rows``),
-    rounded up to a multiple of the devices; each device runs its own pool and its share of
-    every batch's jobs. A call is dispatched before the previous call's records are fetched,
-    so the host's bookkeeping overlaps the device's work.
-    """
-
-    _FIELDS = ("n_correct", "exact", "steps", "score", "residual", "q_halt")
-
-    def __init__(self, ev: Evaluator, params, depth: int, breadth: int,
-                 accumulator: SettingAccumulator | None = None):
-        self.ev, self.params, self.depth, self.breadth = ev, params, depth, breadth
-        self.acc = accumulator
-        self.devices = ev.mesh.devices.size
-        c = ev.cfg
-        self.stop = core.stopping(c.halt, c.convergence_metric, c.convergence_tol)
-        self.pool = None
-        self.slots = 0
-        self.pending: list[_Pending] = []
-        self.next_job = 0
-        self.inflight = None
-        self.last = None  # (inputs, labels) of the last batch: shapes for the drain call
-
-    def _make_pool(self, batch: int) -> None:
-        c = self.ev.cfg
-        slots = c.stream_slots or batch * self.breadth
-        if not c.stream_slots and c.max_rows:
-            slots = min(slots, c.max_rows)
-        self.slots = int(math.ceil(max(slots, 1) / self.devices) * self.devices)
-        pool = core.empty_pool(self.ev.model, self.slots, int(c.convergence_window))
-        self.pool = jax.device_put(pool, sharding_lib.batch_sharding(self.ev.mesh))
-
-    def _call(self, inputs, labels, rows, copies, first_index: int, drain: bool):
-        """Dispatch one `core.stream_jobs` call with the jobs (``rows``, ``copies``) of the
-        batch (``inputs``, ``labels``); returns the previous call's (not yet fetched) output."""
-        d = self.devices
-        q = len(rows)
-        per = max(1, math.ceil(inputs.shape[0] * self.breadth / d))  # static per batch size
-        job_rows = np.zeros((d * per,), np.int32)
-        job_copies = np.zeros((d * per,), np.int32)
-        job_rows[:q], job_copies[:q] = rows, copies
-        starts = np.arange(d) * per
-        num = np.clip(q - starts, 0, per).astype(np.int32)
-        first_job = (self.next_job + starts).astype(np.int32)
-        sh = sharding_lib.batch_sharding(self.ev.mesh)
-        put = lambda a: jax.device_put(a, sh)
-        repl = lambda a: jax.device_put(a, sharding_lib.replicated(self.ev.mesh))
-        c = self.ev.cfg
-        self.pool, out = core.stream_jobs(
-            self.ev.model, self.ev.mesh, self.params, self.pool, repl(inputs), repl(labels),
-            put(job_rows), put(job_copies), put(first_job), put(num), first_index, c.seed,
-            self.depth, self.stop, drain, window=int(c.convergence_window),
-            trace_points=int(c.trace_points))
-        self.next_job += q
-        previous, self.inflight = self.inflight, out
-        return previous
-
-    def _collect(self, out) -> list[tuple[int, BatchResult]]:
-        """File the records of one call's `StreamOut` into their batches."""
-        if out is None:
-            return []
-        out = sharding_lib.fetch(out)
-        d = self.devices
-        per = out.job.shape[0] // d
-        keep = np.concatenate([np.arange(i * per, i * per + int(out.done[i])) for i in range(d)])
-        jobs = out.job[keep]
-        if self.acc is not None:
-            self.acc.executed += int(np.sum(out.iterations)) * (self.slots // d)
-            self.acc.add_trace(np.max(out.trace.steps, axis=0),
-                               np.sum(out.trace.total.astype(np.float64), axis=0),
-                               np.sum(out.trace.rows.astype(np.int64), axis=0))
-        starts = [p.first_job for p in self.pending]
-        which = np.searchsorted(starts, jobs, side="right") - 1
-        for bi in np.unique(which):
-            p = self.pending[bi]
-            sel = which == bi
-            local = jobs[sel] - p.first_job
-            r, c = p.rows[local], p.copies[local]
-            p.buffers["preds"][r, c] = out.preds[keep[sel]]
-            for name in self._FIELDS:
-                p.buffers[name][r, c] = getattr(out, name)[keep[sel]]
-            p.left -= int(sel.sum())
-        done = []
-        while self.pending and self.pending[0].left == 0:
-            done.append(self._result(self.pending.pop(0)))
-        return done
-
-    def _result(self, p: _Pending) -> tuple[int, BatchResult]:
-        n_valid = np.sum(p.labels != IGNORE_LABEL, axis=1).astype(np.int32)
-        empty = np.zeros((0,), np.int32)
-        return p.tag, BatchResult(n_valid=n_valid, trace_steps=empty,
-                                  trace_sum=empty.astype(np.float64),
-                                  trace_count=empty.astype(np.int64), loop_steps=-1, executed=0,
-                                  mask=p.mask, labels=p.labels, **p.buffers)
-
-    def feed(self, placed: Mapping[str, Any], first_index: int,
-             tag: int) -> list[tuple[int, BatchResult]]:
-        """Queue a placed batch's jobs (row ``r`` is puzzle ``first_index + r``); returns the
-        batches completed so far, in feeding order."""
-        inputs, labels, mask = sharding_lib.fetch((placed["inputs"], placed["labels"],
-                                                   placed["mask"]))
-        inputs, labels = np.asarray(inputs, np.int32), np.asarray(labels, np.int32)
-        mask = np.asarray(mask, bool)
-        if self.pool is None:
-            self._make_pool(inputs.shape[0])
-        n, b = self.breadth, inputs.shape[0]
-        real = np.nonzero(mask)[0].astype(np.int32)
-        rows, copies = np.repeat(real, n), np.tile(np.arange(n, dtype=np.int32), len(real))
-        shape = (b, n)
-        buffers = {"preds": np.zeros(shape + (inputs.shape[1],), np.int32),
-                   "n_correct": np.zeros(shape, np.int32), "exact": np.zeros(shape, bool),
-                   "steps": np.zeros(shape, np.int32), "score": np.zeros(shape, np.float32),
-                   "residual": np.zeros(shape, np.float32), "q_halt": np.zeros(shape, np.float32)}
-        self.pending.append(_Pending(tag, self.next_job, rows, copies, buffers, mask, labels,
-                                     len(rows)))
-        self.last = (inputs, labels)
-        previous = self._call(inputs, labels, rows, copies, first_index, drain=False)
-        return self._collect(previous)
-
-    def finish(self) -> list[tuple[int, BatchResult]]:
-        """Run every job still in the pool to its end; returns the remaining batches."""
-        if self.pool is None:
-            return []
-        inputs, labels = self.last
-        previous = self._call(inputs, labels, np.zeros((0,), np.int32),
-                              np.zeros((0,), np.int32), 0, drain=True)
-        done = self._collect(previous)
-        last, self.inflight = self.inflight, None
-        done += self._collect(last)
-        if self.pending:
-            raise RuntimeError(f"streaming evaluation lost jobs of {len(self.pending)} batches")
-        return done
 
 
 def evaluate(model: EqRModel, params, batches: Iterable[Mapping[str, Any]],
