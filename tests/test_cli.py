@@ -233,3 +233,25 @@ def test_train_help_lists_the_override_sections_and_show_config_the_keys(capsys)
     lines = capsys.readouterr().out.splitlines()
     assert "train.lr=0.0003" in lines and "model.hidden_size=64" in lines
     assert "data.path=data/sudoku4-tiny" in lines and "eval.noise_scale=None" in lines
+
+
+def test_eval_warns_when_convergence_halting_stopped_nothing(capsys):
+    """`--halt convergence` whose tolerance no row met (the noise floor of the logit change is
+    above it) would silently equal `--halt fixed`: `eqr eval` says so, naming the depths."""
+    from eqr_jax.cli.eval import warn_no_convergence
+    from eqr_jax.config import EvalConfig
+
+    def results(*saved):
+        return {"settings": [{"depth": d, "noise_scale": 0.01,
+                              "metrics": {"halting/compute_saved": c}} for d, c in saved]}
+
+    cfg = EvalConfig(halt="convergence")
+    warn_no_convergence(results((16, 0.0), (64, 0.0)), cfg)
+    err = capsys.readouterr().err
+    assert "stopped no row before the depth cap (depths 16, 64; --tol 0.001" in err
+    assert "noise 0.01" in err
+    warn_no_convergence(results((16, 0.0), (64, 0.7)), cfg)
+    assert "depths 16;" in capsys.readouterr().err
+    warn_no_convergence(results((64, 0.7)), cfg)  # rows halted: nothing to say
+    warn_no_convergence(results((64, 0.0)), EvalConfig(halt="fixed"))  # nothing promised
+    assert capsys.readouterr().err == ""

@@ -46,12 +46,30 @@ def run(model, params, batches: Iterable, eval_cfg: EvalConfig, depths: Sequence
     if not results["settings"]:
         raise ValueError("the evaluation data holds no batches")
     print(eval_report(results), flush=True)
+    warn_no_convergence(results, eval_cfg)
     if out_dir and jax.process_index() == 0:  # every process holds the same gathered results
         for p in write_results(results, out_dir, plots):
             print(f"wrote {p}")
     print(common.exact_accuracy_line(results["settings"][-1]["metrics"]["all/exact_accuracy"]),
           flush=True)
     return results
+
+
+def warn_no_convergence(results: dict[str, Any], eval_cfg: EvalConfig) -> None:
+    """With ``--halt convergence``, say so when no row stopped before the depth cap: the
+    per-step change under test-time noise may never fall below the tolerance, and the run then
+    silently equals ``--halt fixed``."""
+    if eval_cfg.halt != "convergence":
+        return
+    capped = [s for s in results["settings"] if s["metrics"].get("halting/compute_saved") == 0]
+    if capped:
+        depths = sorted({s["depth"] for s in capped})
+        print(f"[eqr eval] warning: --halt convergence stopped no row before the depth cap "
+              f"(depths {', '.join(map(str, depths))}; --tol {eval_cfg.convergence_tol:g} on the "
+              f"{eval_cfg.convergence_metric} change, test-time noise "
+              f"{capped[0]['noise_scale']:g}): under noise the change may never fall below "
+              f"--tol; try a larger one (docs/evaluation.md, halting)", file=sys.stderr,
+              flush=True)
 
 
 def build_parser() -> argparse.ArgumentParser:
