@@ -62,6 +62,42 @@ def micro_model(**kw):
     return ModelConfig(**{**base, **kw})
 
 
+# The step-map tests' config (test_model.py, test_dynamics.py): two cycles of each level, noise on.
+STEP_CFG = micro_model(H_cycles=2, L_cycles=2, noise_scale=0.01)
+STEP_BATCH = 3
+
+
+@pytest.fixture(scope="session")
+def step_setup():
+    """(model, params, inputs, labels) of `STEP_CFG` with `STEP_BATCH` random puzzles."""
+    import jax
+
+    from eqr_jax.model import EqRModel
+
+    model = EqRModel(STEP_CFG)
+    params = model.init(jax.random.PRNGKey(0))
+    shape = (STEP_BATCH, STEP_CFG.seq_len)
+    inputs = jax.random.randint(jax.random.PRNGKey(1), shape, 1, STEP_CFG.vocab_size)
+    labels = jax.random.randint(jax.random.PRNGKey(2), shape, 2, STEP_CFG.vocab_size)
+    return model, params, inputs, labels
+
+
+def tree_flat(tree):
+    """Every leaf of a pytree raveled into one vector."""
+    import jax
+    import jax.numpy as jnp
+
+    return jnp.concatenate([x.ravel() for x in jax.tree_util.tree_leaves(tree)])
+
+
+def tree_cosine(a, b) -> float:
+    """Cosine similarity of two pytrees flattened to one vector (gradient comparisons)."""
+    import jax.numpy as jnp
+
+    fa, fb = tree_flat(a), tree_flat(b)
+    return float(fa @ fb / (jnp.linalg.norm(fa) * jnp.linalg.norm(fb)))
+
+
 def micro_run(out_dir: str = "", **train_kw):
     """The training tests' `RunConfig`: batch 16, 3 steps per call, logs every call, no periodic
     evaluation or checkpoints; ``train_kw`` overrides `TrainConfig` fields."""

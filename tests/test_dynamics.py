@@ -10,30 +10,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import micro_model
+from conftest import STEP_BATCH as B, STEP_CFG as TINY, tree_cosine as _cos, tree_flat as _flat
 from eqr_jax import dynamics, losses, modes
 from eqr_jax.model import EqRModel
-
-B = 3
-TINY = micro_model(H_cycles=2, L_cycles=2, noise_scale=0.01)
-
-
-def _flat(tree):
-    return jnp.concatenate([a.ravel() for a in jax.tree_util.tree_leaves(tree)])
-
-
-def _cos(a, b):
-    a, b = _flat(a), _flat(b)
-    return float(a @ b / (jnp.linalg.norm(a) * jnp.linalg.norm(b)))
-
-
-@pytest.fixture(scope="module")
-def setup():
-    model = EqRModel(TINY)
-    params = model.init(jax.random.PRNGKey(0))
-    inputs = jax.random.randint(jax.random.PRNGKey(1), (B, TINY.seq_len), 1, TINY.vocab_size)
-    labels = jax.random.randint(jax.random.PRNGKey(2), (B, TINY.seq_len), 2, TINY.vocab_size)
-    return model, params, inputs, labels
 
 
 def _loss_fn(model, inputs, labels, num_steps, adjoint):
@@ -45,8 +24,8 @@ def _loss_fn(model, inputs, labels, num_steps, adjoint):
     return jax.jit(jax.grad(loss, argnums=(0, 1)))
 
 
-def test_gradient_modes(setup):
-    model, params, inputs, labels = setup
+def test_gradient_modes(step_setup):
+    model, params, inputs, labels = step_setup
     z0 = model.init_latents(jax.random.PRNGKey(3), B)
     grads = {m: _loss_fn(model, inputs, labels, 2, dynamics.adjoint(m))(params, z0)
              for m in ("truncated", "one_step", "full")}
@@ -95,13 +74,13 @@ def test_implicit_gradient_matches_long_unroll():
     assert float(jnp.linalg.norm(_flat(again) - _flat(res.state))) <= 2e-3
 
 
-def test_fixed_point_iteration_solver(setup):
+def test_fixed_point_iteration_solver(step_setup):
     cfg = dataclasses.replace(TINY, lambda_=0.95, noise_scale=0.0)
     model = EqRModel(cfg)
     params = model.init(jax.random.PRNGKey(0))
     params = dict(params, L_level=jax.tree_util.tree_map(lambda a: 0.1 * a, params["L_level"]))
     z0 = model.init_latents(jax.random.PRNGKey(3), B)
-    x = model.embed(params, setup[2])
+    x = model.embed(params, step_setup[2])
     res = jax.jit(lambda p, z: dynamics.fixed_point(model.step, p, z, x, method="iteration",
                                                    tol=1e-3, maxiter=200))(params, z0)
     assert bool(res.converged) and int(res.iterations) > 1

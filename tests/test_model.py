@@ -10,35 +10,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import micro_model
+from conftest import STEP_BATCH as B, STEP_CFG as TINY, micro_model, tree_flat as _flat
 from eqr_jax import losses
 from eqr_jax.model import EqRModel, apply_rope, num_params, rope_tables, update
 
-B = 3
-TINY = micro_model(H_cycles=2, L_cycles=2, noise_scale=0.01)
 
-
-def _flat(tree):
-    return jnp.concatenate([a.ravel() for a in jax.tree_util.tree_leaves(tree)])
-
-
-def _cos(a, b):
-    a, b = _flat(a), _flat(b)
-    return float(a @ b / (jnp.linalg.norm(a) * jnp.linalg.norm(b)))
-
-
-@pytest.fixture(scope="module")
-def setup():
-    model = EqRModel(TINY)
-    params = model.init(jax.random.PRNGKey(0))
-    inputs = jax.random.randint(jax.random.PRNGKey(1), (B, TINY.seq_len), 1, TINY.vocab_size)
-    labels = jax.random.randint(jax.random.PRNGKey(2), (B, TINY.seq_len), 2, TINY.vocab_size)
-    return model, params, inputs, labels
-
-
-def test_truncated_step_matches_reference_rule(setup):
+def test_truncated_step_matches_reference_rule(step_setup):
     """Inside one step, `truncate` gives gradient only through the last latent recursion."""
-    model, params, inputs, labels = setup
+    model, params, inputs, labels = step_setup
     z0 = model.init_latents(jax.random.PRNGKey(4), B)
 
     def by_hand(p):  # H_cycles - 1 recursions without gradient, then one with (docs/model.md)
@@ -56,8 +35,8 @@ def test_truncated_step_matches_reference_rule(setup):
     np.testing.assert_allclose(_flat(g1), _flat(g2), rtol=1e-5, atol=1e-7)
 
 
-def test_noise_is_fresh_per_key_and_absent_without_key(setup):
-    model, params, inputs, _ = setup
+def test_noise_is_fresh_per_key_and_absent_without_key(step_setup):
+    model, params, inputs, _ = step_setup
     x = model.embed(params, inputs)
     z0 = model.init_latents(jax.random.PRNGKey(3), B)
     step = jax.jit(model.step)
