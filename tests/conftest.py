@@ -17,22 +17,31 @@ import numpy as np
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-# The parity fixtures live in the shared folder beside the checkout (../shared/fixtures);
-# EQR_FIXTURES overrides that for other layouts.
-FIXTURES = Path(os.environ.get("EQR_FIXTURES", REPO_ROOT.parent / "shared" / "fixtures"))
+# The reference fixtures (outputs of the official code) ship with the tests
+# (tests/fixtures/reference, README there); EQR_FIXTURES points at another copy. Under
+# EQR_REQUIRE_FIXTURES=1 (set by .ci/run) a missing fixture fails its test instead of skipping.
+FIXTURES = Path(os.environ.get("EQR_FIXTURES", REPO_ROOT / "tests" / "fixtures" / "reference"))
+REQUIRE_FIXTURES = os.environ.get("EQR_REQUIRE_FIXTURES", "") not in ("", "0")
+
+
+def _missing(what: str):
+    message = f"{what} not found (set EQR_FIXTURES to the folder of the reference fixtures)"
+    if REQUIRE_FIXTURES:
+        pytest.fail(f"{message}; EQR_REQUIRE_FIXTURES is set, so a parity test may not skip")
+    pytest.skip(message)
 
 
 def fixture_path(name: str) -> Path:
     path = FIXTURES / name
     if not path.exists():
-        pytest.skip(f"parity fixture {path} not found (set EQR_FIXTURES to its folder)")
+        _missing(f"parity fixture {path}")
     return path
 
 
 @pytest.fixture(scope="session")
 def fixtures_dir() -> Path:
     if not FIXTURES.is_dir():
-        pytest.skip(f"parity fixtures folder {FIXTURES} not found")
+        _missing(f"parity fixtures folder {FIXTURES}")
     return FIXTURES
 
 
