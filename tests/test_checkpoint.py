@@ -43,6 +43,59 @@ def test_resume_refuses_other_config(resume_runs):
 
 
 
+def test_resume_with_a_larger_total_extends_a_finished_run_to_the_uninterrupted_one(
+        resume_runs, tmp_path, capsys):
+    """A run that finished at step 3, resumed with train.max_steps=6, ends bit for bit where the
+    uninterrupted 6-step run ends (the schedule is constant after warm-up, so re-planning it
+    changes nothing); another changed key is still refused, naming only that key."""
+    from conftest import micro_run
+    from test_training import _assert_resumes_from_step_3_to_the_full_run
+
+    root, _, _ = resume_runs
+    short = micro_run(str(tmp_path / "short"), max_steps=3)
+    _, r = train(short, _loaders(short), progress=False, verbose=False)
+    assert (r["step"], r["total_steps"]) == (3, 3)
+    longer = dataclasses.replace(short, train=dataclasses.replace(short.train, max_steps=6))
+    other = dataclasses.replace(longer, train=dataclasses.replace(longer.train, lr=1e-2))
+    with pytest.raises(ConfigMismatchError, match=r"\(train\.lr: checkpoint=0\.003 vs "
+                                                  r"now=0\.01\); refusing"):
+        train(other, _loaders(other), progress=False, verbose=False, resume=True)
+    capsys.readouterr()
+    _assert_resumes_from_step_3_to_the_full_run(longer, root / "full", tmp_path / "short")
+    assert ("run length changed (train.max_steps 3 -> 6): total steps 3 -> 6; the learning-rate "
+            "schedule is re-planned over 6 steps (lr at step 4: 0.003, the old plan's: 0.003)"
+            in capsys.readouterr().out)
+    assert json.loads((tmp_path / "short" / "config.json").read_text())["train"]["max_steps"] == 6
+
+
+def test_resumed_config_replans_a_decaying_schedule_and_refuses_a_shorter_total():
+    """With a cosine decay (lr_min_ratio < 1) the extended run's schedule is the one a run
+    launched with the new total would have; the line gives both learning rates. Epochs count
+    too; a total below the checkpoint's step is refused; the start record is kept."""
+    from conftest import micro_run
+    from eqr_jax import config as config_lib, optim
+    from eqr_jax.training import _resumed_config
+
+    was = micro_run("r", max_steps=300, lr_min_ratio=0.1, init_from="runs/src", init_step=5)
+    now = micro_run("r", max_steps=400, lr_min_ratio=0.1)
+    cfg, line = _resumed_config(now, config_lib.to_dict(was), 300, steps_per_epoch=10)
+    assert cfg.train.max_steps == 400 and (cfg.train.init_from, cfg.train.init_step) == (
+        "runs/src", 5)
+    lr_new = float(optim.make_schedule(now.train, 400)(301))
+    lr_old = float(optim.make_schedule(was.train, 300)(301))
+    assert lr_new > 2 * lr_old  # the old plan had decayed to its floor
+    assert line == (f"[eqr] run length changed (train.max_steps 300 -> 400): total steps 300 -> "
+                    f"400; the learning-rate schedule is re-planned over 400 steps (lr at step "
+                    f"301: {lr_new:.4g}, the old plan's: {lr_old:.4g})")
+    by_epochs = micro_run("r", epochs=50, max_steps=0)
+    _, line = _resumed_config(by_epochs, config_lib.to_dict(micro_run("r", epochs=30)), 300, 10)
+    assert "(train.epochs 30 -> 50): total steps 300 -> 500" in line
+    assert _resumed_config(was, config_lib.to_dict(was), 300, 10) == (was, None)
+    with pytest.raises(config_lib.ConfigError, match="train.max_steps 300 -> 250 gives 250 total "
+                                                     "steps, fewer than the 300 the checkpoint"):
+        _resumed_config(micro_run("r", max_steps=250), config_lib.to_dict(was), 300, 10)
+
+
 def test_load_for_inference_step_dir(resume_runs):
     root, _, _ = resume_runs
     cfg, params = load_for_inference(root / "split" / "checkpoints" / "3", use_ema=False)

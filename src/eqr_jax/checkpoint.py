@@ -15,7 +15,8 @@ Orbax (save, restore, delete) is a collective in a multi-process run: every proc
 in the same order; nothing here reads or writes on one process only.
 
 A checkpoint restores only into a run whose config agrees on every key that changes the
-computation; the error names the keys that differ (`ConfigMismatchError`). One that fails to
+computation, except the run's length (`RESUME_LENGTH_KEYS`); the error names the keys that
+differ (`ConfigMismatchError`). One that fails to
 restore (a missing item, a truncated file) is reported in one line and `Checkpointer.restore`
 falls back to the newest one that restores (`CheckpointError` when none does).
 """
@@ -41,9 +42,12 @@ BEST_METRIC = "all/exact_accuracy"
 RESUME_IGNORED_KEYS = frozenset({
     "preset", "data.path", "data.prefetch", "data.eval_batch_size", "train.out_dir",
     "train.log_every", "train.eval_every", "train.checkpoint_every", "train.keep_checkpoints",
-    "train.steps_per_call",
+    "train.steps_per_call", "train.init_from", "train.init_step", "train.init_weights",
 }) | frozenset(f"data.build_{k}" for k in ("kind", "source", "size", "train", "test", "num_aug",
                                             "difficulty", "seed"))
+# Keys that set how long a run is: a resume may change them to extend (or shorten) the run;
+# `eqr_jax.training.train` re-plans the total and the learning-rate schedule.
+RESUME_LENGTH_KEYS = ("train.epochs", "train.max_steps")
 _ARRAY_ITEMS = ("params", "ema", "opt_state", "misc")
 _JSON_ITEMS = ("loader", "config", "meta")
 
@@ -205,7 +209,7 @@ class Checkpointer:
             self.read_item_json(step, "loader")
         except CheckpointError as e:
             return str(e).split(": ", 1)[-1]
-        diff = config_differences(saved, cfg)
+        diff = config_differences(saved, cfg, RESUME_IGNORED_KEYS | set(RESUME_LENGTH_KEYS))
         if diff:
             lines = ", ".join(f"{k}: checkpoint={a!r} vs now={b!r}" for k, (a, b) in diff.items())
             raise ConfigMismatchError(
@@ -295,6 +299,30 @@ def abstract_with_sharding(tree, sharding):
         lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), tree)
 
 
+def locate(ckpt_dir: str | os.PathLike, step: int | None = None) -> tuple[Path, int]:
+    """``(checkpoints directory, step)`` of a run directory, its ``checkpoints/`` or one step
+    directory ``.../checkpoints/<step>`` (which fixes the step); ``step`` None: the newest.
+
+    Raises FileNotFoundError (no such directory) or `CheckpointError` (no checkpoint, or none
+    at ``step``: the message lists the steps there are)."""
+    path = Path(ckpt_dir).absolute()
+    if path.name.isdigit() and (path / "config").exists():
+        step, path = int(path.name), path.parent
+    path = resolve_dir(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"checkpoint directory {path} does not exist")
+    ck = Checkpointer(path, read_only=True)
+    steps = ck.all_steps()
+    ck.close()
+    if not steps:
+        raise CheckpointError(f"no checkpoint in {path}")
+    step = steps[-1] if step is None else int(step)
+    if step not in steps:
+        raise CheckpointError(f"no checkpoint at step {step} in {path} (steps: "
+                              f"{', '.join(map(str, steps))})")
+    return path, step
+
+
 def load_for_inference(ckpt_dir: str | os.PathLike, step: int | None = None,
                        use_ema: bool = True) -> tuple[RunConfig, Any]:
     """Load the config and parameters of a training checkpoint, on the default device.
@@ -310,20 +338,9 @@ def load_for_inference(ckpt_dir: str | os.PathLike, step: int | None = None,
     """
     from eqr_jax.model import EqRModel
 
-    path = Path(ckpt_dir).absolute()
-    if path.name.isdigit() and (path / "config").exists():
-        step, path = int(path.name), path.parent
-    path = resolve_dir(path)
-    if not path.is_dir():
-        raise FileNotFoundError(f"checkpoint directory {path} does not exist")
+    path, step = locate(ckpt_dir, step)
     ck = Checkpointer(path, read_only=True)
     steps = ck.all_steps()
-    if not steps:
-        raise CheckpointError(f"no checkpoint in {path}")
-    step = steps[-1] if step is None else int(step)
-    if step not in steps:
-        raise CheckpointError(f"no checkpoint at step {step} in {path} (steps: "
-                              f"{', '.join(map(str, steps))})")
     where = f"{path}/{step}/config"
     try:
         cfg = config_lib.from_dict(RunConfig, ck.read_item_json(step, "config"), where=where)

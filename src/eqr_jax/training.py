@@ -42,6 +42,7 @@ from eqr_jax.losses import loss_and_metrics
 from eqr_jax.model import EqRModel
 from eqr_jax.preemption import Preempted, PreemptionWatch
 from eqr_jax.reporting import TrainLog, train_results_table
+from eqr_jax.warm_start import API_SOURCE, fit_to_model
 
 # Bit flags of the quantities the non-finite guard watches (``nonfinite_what``).
 NONFINITE_QUANTITIES = {1: "loss", 2: "gradient norm"}
@@ -80,12 +81,13 @@ def example_batch(cfg: RunConfig) -> dict[str, np.ndarray]:
 
 
 def init_train_state(model: EqRModel, cfg: RunConfig, optimizer: optax.GradientTransformation,
-                     batch_example: Mapping[str, Any]) -> TrainState:
-    """Fresh state (pure; jit it with ``out_shardings``): params from ``seed``, EMA = params, an
-    empty ACT carry shaped like ``batch_example`` (global batch rows)."""
+                     batch_example: Mapping[str, Any], params: Any = None) -> TrainState:
+    """Fresh state (pure; jit it with ``out_shardings``): params from ``seed`` (or ``params``,
+    a warm start: same tree as ``model.init``'s), EMA = params, a fresh optimiser state, step 0,
+    an empty ACT carry shaped like ``batch_example`` (global batch rows)."""
     key = jax.random.PRNGKey(cfg.train.seed)
     k_params, k_run = jax.random.split(key)
-    params = model.init(k_params)
+    params = model.init(k_params) if params is None else params
     ema = optim.ema_init(params) if cfg.train.ema else None
     return TrainState(params, optimizer.init(params), ema, jnp.zeros((), jnp.int32), k_run,
                       init_carry(model, batch_example))
@@ -164,6 +166,44 @@ def total_steps(cfg: RunConfig, steps_per_epoch: int) -> int:
     return min(total, cfg.train.max_steps) if cfg.train.max_steps else total
 
 
+def _resumed_config(cfg: RunConfig, saved: Mapping[str, Any], step: int,
+                    steps_per_epoch: int) -> tuple[RunConfig, str | None]:
+    """The config a resume from a checkpoint of ``step`` (saved config ``saved``, a dict) runs
+    under, and the line that says how its length changed (None: unchanged).
+
+    The run's length (``train.epochs``, ``train.max_steps``) may differ from the checkpoint's;
+    the total and the learning-rate schedule are then re-planned over the new total, as if the
+    run had been launched with it (the presets' schedules are constant after warm-up, so the
+    extended run equals one launched with the new total). Where the resumed command gives no
+    ``train.init_*``, the checkpoint's are kept, so the run keeps the record of its start.
+    Raises `ConfigError` when the new total is below ``step``.
+    """
+    old = saved.get("train", {})
+    tc = cfg.train
+    if not tc.init_from and old.get("init_from"):
+        tc = dataclasses.replace(tc, init_from=str(old["init_from"]),
+                                 init_step=int(old.get("init_step", 0)),
+                                 init_weights=str(old.get("init_weights", "ema")))
+        cfg = dataclasses.replace(cfg, train=tc)
+    before = dataclasses.replace(tc, epochs=int(old.get("epochs", tc.epochs)),
+                                 max_steps=int(old.get("max_steps", tc.max_steps)))
+    if (before.epochs, before.max_steps) == (tc.epochs, tc.max_steps):
+        return cfg, None
+    was = total_steps(dataclasses.replace(cfg, train=before), steps_per_epoch)
+    now = total_steps(cfg, steps_per_epoch)
+    keys = ", ".join(f"train.{k} {getattr(before, k)} -> {getattr(tc, k)}"
+                     for k in ("epochs", "max_steps") if getattr(before, k) != getattr(tc, k))
+    if now < step:
+        raise config_lib.ConfigError(
+            f"{keys} gives {now} total steps, fewer than the {step} the checkpoint has done; "
+            f"give a total of at least {step}")
+    lr_was = float(optim.make_schedule(before, was)(step + 1))
+    lr_now = float(optim.make_schedule(tc, now)(step + 1))
+    return cfg, (f"[eqr] run length changed ({keys}): total steps {was:,} -> {now:,}; the "
+                 f"learning-rate schedule is re-planned over {now:,} steps (lr at step "
+                 f"{step + 1:,}: {lr_now:.4g}, the old plan's: {lr_was:.4g})")
+
+
 def stack_batches(batches: list[Mapping[str, np.ndarray]]) -> dict:
     """Host batches -> one dict with a leading (steps) axis, as `make_train_step` takes."""
     return {k: np.stack([b[k] for b in batches]) for k in BATCH_KEYS}
@@ -172,7 +212,8 @@ def stack_batches(batches: list[Mapping[str, np.ndarray]]) -> dict:
 def _compute_key(cfg: RunConfig) -> RunConfig:
     """The config without bookkeeping fields, as a cache key for compiled steps."""
     return dataclasses.replace(cfg, preset="", train=dataclasses.replace(
-        cfg.train, out_dir="", log_every=0, eval_every=0, checkpoint_every=0),
+        cfg.train, out_dir="", log_every=0, eval_every=0, checkpoint_every=0, init_from="",
+        init_step=0, init_weights="ema"),
         data=dataclasses.replace(cfg.data, path=""))
 
 
@@ -197,7 +238,7 @@ def _first_nonfinite(statuses: list) -> tuple[int, int] | None:
 
 
 def train(cfg: RunConfig, loaders: tuple[Any, Callable[[], Iterable]], mesh: Mesh | None = None,
-          *, resume: bool = False, resume_step: int | None = None,
+          *, resume: bool = False, resume_step: int | None = None, init_params: Any = None,
           stop_after: int | None = None, progress: bool = True,
           verbose: bool = True) -> tuple[TrainState, dict]:
     """Train ``cfg`` on ``loaders``; returns the final state and metrics.
@@ -213,7 +254,16 @@ def train(cfg: RunConfig, loaders: tuple[Any, Callable[[], Iterable]], mesh: Mes
         (exact resume; each one that does not is reported and skipped). Without any checkpoint
         the run starts from step 0 with a warning, so one launch command serves the first start
         and every restart.
+        A resume may change the run's length (``train.epochs`` / ``train.max_steps``, e.g. to
+        train a finished run longer): the total and the learning-rate schedule are re-planned
+        over the new total and a line says so; every other computing key must match.
       resume_step: continue from this step's checkpoint (implies ``resume``; it must restore).
+      init_params: a warm start: parameters (the tree ``EqRModel(cfg.model).init`` returns,
+        e.g. ``load_for_inference(...)[1]``) that the new run's parameters and EMA start from,
+        with a fresh optimiser, schedule and step counter; ``cfg.train.init_from`` (a run
+        directory or an official ``.pth``, `eqr_jax.warm_start`) does the same from a path.
+        A warm-started run is evaluated at step 0 too. With ``resume`` and a checkpoint in
+        ``out_dir`` the checkpoint wins (one command serves the first start and restarts).
       stop_after: stop (and checkpoint) after this many optimiser steps in this invocation.
       progress: tqdm progress bar on the console.
       verbose: without a progress bar, print a line per log interval and the results table.
@@ -232,7 +282,9 @@ def train(cfg: RunConfig, loaders: tuple[Any, Callable[[], Iterable]], mesh: Mes
       CheckpointError: ``out_dir`` holds checkpoints but neither ``resume`` nor ``resume_step``
         was given, ``resume_step`` does not restore, or no checkpoint restores.
       ConfigMismatchError: the checkpoint was written under another config.
-      ConfigError: the loader's batches do not fit ``data.global_batch_size`` and the processes.
+      ConfigError: the loader's batches do not fit ``data.global_batch_size`` and the processes;
+        a resume's new total is below the checkpoint's step; the initial weights do not fit
+        the model (names the first differing parameter and shapes).
     """
     from eqr_jax.checkpoint import CheckpointError, Checkpointer
     from eqr_jax.evaluation import Evaluator
@@ -260,14 +312,22 @@ def train(cfg: RunConfig, loaders: tuple[Any, Callable[[], Iterable]], mesh: Mes
     main = jax.process_index() == 0
     loader_state = None
     existing = ckpt.all_steps()
+    warm_from = None  # what a warm start's weights came from (None: not a warm start)
     if resume and existing:
         target = jax.tree_util.tree_map(
             lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
         state, loader_state, _ = ckpt.restore(target, cfg, step=resume_step)
         train_loader.restore(loader_state)
+        at = int(jax.device_get(state.step))
+        cfg, length_change = _resumed_config(cfg, ckpt.read_item_json(at, "config"), at,
+                                             steps_per_epoch)
+        if length_change:
+            tc, total = cfg.train, total_steps(cfg, steps_per_epoch)
+            optimizer, schedule = optim.make_optimizer(tc, total)
         if main:
-            print(f"[eqr] resumed from step {int(jax.device_get(state.step))} in "
-                  f"{ckpt.directory}", flush=True)
+            print(f"[eqr] resumed from step {at} in {ckpt.directory}", flush=True)
+            if length_change:
+                print(length_change, flush=True)
     else:
         if existing and not resume:
             raise CheckpointError(
@@ -279,7 +339,23 @@ def train(cfg: RunConfig, loaders: tuple[Any, Callable[[], Iterable]], mesh: Mes
         if resume and main:
             print(f"[eqr] warning: --resume: no checkpoint in {ckpt.directory} yet; starting "
                   "from step 0", file=sys.stderr, flush=True)
-        state = jax.jit(make_state, out_shardings=shardings)(example_batch(cfg))
+        if init_params is None and tc.init_from:
+            from eqr_jax.warm_start import load_init_weights
+
+            init_params, warm_from = load_init_weights(cfg)
+        elif init_params is not None:
+            warm_from = tc.init_from or "the given init_params"
+            if not tc.init_from:  # the run's config records that it did not start from seed
+                tc = dataclasses.replace(tc, init_from=API_SOURCE)
+                cfg = dataclasses.replace(cfg, train=tc)
+        if init_params is None:
+            state = jax.jit(make_state, out_shardings=shardings)(example_batch(cfg))
+        else:
+            params = fit_to_model(init_params, abstract.params)
+            state = jax.jit(make_state, out_shardings=shardings)(example_batch(cfg), params)
+            if main:
+                print(f"[eqr] starting from {warm_from} (fresh optimiser, schedule and step)",
+                      flush=True)
     # Written once the run is known to be this config's (a refused resume leaves it alone).
     if main:
         config_lib.save(cfg, str(out_dir / "config.json"))
@@ -372,6 +448,8 @@ def train(cfg: RunConfig, loaders: tuple[Any, Callable[[], Iterable]], mesh: Mes
     boundary = 0  # call boundaries passed in this invocation (the preemption sync point ids)
     try:
         try:
+            if warm_from is not None:
+                run_eval(0)  # where a warm start begins: its source's accuracy, these settings
             while step < limit:
                 n = min(max(1, tc.steps_per_call), limit - step)
                 host = stack_batches([next(train_loader) for _ in range(n)])

@@ -3,6 +3,8 @@
     eqr train --preset tiny                         # builds small data if missing, trains on CPU
     eqr train --preset sudoku --dry-run             # the plan only: ... total_steps: 50000
     eqr train --preset sudoku --data DIR train.lr=3e-4 --resume
+    eqr train --preset tiny --resume train.max_steps=700   # train a finished run longer
+    eqr train --preset tiny --init-from runs/tiny --out runs/ft   # fine-tune from its weights
 
 Builds ``data.path`` from the preset's ``data.build_*`` recipe when it is missing and it is the
 preset's own folder (or ``--build`` is given) (`eqr_jax.data.prepare`), checks both splits
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from eqr_jax import config as config_lib
 from eqr_jax.cli import common
@@ -45,6 +48,15 @@ def build_parser() -> argparse.ArgumentParser:
                         "warning")
     p.add_argument("--resume-step", type=int, metavar="N",
                    help="continue from the checkpoint of step N (implies --resume)")
+    p.add_argument("--init-from", metavar="SOURCE",
+                   help="start a new run from existing weights: a run directory (or its "
+                        "checkpoints/ or one step directory) or an official .pth; parameters "
+                        "and EMA start there, optimiser, schedule and step start fresh "
+                        "(train.init_from)")
+    p.add_argument("--init-step", type=int, metavar="N",
+                   help="with --init-from RUN: the checkpoint of step N (default: the newest)")
+    p.add_argument("--init-weights", choices=("ema", "raw"),
+                   help="with --init-from: start from the EMA (default) or the raw weights")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--dry-run", action="store_true",
                    help="print the plan (parameters, FLOPs, data, steps, schedule, devices) and "
@@ -54,11 +66,34 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _listing(directory: Path) -> list[Path]:
+    return list(directory.iterdir()) if directory.is_dir() else []
+
+
+def _initial_weights(cfg):
+    """The ``--init-from`` weights, fitted to the model (`eqr_jax.warm_start`)."""
+    import jax
+
+    from eqr_jax.model import EqRModel
+    from eqr_jax.warm_start import fit_to_model, load_init_weights
+
+    params, where = load_init_weights(cfg)
+    template = jax.eval_shape(EqRModel(cfg.model).init, jax.random.PRNGKey(0))
+    params = fit_to_model(params, template, f"the weights of {where}")
+    if jax.process_index() == 0:
+        print(f"[eqr train] initial weights: {where}", flush=True)
+    return params
+
+
 @common.guarded(PROG)
 def main(argv: list[str] | None = None) -> int:
     # Intermixed: overrides may come before or after options (`... train.lr=1e-3 --resume`).
     args = build_parser().parse_intermixed_args(sys.argv[1:] if argv is None else argv)
-    cfg = common.config_from_args(args, **{"data.path": args.data, "train.out_dir": args.out})
+    cfg = common.config_from_args(args, **{
+        "data.path": args.data, "train.out_dir": args.out, "train.init_from": args.init_from,
+        "train.init_step": args.init_step, "train.init_weights": args.init_weights})
+    if (args.init_step is not None or args.init_weights) and not cfg.train.init_from:
+        raise config_lib.ConfigError("--init-step and --init-weights apply to --init-from")
     if args.show_config:
         print("\n".join(common.config_lines(cfg)))
         return 0
@@ -73,6 +108,12 @@ def main(argv: list[str] | None = None) -> int:
 
     data_exists = prepare.check_data_path(cfg, config_lib.preset(args.preset).data.path,
                                           build=args.build)
+    # Loaded before any data is built, so a missing or misfitting source is reported at once;
+    # not when a --resume will restore a checkpoint instead (the source may be gone by then).
+    resuming = (args.resume or args.resume_step is not None) and any(
+        p.name.isdigit() for p in _listing(Path(cfg.train.out_dir) / "checkpoints"))
+    init_params = (_initial_weights(cfg) if cfg.train.init_from and not args.dry_run
+                   and not resuming else None)
     if args.dry_run:
         from eqr_jax.plan import format_plan, plan
         print(format_plan(plan(cfg)), flush=True)
@@ -90,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     loaders = prepare.make_loaders(cfg, pi, pc, splits=splits)
     try:
         _, result = train(cfg, loaders, resume=args.resume, resume_step=args.resume_step,
-                          progress=not args.no_progress)
+                          init_params=init_params, progress=not args.no_progress)
     except KeyboardInterrupt:
         print("[eqr] stopped; resume with --resume", file=sys.stderr)
         return common.EXIT_INTERRUPTED

@@ -190,11 +190,19 @@ class TrainConfig:
     checkpoint_every: int = 5000
     keep_checkpoints: int = 3
     out_dir: str = "runs/default"
+    # Start a new run from existing weights (``eqr train --init-from``): a run directory, its
+    # checkpoints/ or one step directory, or an official .pth; "" starts from ``seed``'s random
+    # weights. Parameters and EMA start from the chosen weights (``init_weights``: "ema" or
+    # "raw"; ``init_step`` 0: the newest checkpoint); optimiser, schedule and step start fresh.
+    init_from: str = ""
+    init_step: int = 0
+    init_weights: str = "ema"
 
     def __post_init__(self):
         _check_choice("train.grad_mode", self.grad_mode, modes.GRAD_MODES)
         _check_choice("train.optimizer", self.optimizer, ("adam_atan2", "adamw"))
-        for name in ("epochs", "max_steps", "epochs_per_iter", "lr", "lr_warmup_steps",
+        _check_choice("train.init_weights", self.init_weights, ("ema", "raw"))
+        for name in ("epochs", "max_steps", "epochs_per_iter", "init_step", "lr", "lr_warmup_steps",
                      "weight_decay", "grad_clip_norm", "log_every", "eval_every",
                      "checkpoint_every"):
             if not getattr(self, name) >= 0:
