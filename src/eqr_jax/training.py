@@ -321,8 +321,8 @@ def train(cfg: RunConfig, loaders: tuple[Any, Callable[[], Iterable]], mesh: Mes
         at = int(jax.device_get(state.step))
         cfg, length_change = _resumed_config(cfg, ckpt.read_item_json(at, "config"), at,
                                              steps_per_epoch)
-        if length_change:
-            tc, total = cfg.train, total_steps(cfg, steps_per_epoch)
+        tc, total = cfg.train, total_steps(cfg, steps_per_epoch)
+        if length_change:  # the schedule is re-planned over the new total
             optimizer, schedule = optim.make_optimizer(tc, total)
         if main:
             print(f"[eqr] resumed from step {at} in {ckpt.directory}", flush=True)

@@ -90,7 +90,9 @@ def main(argv: list[str] | None = None) -> int:
     # Intermixed: overrides may come before or after options (`... train.lr=1e-3 --resume`).
     args = build_parser().parse_intermixed_args(sys.argv[1:] if argv is None else argv)
     cfg = common.config_from_args(args, **{
-        "data.path": args.data, "train.out_dir": args.out, "train.init_from": args.init_from,
+        "data.path": args.data, "train.out_dir": args.out,
+        # Absolute, so that config.json records where the run started from wherever it is read.
+        "train.init_from": args.init_from and str(Path(args.init_from).absolute()),
         "train.init_step": args.init_step, "train.init_weights": args.init_weights})
     if (args.init_step is not None or args.init_weights) and not cfg.train.init_from:
         raise config_lib.ConfigError("--init-step and --init-weights apply to --init-from")
