@@ -2,7 +2,9 @@
 2 CPU devices (gloo collectives) train with checkpoints and evaluations inside the run; one of
 them receives SIGTERM mid-run, both save a checkpoint at the same step and exit 75; `--resume`
 (two processes again) finishes the run. Every logged loss and evaluation metric, and the final
-``exact_accuracy:`` of both processes, match one process x 4 devices.
+``exact_accuracy:`` of both processes, match one process x 4 devices. Two processes then
+extend the run (`--resume` with a larger `train.max_steps`) and warm-start a new run from the
+one-process run (`--init-from`), whose step-0 evaluation equals that run's last.
 
 Every launch is a subprocess group with a hard timeout, killed on failure, so a hang fails the
 test instead of the CI job.
@@ -174,3 +176,22 @@ def test_two_processes_with_preemption_and_resume_match_one_process(tmp_path):
         np.testing.assert_allclose([b[s] for s in sorted(a)], [a[s] for s in sorted(a)],
                                    rtol=1e-5, atol=1e-7, err_msg=tag)
     assert dict(tb_one["all/accuracy"])[16] > 0
+
+    # Train longer: the two-process run resumed with a larger total continues to it.
+    longer = [a for a in common if not a.startswith("train.max_steps=")]
+    extended = _launch([*longer, f"train.max_steps={STEPS + 4}", "--out", str(two), "--resume"],
+                       2, 2, tmp_path)
+    _check(extended, 0)
+    out = extended[0][1]  # process 0 reports
+    assert (f"resumed from step {STEPS}" in out and f"total steps {STEPS} -> {STEPS + 4}"
+            in out), out[-2000:]
+    assert str(STEPS + 4) in os.listdir(two / "checkpoints")
+
+    # A two-process warm start from the one-process run: its step-0 evaluation is that run's
+    # last one (the same EMA weights and evaluation settings).
+    warm = _launch([*longer, "train.max_steps=2", "--init-from", str(one), "--out",
+                    str(tmp_path / "warm")], 2, 2, tmp_path)
+    _check(warm, 0)
+    tb_warm = read_tensorboard(tmp_path / "warm")
+    for tag in ("all/exact_accuracy", "all/accuracy", "all/final_residual"):
+        assert dict(tb_warm[tag])[0] == pytest.approx(dict(tb_one[tag])[STEPS], rel=1e-5), tag
