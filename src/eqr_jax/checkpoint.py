@@ -311,9 +311,9 @@ def locate(ckpt_dir: str | os.PathLike, step: int | None = None) -> tuple[Path, 
     path = resolve_dir(path)
     if not path.is_dir():
         raise FileNotFoundError(f"checkpoint directory {path} does not exist")
-    ck = Checkpointer(path, read_only=True)
-    steps = ck.all_steps()
-    ck.close()
+    # Orbax writes a step under a temporary name and renames it when complete, so the
+    # digit-named directories are the finished steps (what its all_steps lists too).
+    steps = sorted(int(p.name) for p in path.iterdir() if p.name.isdigit() and p.is_dir())
     if not steps:
         raise CheckpointError(f"no checkpoint in {path}")
     step = steps[-1] if step is None else int(step)
