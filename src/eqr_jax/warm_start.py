@@ -33,19 +33,20 @@ def is_reference_file(source: str | os.PathLike) -> bool:
 
 
 def load_init_weights(cfg: RunConfig) -> tuple[Any, str]:
-    """The weights ``cfg.train.init_from`` names, as a float32 NumPy tree shaped like
-    ``EqRModel(cfg.model).init``'s, and a description for the log.
+    """The weights ``cfg.train.init_from`` names, as a float32 NumPy parameter tree in the
+    source's own architecture, and a description for the log; `fit_to_model` then checks them
+    against the new run's model.
 
     Run directories (or their ``checkpoints/``, or one step directory) give the checkpoint of
     ``train.init_step`` (0: the newest) with its EMA or raw weights (``train.init_weights``; a
     run without EMA gives its raw weights and says so); an official ``.pth`` gives its EMA shadow
-    or raw state dict, converted for ``cfg.model``.
+    or raw state dict, converted under the architecture its saved config records (a bare state
+    dict: under ``cfg.model``).
 
     Raises:
-      ConfigError: ``init_from`` is empty, or ``init_step`` was given for a ``.pth``, or the
-        weights do not fit ``cfg.model`` (the first differing parameter and its shapes).
+      ConfigError: ``init_from`` is empty, or ``init_step`` was given for a ``.pth``.
       FileNotFoundError, CheckpointError, PthError, CheckpointMismatchError: the source is
-        missing, damaged, or an official file that does not fit the model.
+        missing or damaged, or an official file whose tensors do not fit its own config.
     """
     tc = cfg.train
     if not tc.init_from:
