@@ -258,8 +258,8 @@ class EvalConfig:
     max_batches: int = 0  # 0: the whole test split
     seed: int = 0
     # How the state is advanced (eqr_jax.modes.SOLVERS): the noisy step map (`unroll`, the
-    # reference), or a jaxopt solve of the noise-free map (`anderson` | `fixed_point`) with at
-    # most `depth` iterations.
+    # reference), or a per-row solve of the noise-free map (`anderson` | `fixed_point`) with
+    # at most `depth` iterations.
     solver: str = "unroll"
     # What `halt="convergence"` watches (eqr_jax.modes.CONVERGENCE_METRICS).
     convergence_metric: str = "logits"

@@ -347,7 +347,7 @@ def evaluate_copies(model: EqRModel, params, inputs, labels, mask, seed, first_i
 
 
 # ----------------------------------------------------------------------------------------------
-# The jaxopt alternative
+# The solver alternative
 
 
 @functools.partial(jax.jit, static_argnames=("model", "solver", "depth", "tol", "history_size"))
