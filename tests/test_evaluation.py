@@ -177,6 +177,15 @@ def test_anderson_solver_mode(tiny):
     assert r.preds.shape == (6, 2, 16)
     assert np.all(r.steps[mask] <= 5) and np.all(r.steps[mask] >= 1)
     assert np.all(r.steps[~mask] == 0)
+    # Per row: each row (copy of a puzzle) mixes, stops and counts on its own, so solving a row
+    # alone (same puzzle index, same keys) gives its result in the batch.
+    conv = dict(solver="anderson", convergence_tol=1e-3)
+    r = _run(model, params, batch, 0, 12, 2, **conv)
+    for i in np.flatnonzero(mask):
+        alone = _run(model, params, _batch(inputs[i:i + 1], labels[i:i + 1], mask[i:i + 1]), i,
+                     12, 2, **conv)
+        np.testing.assert_array_equal(alone.steps[:, 0], r.steps[:, i])
+        np.testing.assert_array_equal(alone.preds[:, 0], r.preds[:, i])
     with pytest.raises(ValueError, match="needs solver='unroll'"):
         Evaluator(model, EvalConfig(solver="anderson", halt="q_halt"))
 

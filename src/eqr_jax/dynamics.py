@@ -469,7 +469,8 @@ def fixed_point(step: StepFn, params, state: LatentState, x: jax.Array, *,
     if backward not in BACKWARD_METHODS:
         raise ValueError(f"unknown backward solve {backward!r}; use one of "
                          f"{list(BACKWARD_METHODS)}")
-    like = state
+    # Shapes only: the maps below must not close over the (traced) initial guess.
+    like = _like_rows(state, state.z_H.shape[0])
 
     def f_rows(p, rows, xx):
         out = step(p, _unflatten_rows(rows, _like_rows(like, rows.shape[0])), xx, None,

@@ -116,7 +116,9 @@ def loss_and_metrics(model: EqRModel, params, carry: ACTCarry, batch: Mapping[st
       count; step 1 starts from fresh latents and is not binned). `eqr_jax.metrics` turns
       sums of them into logged scalars.
     """
-    key, k_jac = jax.random.split(key) if jac_reg > 0 else (key, None)
+    # A key of its own, so that turning the regulariser on leaves the step's noise, resets and
+    # exploration (drawn from `key`) exactly as they were.
+    k_jac = jax.random.fold_in(key, 0x7AC0) if jac_reg > 0 else None
     new_carry, out, solve = act_step(model, params, carry, batch, key, training=training,
                                      adjoint=adjoint, unroll_steps=unroll_steps, with_stats=True)
     labels = new_carry.batch["labels"]
