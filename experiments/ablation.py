@@ -188,6 +188,20 @@ def step_cost(cfg: RunConfig, repeats: int = 3) -> dict[str, float]:
             "step_time_s": float(np.median(times))}
 
 
+@functools.partial(jax.jit, static_argnames=("model", "depth"))
+def _end_states(model: EqRModel, params, z0, x, key, depth: int):
+    """Latents after ``depth`` noisy steps from ``z0`` (one compilation per model and depth)."""
+    return dynamics.unroll(model.step, params, z0, x, key, depth, adjoint=dynamics.NoGrad())[0]
+
+
+@functools.partial(jax.jit, static_argnames=("model", "method", "tol", "maxiter", "history"))
+def _solve_from(model: EqRModel, params, z0, x, method: str, tol: float, maxiter: int,
+                history: int) -> dynamics.FixedPointResult:
+    """The implicit mode's forward solve from ``z0`` (no gradient)."""
+    return dynamics.fixed_point(model.step, params, z0, x, method=method, tol=tol,
+                                maxiter=maxiter, history_size=history, implicit_diff=False)
+
+
 def end_state_stability(cfg: RunConfig, params, batch: dict, *, depth: int = 64,
                         rows: int = 64, radius_iters: int = 24,
                         radius_restarts: int = 2) -> dict[str, float]:
@@ -207,16 +221,12 @@ def end_state_stability(cfg: RunConfig, params, batch: dict, *, depth: int = 64,
     valid = np.asarray(batch.get("mask", np.ones(len(batch["inputs"]), bool))[:rows])
     x = model.embed(params, inputs)
     z0 = model.init_latents(jax.random.PRNGKey(1), inputs.shape[0])
-    run = jax.jit(lambda z: dynamics.unroll(model.step, params, z, x, jax.random.PRNGKey(2),
-                                            depth, adjoint=dynamics.NoGrad())[0])
-    end = run(z0)
+    end = _end_states(model, params, z0, x, jax.random.PRNGKey(2), depth)
     exact = np.asarray(sequence_exact(model.readout(params, end).logits, labels)[2])
     radius = np.asarray(jacobian_spectral_radius(model, params, end, x, iters=radius_iters,
                                                  restarts=radius_restarts))
-    solve = jax.jit(lambda z: dynamics.fixed_point(
-        model.step, params, z, x, method=tc.implicit_method, tol=tc.implicit_tol,
-        maxiter=tc.implicit_maxiter, history_size=tc.implicit_history, implicit_diff=False))
-    sol = solve(z0)
+    sol = _solve_from(model, params, z0, x, tc.implicit_method, tc.implicit_tol,
+                      tc.implicit_maxiter, tc.implicit_history)
     conv = np.asarray(sol.converged)[valid]
     out = {"end_exact": float(exact[valid].mean()),
            "implicit_converged_frac": float(conv.mean()),
