@@ -8,7 +8,7 @@
 
 ``--modes`` takes specs ``mode[+jac][@seed]`` (``implicit+jac``, ``truncated@1``) or ``study``
 (`ablation.STUDY`). Writes ``ablation.json`` and ``ablation.md`` under ``--out`` (and, with
-``--plots PREFIX``, ``PREFIX_steps.png`` / ``PREFIX_wallclock.png``).
+``--plots PREFIX``, ``PREFIX_{exact,token}_{steps,wallclock}.png``).
 """
 
 from __future__ import annotations
@@ -41,6 +41,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--stability-rows", type=int, default=64,
                    help="test puzzles for the end-state spectral radius (0: skip)")
     p.add_argument("--plots", help="path prefix of the curve plots (PNG)")
+    p.add_argument("--rescore", action="store_true",
+                   help="only re-evaluate the kept checkpoints of the study in --out "
+                        "(exact and token accuracy of its curve points) and redraw --plots")
     p.add_argument("--progress", action="store_true")
     p.add_argument("overrides", nargs="*", help="section.key=value config overrides")
     args = p.parse_args(argv)
@@ -49,14 +52,19 @@ def main(argv: list[str] | None = None) -> int:
     cfg = dataclasses.replace(cfg, data=data, train=dataclasses.replace(
         cfg.train, max_steps=args.steps, eval_every=0, checkpoint_every=0, log_every=0))
     specs = ablation.STUDY if args.modes == "study" else args.modes.split(",")
-    report = ablation.run(cfg, args.out, grad_modes=specs,
-                          depths=[int(d) for d in args.depths.split(",")],
-                          progress=args.progress, curve_every=args.curve_every,
-                          jac_reg=args.jac_reg, anchors=args.anchors,
-                          stability_rows=args.stability_rows)
+    if args.rescore:
+        report = ablation.rescore(args.out)
+    else:
+        report = ablation.run(cfg, args.out, grad_modes=specs,
+                              depths=[int(d) for d in args.depths.split(",")],
+                              progress=args.progress, curve_every=args.curve_every,
+                              jac_reg=args.jac_reg, anchors=args.anchors,
+                              stability_rows=args.stability_rows)
     if args.plots:
-        for x, suffix in (("step", "steps"), ("train_wall_s", "wallclock")):
-            print(ablation.plot_curves(report, f"{args.plots}_{suffix}.png", x=x))
+        for metric in ("exact", "token"):
+            for x, suffix in (("step", "steps"), ("train_wall_s", "wallclock")):
+                print(ablation.plot_curves(report, f"{args.plots}_{metric}_{suffix}.png", x=x,
+                                           metric=metric))
     print(ablation.markdown_table(report["rows"]))
     return 0
 

@@ -284,8 +284,7 @@ def run(cfg: RunConfig, out_dir: str | Path, *, grad_modes: Sequence[str] = MODE
             if curve_every > 0:
                 _, params = load_for_inference(out / spec.name)
                 point = {"step": done, "train_wall_s": train_s,
-                         **{f"exact@D{d}": a for d, a in
-                            evaluate_depths(run_cfg, params, depths).items()}}
+                         **_accuracy_keys(evaluate_depths_all(run_cfg, params, depths))}
                 for k in ("train/implicit_converged", "train/implicit_iters",
                           "train/jac_fro", "train/step_time_s", "train/total_loss"):
                     if k in result:
@@ -299,11 +298,12 @@ def run(cfg: RunConfig, out_dir: str | Path, *, grad_modes: Sequence[str] = MODE
         _, params = load_for_inference(out / spec.name)
         if spec.name == anchor_name and not anchor_params:
             anchor_params.append((done, params))
-        ev = evaluate_depths(run_cfg, params, depths)
+        ev = (dict(curve[-1]) if curve else
+              _accuracy_keys(evaluate_depths_all(run_cfg, params, depths)))
         cost = step_cost(run_cfg)
         row = {
             "mode": spec.name,
-            **{f"exact@D{d}": ev[d] for d in depths},
+            **{k: v for k, v in ev.items() if k.startswith(("exact@", "token@"))},
             "final_train_loss": _first(result, ("train/total_loss", "train/lm_loss")),
             "step_time_ms": 1e3 * cost["step_time_s"],
             "peak_mem_MiB": cost["peak_bytes"] / 2**20,
@@ -348,12 +348,28 @@ def _eval_loader(cfg: RunConfig) -> EvalLoader:
     return EvalLoader(cfg.data.path, cfg.data.eval_batch)
 
 
-def evaluate_depths(cfg: RunConfig, params, depths: Sequence[int]) -> dict[int, float]:
-    """Exact accuracy on the test split at each depth (breadth 1, fixed depth)."""
+def evaluate_depths(cfg: RunConfig, params, depths: Sequence[int],
+                    metric: str = "exact_accuracy") -> dict[int, float]:
+    """``all/{metric}`` on the test split at each depth (breadth 1, fixed depth)."""
+    both = evaluate_depths_all(cfg, params, depths)
+    return {d: m[metric] for d, m in both.items()}
+
+
+def evaluate_depths_all(cfg: RunConfig, params, depths: Sequence[int]) -> dict[int, dict]:
+    """Exact and token accuracy (``exact_accuracy``, ``accuracy``) on the test split at each
+    depth (breadth 1, fixed depth): ``{depth: {metric: value}}``."""
     eval_cfg = dataclasses.replace(cfg.eval, breadth=1, halt="fixed")
     res = Evaluator(EqRModel(cfg.model), eval_cfg).evaluate(params, _eval_loader(cfg),
                                                             depths=list(depths), breadths=[1])
-    return {s["depth"]: s["metrics"]["all/exact_accuracy"] for s in res["settings"]}
+    return {s["depth"]: {k: s["metrics"][f"all/{k}"] for k in ("exact_accuracy", "accuracy")}
+            for s in res["settings"]}
+
+
+def _accuracy_keys(ev: dict[int, dict]) -> dict[str, float]:
+    """``exact@Dd`` and ``token@Dd`` columns of `evaluate_depths_all`'s result."""
+    out = {f"exact@D{d}": m["exact_accuracy"] for d, m in ev.items()}
+    out.update({f"token@D{d}": m["accuracy"] for d, m in ev.items()})
+    return out
 
 
 def markdown_table(rows: list[dict[str, Any]]) -> str:
@@ -362,9 +378,10 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
     return reporting.format_table(flat, markdown=True)
 
 
-def plot_curves(report: dict[str, Any], path: str, x: str = "step") -> str:
-    """Exact accuracy at each depth (one panel per depth) over ``x`` (``step`` or
-    ``train_wall_s``), one line per run; written to ``path`` (PNG)."""
+def plot_curves(report: dict[str, Any], path: str, x: str = "step",
+                metric: str = "exact") -> str:
+    """Test accuracy (``metric``: ``exact`` or ``token``) at each depth (one panel per depth)
+    over ``x`` (``step`` or ``train_wall_s``), one line per run; written to ``path`` (PNG)."""
     from eqr_jax.analysis.plots import _plt, _save
 
     plt = _plt()
@@ -373,11 +390,11 @@ def plot_curves(report: dict[str, Any], path: str, x: str = "step") -> str:
     axes = np.atleast_1d(axes)
     for ax, d in zip(axes, depths):
         for row in report["rows"]:
-            pts = row.get("curve") or []
+            pts = [p for p in row.get("curve") or [] if f"{metric}@D{d}" in p]
             if pts:
-                ax.plot([p[x] for p in pts], [p[f"exact@D{d}"] for p in pts], marker=".",
-                        label=row["mode"])
-        ax.set_title(f"test exact accuracy, depth {d}")
+                ax.plot([p[x] for p in pts], [p[f"{metric}@D{d}"] for p in pts],
+                        marker=".", label=row["mode"])
+        ax.set_title(f"test {metric} accuracy, depth {d}")
         ax.set_xlabel("optimiser steps" if x == "step" else "training wall-clock (s)")
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7)
@@ -386,3 +403,24 @@ def plot_curves(report: dict[str, Any], path: str, x: str = "step") -> str:
 
 def load_report(path: str | Path) -> dict[str, Any]:
     return json.loads(Path(path).read_text())
+
+
+def rescore(out_dir: str | Path) -> dict[str, Any]:
+    """Re-evaluate a finished study's kept checkpoints (``out_dir/<run>/checkpoints/<step>``)
+    at its depths and fill in the exact and token accuracy of those curve points (for a study
+    run before the curves recorded token accuracy); rewrites ``ablation.json``."""
+    out = Path(out_dir)
+    report = load_report(out / "ablation.json")
+    depths = report["depths"]
+    for row in report["rows"]:
+        ckpts = out / row["mode"] / "checkpoints"
+        for point in row.get("curve", []):
+            if not (ckpts / str(point["step"])).is_dir():
+                continue
+            run_cfg, params = load_for_inference(ckpts / str(point["step"]))
+            point.update(_accuracy_keys(evaluate_depths_all(run_cfg, params, depths)))
+        if row.get("curve") and "token@D%d" % depths[0] in row["curve"][-1]:
+            row.update({k: v for k, v in row["curve"][-1].items()
+                        if k.startswith(("exact@", "token@"))})
+    reporting.write_json(out / "ablation.json", report)
+    return report
