@@ -378,6 +378,43 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
     return reporting.format_table(flat, markdown=True)
 
 
+def study_tables(report: dict[str, Any]) -> str:
+    """The markdown tables of docs/ablation.md from a report: accuracy and cost per run, the
+    solve and the end states per run, and the gradient cosines at the fixed checkpoints."""
+    depths, rows = report["depths"], report["rows"]
+    fmt = lambda v, spec=".3f": "n/a" if v is None or (isinstance(v, float) and v != v) \
+        else format(v, spec)
+    acc = ["| run | " + " | ".join(f"exact@{d}" for d in depths) + " | "
+           + " | ".join(f"token@{d}" for d in depths)
+           + " | final train loss | step time (ms) | compiled peak (MiB) | run wall (s) |",
+           "|---" * (5 + 2 * len(depths)) + "|"]
+    for r in rows:
+        acc.append(f"| {r['mode']} | " + " | ".join(fmt(r.get(f"exact@D{d}")) for d in depths)
+                   + " | " + " | ".join(fmt(r.get(f"token@D{d}")) for d in depths)
+                   + f" | {fmt(r['final_train_loss'])} | {fmt(r['step_time_ms'], '.0f')} | "
+                   f"{fmt(r['peak_mem_MiB'], '.0f')} | {fmt(r['train_wall_s'], '.0f')} |")
+    dyn = ["| run | implicit solve converged (training, last chunk) | mean solver iterations "
+           "(training) | converged from fresh latents (end) | "
+           "jac_fro: Frobenius^2 / dim (training) | "
+           "depth-64 end states correct: n, radius median, radius < 1 | wrong: n, median, < 1 |",
+           "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        ends = [f"{r.get(f'radius_{k}_n', 0)}, {fmt(r.get(f'radius_{k}_median'), '.2f')}, "
+                f"{fmt(r.get(f'radius_{k}_lt1'), '.2f')}" for k in ("correct", "wrong")]
+        dyn.append(f"| {r['mode']} | {fmt(r.get('implicit_converged'))} | "
+                   f"{fmt(r.get('implicit_iters'), '.2f')} | "
+                   f"{fmt(r.get('implicit_converged_frac'))} | {fmt(r.get('jac_fro'), '.4f')} | "
+                   f"{ends[0]} | {ends[1]} |")
+    steps = report.get("grad_cos_steps", [])
+    cos = ["| run | " + " | ".join(f"cosine at step {s}" for s in steps) + " |",
+           "|---" * (1 + len(steps)) + "|"]
+    for r in rows:
+        if "grad_cos" in r:
+            cos.append(f"| {r['mode']} | " + " | ".join(fmt(c, ".3f") for c in r["grad_cos"])
+                       + " |")
+    return "\n".join(acc) + "\n\n" + "\n".join(dyn) + "\n\n" + "\n".join(cos) + "\n"
+
+
 def plot_curves(report: dict[str, Any], path: str, x: str = "step",
                 metric: str = "exact") -> str:
     """Test accuracy (``metric``: ``exact`` or ``token``) at each depth (one panel per depth)

@@ -1,5 +1,6 @@
 """The named presets: `sudoku` and `maze` (the reference's recipes), `tiny` (a CPU-sized
-run) and `sudoku6` (CPU-sized, 6x6 puzzles that need reasoning). Configs are code: each preset is a function returning a fresh `RunConfig`."""
+run) and `sudoku6` (CPU-sized, 6x6 puzzles that need reasoning). Configs are code: each preset
+is a function returning a fresh `RunConfig`."""
 
 from __future__ import annotations
 
