@@ -442,22 +442,29 @@ def load_report(path: str | Path) -> dict[str, Any]:
     return json.loads(Path(path).read_text())
 
 
-def rescore(out_dir: str | Path) -> dict[str, Any]:
-    """Re-evaluate a finished study's kept checkpoints (``out_dir/<run>/checkpoints/<step>``)
-    at its depths and fill in the exact and token accuracy of those curve points (for a study
-    run before the curves recorded token accuracy); rewrites ``ablation.json``."""
+def rescore(out_dir: str | Path, write: bool = True) -> dict[str, Any]:
+    """Re-evaluate a study's kept checkpoints (``out_dir/<run>/checkpoints/<step>``) at its
+    depths and fill in the exact and token accuracy of those curve points (for a study run
+    before the curves recorded token accuracy); rewrites ``ablation.json``. Each evaluation is
+    cached in ``rescore.json``, so it can run beside a study that is still going (``write``
+    False: fill the cache only) and again at its end."""
     out = Path(out_dir)
     report = load_report(out / "ablation.json")
     depths = report["depths"]
+    cache_path = out / "rescore.json"
+    cache = load_report(cache_path) if cache_path.exists() else {}
     for row in report["rows"]:
         ckpts = out / row["mode"] / "checkpoints"
         for point in row.get("curve", []):
-            if not (ckpts / str(point["step"])).is_dir():
-                continue
-            run_cfg, params = load_for_inference(ckpts / str(point["step"]))
-            point.update(_accuracy_keys(evaluate_depths_all(run_cfg, params, depths)))
-        if row.get("curve") and "token@D%d" % depths[0] in row["curve"][-1]:
+            key = f"{row['mode']}/{point['step']}"
+            if key not in cache and (ckpts / str(point["step"])).is_dir():
+                run_cfg, params = load_for_inference(ckpts / str(point["step"]))
+                cache[key] = _accuracy_keys(evaluate_depths_all(run_cfg, params, depths))
+                reporting.write_json(cache_path, cache)
+            point.update(cache.get(key, {}))
+        if row.get("curve") and f"token@D{depths[0]}" in row["curve"][-1]:
             row.update({k: v for k, v in row["curve"][-1].items()
                         if k.startswith(("exact@", "token@"))})
-    reporting.write_json(out / "ablation.json", report)
+    if write:
+        reporting.write_json(out / "ablation.json", report)
     return report
