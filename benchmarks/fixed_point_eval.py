@@ -3,7 +3,7 @@
     python benchmarks/fixed_point_eval.py --quick                       # tiny model, CPU
     python benchmarks/fixed_point_eval.py --checkpoint runs/tiny --data-seed 1 --batch 128
 
-For each target tolerance (RMS of f(z) - z per latent element) both jaxopt solvers run from the
+For each target tolerance (RMS of f(z) - z per latent element) both fixed-point solvers run from the
 same random initial latents with a generous iteration cap; the script reports the iterations
 needed, the wall time (second call, after compilation), the reached residual and the exact
 accuracy, next to plain noisy unrolling (the reference evaluation) at the same number of steps.

@@ -1,10 +1,14 @@
 """Train one config with each gradient mode and compare them (see experiments/ablation.py).
 
     python experiments/ablate_gradients.py                         # tiny preset, CPU, minutes
+    python experiments/ablate_gradients.py --preset sudoku6 --modes study --curve-every 50 \
+        --depths 4,16,64 --plots docs/assets/ablation_sudoku6       # docs/ablation.md's study
     python experiments/ablate_gradients.py --preset sudoku --data data/sudoku-extreme-1k-aug-1000 \
-        --steps 5000 --depths 16,64 train.unroll_steps=4            # on an accelerator
+        --modes study --steps 5000 --curve-every 500 --depths 4,16,64   # on an accelerator
 
-Writes ``ablation.json`` and ``ablation.md`` under ``--out``.
+``--modes`` takes specs ``mode[+jac][@seed]`` (``implicit+jac``, ``truncated@1``) or ``study``
+(`ablation.STUDY`). Writes ``ablation.json`` and ``ablation.md`` under ``--out`` (and, with
+``--plots PREFIX``, ``PREFIX_{exact,token}_{steps,wallclock}.png``).
 """
 
 from __future__ import annotations
@@ -28,6 +32,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=300, help="optimiser steps per mode")
     p.add_argument("--modes", default=",".join(ablation.MODES))
     p.add_argument("--depths", default="1,4,16")
+    p.add_argument("--curve-every", type=int, default=0,
+                   help="evaluate every N steps for the accuracy curves (0: only at the end)")
+    p.add_argument("--jac-reg", type=float, default=1.0,
+                   help="train.jac_reg of the '+jac' specs")
+    p.add_argument("--anchors", type=int, default=3,
+                   help="fixed checkpoints of the anchor run for the gradient cosines")
+    p.add_argument("--stability-rows", type=int, default=64,
+                   help="test puzzles for the end-state spectral radius (0: skip)")
+    p.add_argument("--plots", help="path prefix of the curve plots (PNG)")
+    p.add_argument("--rescore", action="store_true",
+                   help="only re-evaluate the kept checkpoints of the study in --out "
+                        "(exact and token accuracy of its curve points) and redraw --plots")
     p.add_argument("--progress", action="store_true")
     p.add_argument("overrides", nargs="*", help="section.key=value config overrides")
     args = p.parse_args(argv)
@@ -35,9 +51,20 @@ def main(argv: list[str] | None = None) -> int:
     data = dataclasses.replace(cfg.data, path=args.data) if args.data else cfg.data
     cfg = dataclasses.replace(cfg, data=data, train=dataclasses.replace(
         cfg.train, max_steps=args.steps, eval_every=0, checkpoint_every=0, log_every=0))
-    report = ablation.run(cfg, args.out, grad_modes=args.modes.split(","),
-                          depths=[int(d) for d in args.depths.split(",")],
-                          progress=args.progress)
+    specs = ablation.STUDY if args.modes == "study" else args.modes.split(",")
+    if args.rescore:
+        report = ablation.rescore(args.out)
+    else:
+        report = ablation.run(cfg, args.out, grad_modes=specs,
+                              depths=[int(d) for d in args.depths.split(",")],
+                              progress=args.progress, curve_every=args.curve_every,
+                              jac_reg=args.jac_reg, anchors=args.anchors,
+                              stability_rows=args.stability_rows)
+    if args.plots:
+        for metric in ("exact", "token"):
+            for x, suffix in (("step", "steps"), ("train_wall_s", "wallclock")):
+                print(ablation.plot_curves(report, f"{args.plots}_{metric}_{suffix}.png", x=x,
+                                           metric=metric))
     print(ablation.markdown_table(report["rows"]))
     return 0
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from eqr_jax import config
 
 import importlib.util
@@ -24,25 +26,57 @@ def test_ablate_gradients_ci_size(tmp_path, capsys):
     overrides = [f"data.path={tmp_path / 'data'}", "data.build_train=40", "data.build_test=16",
                  "data.build_num_aug=1", "data.global_batch_size=16", "model.hidden_size=32",
                  "model.num_heads=2", "model.H_cycles=1", "model.L_cycles=1",
-                 "train.steps_per_call=1", "train.implicit_maxiter=3", "train.unroll_steps=2"]
+                 "train.steps_per_call=1", "train.implicit_maxiter=3", "train.unroll_steps=2",
+                 "train.implicit_backward_iters=3", "train.remat=true"]
     out = tmp_path / "ablation"
-    code = _experiment().main(["--out", str(out), "--steps", "3", "--modes", "truncated,implicit",
-                               "--depths", "1,2", *overrides])
+    # Every gradient mode, implicit only regularised (one compilation covers both), phantom with
+    # another seed.
+    specs = "truncated,full,one_step,phantom@1,implicit+jac"
+    code = _experiment().main(["--out", str(out), "--steps", "3", "--modes", specs,
+                               "--depths", "1,2", "--curve-every", "2", "--anchors", "2",
+                               "--stability-rows", "6", "--plots", str(tmp_path / "plot"),
+                               *overrides])
     assert code == 0
     report = json.loads((out / "ablation.json").read_text())
     rows = {r["mode"]: r for r in report["rows"]}
-    assert sorted(rows) == ["implicit", "truncated"]
+    assert list(rows) == specs.split(",")
     for r in rows.values():
         assert 0.0 <= r["exact@D1"] <= 1.0 and 0.0 <= r["exact@D2"] <= 1.0
         assert r["final_train_loss"] > 0 and r["step_time_ms"] > 0 and r["peak_mem_MiB"] > 0
-        assert -1.0 <= r["grad_cos_vs_full"] <= 1.0 + 1e-6
-    # The truncated gradient is a partial gradient of the same loss: it must point the same way
-    # as the full-unroll gradient, but (with 2 unrolled steps) not be identical to it.
+        assert -1.0 <= r["grad_cos_vs_full"] <= 1.0 + 1e-6 and len(r["grad_cos"]) == 2
+        # Curves: a point after 2 steps and at the end (3), wall-clock growing.
+        assert [p["step"] for p in r["curve"]] == [2, 3]
+        assert r["curve"][1]["train_wall_s"] > r["curve"][0]["train_wall_s"] > 0
+        assert 0.0 <= r["implicit_converged_frac"] <= 1.0
+        assert r["radius_correct_n"] + r["radius_wrong_n"] == 6
+    # The full gradient is its own reference; the truncated one is a partial gradient of the
+    # same loss: the same direction, not the same vector (2 unrolled steps).
+    assert rows["full"]["grad_cos_vs_full"] > 0.9999
     assert 0.0 < rows["truncated"]["grad_cos_vs_full"] < 0.99999
-    assert report["config"]["train"]["unroll_steps"] == 2
+    # The regularised run logs the Jacobian term and its per-row implicit solve.
+    assert rows["implicit+jac"]["jac_fro"] > 0 and "jac_fro" not in rows["truncated"]
+    assert 0.0 <= rows["implicit+jac"]["implicit_converged"] <= 1.0
+    assert 1.0 <= rows["implicit+jac"]["implicit_iters"] <= 3.0
+    assert report["config"]["train"]["unroll_steps"] == 2 and report["grad_cos_steps"] == [2, 3]
     table = (out / "ablation.md").read_text()
     assert table.startswith("| mode |") and "grad_cos_vs_full" in table
     assert "| truncated |" in capsys.readouterr().out
-    # The run's configs are saved per mode beside its checkpoints.
-    saved = config.load(str(out / "truncated" / "config.json"))
-    assert saved.train.grad_mode == "truncated"
+    for name in ("exact_steps", "exact_wallclock", "token_steps", "token_wallclock"):
+        assert (tmp_path / f"plot_{name}.png").stat().st_size > 0
+    assert 0.0 <= rows["truncated"]["token@D2"] <= 1.0
+    # The run's configs are saved per spec beside its checkpoints.
+    saved = config.load(str(out / "implicit+jac" / "config.json"))
+    assert (saved.train.grad_mode, saved.train.jac_reg, saved.train.seed) == ("implicit", 1.0, 0)
+    saved = config.load(str(out / "phantom@1" / "config.json"))
+    assert (saved.train.grad_mode, saved.train.jac_reg, saved.train.seed) == ("phantom", 0.0, 1)
+
+
+def test_parse_spec():
+    ablation = _experiment().ablation
+    assert ablation.parse_spec("implicit+jac@2") == ablation.Spec("implicit+jac@2", "implicit",
+                                                                    True, 2)
+    assert ablation.parse_spec("one_step") == ablation.Spec("one_step", "one_step")
+    with pytest.raises(ValueError, match="unknown gradient mode 'backprop'"):
+        ablation.parse_spec("backprop+jac")
+    with pytest.raises(ValueError, match="must be an integer"):
+        ablation.parse_spec("truncated@x")

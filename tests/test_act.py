@@ -135,3 +135,20 @@ def test_gradient_modes_and_q_halt_gradient(model_params, mode):
     if mode == "truncated":
         dz = jax.jit(jax.grad(lambda p: jnp.sum(q_loss(p)[1].latents.z_H)))(params)
         assert norm(dz) == 0.0
+
+
+def test_implicit_step_warm_starts_from_the_carry(model_params):
+    """The implicit solve starts from the carried latents: a row continuing into the next ACT
+    step starts at its fixed point and stops after one evaluation; reset rows start cold."""
+    model, params = model_params
+    # Small block weights make the step map a contraction, so every row converges.
+    params = dict(params, L_level=jax.tree_util.tree_map(lambda a: 0.1 * a, params["L_level"]))
+    adjoint = dynamics.Implicit(maxiter=50, tol=1e-4)
+    step = jax.jit(lambda c, k: act_step(model, params, c, _batch(0), k, training=False,
+                                         adjoint=adjoint, with_stats=True))
+    carry, _, first = step(init_carry(model, _batch(0)), jax.random.PRNGKey(0))
+    assert bool(jnp.all(first.converged)) and int(jnp.min(first.iterations)) > 1
+    assert not bool(jnp.any(carry.halted))  # evaluation halts only at halt_max_steps = 3
+    _, _, second = step(carry, jax.random.PRNGKey(1))
+    np.testing.assert_array_equal(second.iterations, np.ones(B))
+    assert bool(jnp.all(second.converged))

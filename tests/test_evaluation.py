@@ -181,6 +181,22 @@ def test_anderson_solver_mode(tiny):
         Evaluator(model, EvalConfig(solver="anderson", halt="q_halt"))
 
 
+def test_solver_is_per_row(trained_model):
+    # Each row (copy of a puzzle) mixes, stops and counts on its own, so solving a row alone
+    # (same puzzle index, same keys) gives its result in the batch. A briefly trained model:
+    # rows converge at different counts.
+    _, model, params = trained_model
+    batches, _, _ = eval_data(n=6, batch=6)
+    b = batches[0]
+    conv = dict(solver="anderson", convergence_tol=2e-2)
+    r = _run(model, params, b, 0, 40, 2, **conv)
+    assert len(set(r.steps.ravel().tolist())) > 1, r.steps
+    for i in range(4):
+        alone = _run(model, params, {k: v[i:i + 1] for k, v in b.items()}, i, 40, 2, **conv)
+        np.testing.assert_array_equal(alone.steps[0], r.steps[i])
+        np.testing.assert_array_equal(alone.preds[0], r.preds[i])
+
+
 def test_eval_noise_scale(tiny):
     model, params, inputs, labels, mask = tiny
     key = 3

@@ -87,3 +87,20 @@ def test_dry_run_rejects_mismatched_data(tmp_path, capsys):
     _reference_layout(data, 10, 1, seq_len=16, vocab=6, test=4)
     assert main(["--preset", "sudoku", "--dry-run", "--data", str(data)]) == 2
     assert "model.seq_len=81 does not match" in capsys.readouterr().err
+
+
+def test_dry_run_sudoku6_preset_plans_its_own_data_folder(tmp_path, capsys, monkeypatch):
+    # From a fresh checkout: the preset's own folder (data/sudoku6) is missing and is planned to
+    # be built on first `eqr train` (no --build needed for a preset's own folder).
+    monkeypatch.chdir(tmp_path)
+    assert main(["--preset", "sudoku6", "--dry-run"]) == 0
+    text = capsys.readouterr().out
+    assert text.strip().splitlines()[-1] == "total_steps: 3000"
+    assert ("eqr data sudoku --out data/sudoku6 --source generate --size 6 --difficulty hard "
+            "--train 2000 --test 256 --num-aug 8") in text
+    assert "parameters: 77,954" in text
+    assert list(tmp_path.iterdir()) == []
+    # The phantom gradient's plan counts its k damped steps.
+    assert main(["--preset", "sudoku6", "--dry-run", "train.grad_mode=phantom",
+                 "train.phantom_k=3"]) == 0
+    assert "total_steps: 3000" in capsys.readouterr().out

@@ -12,7 +12,9 @@ Model
   Readout`` (logits (B, N, V), q_halt (B,)).
 Dynamics
   `unroll` (``lax.scan`` of the step map under a gradient adjoint: `Truncated`, `Full`,
-  `OneStep`, `NoGrad`), `fixed_point` (jaxopt solve of the noise-free map, implicit gradient).
+  `OneStep`, `Phantom`, `NoGrad`), `fixed_point` (per-row Anderson / iteration solve of the
+  noise-free map, implicit gradient), `jacobian_frobenius_sq` (Hutchinson estimate of
+  ||d step / d state||_F^2 per row, for Jacobian regularisation).
 Training
   `train(cfg, loaders, mesh=None) -> (TrainState, metrics)`; `make_loaders(cfg)` opens a dataset
   folder's loaders, `ArrayTrainLoader` / `eval_batches` wrap NumPy arrays.
@@ -49,6 +51,8 @@ _API = {
     "Truncated": ("eqr_jax.dynamics", "Truncated"),
     "Full": ("eqr_jax.dynamics", "Full"),
     "OneStep": ("eqr_jax.dynamics", "OneStep"),
+    "Phantom": ("eqr_jax.dynamics", "Phantom"),
+    "jacobian_frobenius_sq": ("eqr_jax.dynamics", "jacobian_frobenius_sq"),
     "Implicit": ("eqr_jax.dynamics", "Implicit"),
     "NoGrad": ("eqr_jax.dynamics", "NoGrad"),
     "train": ("eqr_jax.training", "train"),

@@ -88,7 +88,7 @@ def halting(steps: jax.Array, q_halt: jax.Array, key: jax.Array | None, *, halt_
 
 def act_step(model: EqRModel, params, carry: ACTCarry, batch: Mapping[str, Any], key: jax.Array,
              *, training: bool, adjoint: dynamics.Adjoint = dynamics.Truncated(),
-             unroll_steps: int = 1) -> tuple[ACTCarry, Readout]:
+             unroll_steps: int = 1, with_stats: bool = False):
     """One ACT step of the whole batch (pure; jit/scan/grad friendly).
 
     Args:
@@ -102,13 +102,19 @@ def act_step(model: EqRModel, params, carry: ACTCarry, batch: Mapping[str, Any],
       adjoint: how gradient flows through the dynamics (`eqr_jax.dynamics`; `Truncated` is the
         reference's).
       unroll_steps: step-map applications per ACT step for the unrolled adjoints.
+      with_stats: also return the implicit solve's per-row `dynamics.FixedPointResult` (None
+        for the unrolled adjoints).
     Returns:
-      (new carry with stop-gradient latents, `Readout` of the new state).
+      (new carry with stop-gradient latents, `Readout` of the new state), and the solve's
+      result third when ``with_stats``.
     """
     k_reset, k_noise, k_halt = jax.random.split(key, 3)
     carry = reset_carry(model, carry, batch, k_reset)
     x = model.embed(params, carry.batch["inputs"])
-    state = dynamics.advance(model.step, params, carry.latents, x, k_noise, unroll_steps, adjoint)
+    # The carried latents are the implicit solve's initial guess: a warm start for rows that
+    # continue, a fresh draw for rows just reset.
+    state, solve = dynamics.segment(model.step, params, carry.latents, x, k_noise, unroll_steps,
+                                    adjoint)
     out = model.readout(params, state)
     steps = carry.steps + 1
     halted = halting(steps, jax.lax.stop_gradient(out.q_halt), k_halt,
@@ -116,4 +122,6 @@ def act_step(model: EqRModel, params, carry: ACTCarry, batch: Mapping[str, Any],
                      exploration_prob=model.cfg.halt_exploration_prob, training=training)
     new = ACTCarry(jax.tree_util.tree_map(jax.lax.stop_gradient, state), steps, halted,
                    carry.batch)
+    if with_stats:
+        return new, out, solve
     return new, out

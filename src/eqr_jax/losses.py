@@ -94,11 +94,17 @@ def act_loss(logits: jax.Array, q_halt: jax.Array, labels: jax.Array,
 
 def loss_and_metrics(model: EqRModel, params, carry: ACTCarry, batch: Mapping[str, jax.Array],
                      key: jax.Array, *, adjoint: dynamics.Adjoint, unroll_steps: int = 1,
-                     global_batch_size: int, training: bool = True):
+                     global_batch_size: int, training: bool = True, jac_reg: float = 0.0,
+                     jac_reg_samples: int = 1):
     """One ACT step and its loss (docs/training.md, "Loss").
 
     loss = sum_rows (lm_b + 0.5 * BCE(q_halt_b, exact_b)) / global_batch_size, with
-    lm_b = sum_t CE_bt / max(#valid_b, 1) (stablemax CE, float32).
+    lm_b = sum_t CE_bt / max(#valid_b, 1) (stablemax CE, float32). With ``jac_reg`` > 0 the
+    loss adds jac_reg * sum_rows J_b / global_batch_size, J_b the Hutchinson estimate
+    (`dynamics.jacobian_frobenius_sq`, ``jac_reg_samples`` probes) of ||df/dz||_F^2 / dim at
+    the segment's output state (the fixed point for ``implicit``); its sum is the metric
+    ``jac_fro``. The implicit mode adds the per-row solve's sums ``implicit_iters``,
+    ``implicit_residual``, ``implicit_converged`` and the extremum ``max_implicit_iters``.
 
     Returns:
       (loss, (new carry, metrics)): float32 metric *sums* over halted rows with labels
@@ -110,11 +116,28 @@ def loss_and_metrics(model: EqRModel, params, carry: ACTCarry, batch: Mapping[st
       count; step 1 starts from fresh latents and is not binned). `eqr_jax.metrics` turns
       sums of them into logged scalars.
     """
-    new_carry, out = act_step(model, params, carry, batch, key, training=training,
-                              adjoint=adjoint, unroll_steps=unroll_steps)
+    # A key of its own, so that turning the regulariser on leaves the step's noise, resets and
+    # exploration (drawn from `key`) exactly as they were.
+    k_jac = jax.random.fold_in(key, 0x7AC0) if jac_reg > 0 else None
+    new_carry, out, solve = act_step(model, params, carry, batch, key, training=training,
+                                     adjoint=adjoint, unroll_steps=unroll_steps, with_stats=True)
     labels = new_carry.batch["labels"]
     loss, parts = act_loss(out.logits, out.q_halt, labels, global_batch_size)
     metrics = act_metrics(model.cfg.halt_max_steps, carry, new_carry, out.q_halt, parts)
+    if jac_reg > 0:
+        lat = new_carry.latents
+        x = model.embed(params, new_carry.batch["inputs"])
+        dim = 2 * lat.z_H.shape[1] * lat.z_H.shape[2]
+        jac = dynamics.jacobian_frobenius_sq(model, params, lat, x, key=k_jac,
+                                             samples=jac_reg_samples) / dim
+        loss = loss + jac_reg * jnp.sum(jac) / global_batch_size
+        metrics["jac_fro"] = jax.lax.stop_gradient(jnp.sum(jac)).astype(jnp.float32)
+    if solve is not None:
+        f32 = jnp.float32
+        metrics["implicit_iters"] = jnp.sum(solve.iterations).astype(f32)
+        metrics["implicit_residual"] = jnp.sum(solve.residual).astype(f32)
+        metrics["implicit_converged"] = jnp.sum(solve.converged).astype(f32)
+        metrics["max_implicit_iters"] = jnp.max(solve.iterations).astype(f32)
     return loss, (new_carry, metrics)
 
 

@@ -16,6 +16,9 @@ SUM_KEYS = ("count", "accuracy", "exact_accuracy", "q_halt_accuracy", "q_halt_pr
 # Sums over all rows, divided by the global batch (and the number of steps) when logged.
 LOSS_KEYS = ("lm_loss", "q_halt_loss", "total_loss")
 LATENT_KEYS = ("zH_rms", "zL_rms")
+# Present only with train.jac_reg > 0 (jac_fro) or grad_mode=implicit (implicit_*): sums over
+# all rows, logged as per-row means like the losses.
+SOLVER_KEYS = ("jac_fro", "implicit_iters", "implicit_residual", "implicit_converged")
 
 
 def _reducer(key: str) -> Callable:
@@ -53,14 +56,19 @@ def train_scalars(sums: Mapping[str, Any], global_batch_size: int) -> dict[str, 
 
     Losses and latent RMS are divided by ``global_batch_size x num_steps``; accuracies, q-halt
     precision/recall and mean steps by ``count`` (halted rows), and dropped when no row halted;
-    ``min_steps``/``max_steps`` are the extrema; ``train/residual/act_step_{s}`` is the mean change
+    ``min_steps``/``max_steps`` are the extrema; `SOLVER_KEYS` are per-row means like the
+    losses (``train/implicit_converged``: the fraction of rows whose implicit solve converged)
+    and ``max_implicit_iters`` the extremum; ``train/residual/act_step_{s}`` is the mean change
     norm of [z_H; z_L] at ACT step s (rows that continued into step s), ``train/residual_mean``
     its mean over all binned rows; ``grad_norm`` is the mean over steps.
     """
     s = {k: np.asarray(v, np.float64) for k, v in sums.items() if not k.startswith("nonfinite_")}
     n = max(float(s.get("num_steps", 1.0)), 1.0)
     denom = global_batch_size * n
-    out = {f"train/{k}": float(s[k]) / denom for k in LOSS_KEYS + LATENT_KEYS if k in s}
+    out = {f"train/{k}": float(s[k]) / denom for k in LOSS_KEYS + LATENT_KEYS + SOLVER_KEYS
+           if k in s}
+    if "max_implicit_iters" in s:
+        out["train/max_implicit_iters"] = float(s["max_implicit_iters"])
     count = float(s.get("count", 0.0))
     if count > 0:
         for k in SUM_KEYS:

@@ -10,7 +10,7 @@ updates of ``z_L`` from ``z_H + x`` and one update of ``z_H`` from ``z_L``. One 
 with one shared stack of post-norm blocks. Read-outs map ``z_H`` to token logits and a halting
 logit. Flax modules hold the parameters; everything the dynamics need is exposed as pure
 functions of ``(params, state, x, key)`` so that `lax.scan`, `lax.while_loop`, `vmap` and
-jaxopt's solvers all consume the same step map.
+the fixed-point solvers all consume the same step map.
 """
 
 from __future__ import annotations

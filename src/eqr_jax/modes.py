@@ -15,8 +15,12 @@ from __future__ import annotations
 #              through its last latent recursion;
 #   full       backprop through every step and recursion (optionally rematerialised);
 #   one_step   phantom gradient: every recursion of the last step, nothing before it;
-#   implicit   jaxopt fixed-point solve of the noise-free map, implicit function theorem.
-GRAD_MODES = ("truncated", "full", "one_step", "implicit")
+#   phantom    phantom gradient with k damped steps (Geng et al. 2021; one_step is k = 1);
+#   implicit   per-row fixed-point solve of the noise-free map, implicit function theorem.
+GRAD_MODES = ("truncated", "full", "one_step", "phantom", "implicit")
+# The implicit mode's forward solvers and backward linear solves (eqr_jax.dynamics).
+IMPLICIT_SOLVERS = ("anderson", "iteration")
+IMPLICIT_BACKWARDS = ("gmres", "iteration")
 # Inference: the same iteration with no gradient at all.
 NO_GRAD = "none"
 
@@ -26,8 +30,8 @@ NO_GRAD = "none"
 #   convergence  a row stops once its change stayed below a tolerance for `window` steps.
 HALT_RULES = ("fixed", "q_halt", "convergence")
 
-# How the evaluator advances the latents: the noisy step map, or a jaxopt solve of the
-# noise-free map with at most `depth` iterations.
+# How the evaluator advances the latents: the noisy step map, or a per-row solve of the
+# noise-free map (Anderson or plain iteration) with at most `depth` iterations.
 SOLVERS = ("unroll", "anderson", "fixed_point")
 
 # What `convergence` halting watches: the logits (mean over tokens of the L2 change of the logit

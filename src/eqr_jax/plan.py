@@ -25,6 +25,9 @@ def _flops_per_step(cfg: RunConfig) -> tuple[int, str]:
     per_recursion = (m.L_cycles + 1) * m.L_layers
     if m.variant == "feedforward" or tc.grad_mode in ("one_step",):
         fwd, grad, note = tc.unroll_steps, m.blocks_per_step, ""
+    elif tc.grad_mode == "phantom":  # k damped steps on the tape, max(unroll_steps, k) in all
+        fwd = max(tc.unroll_steps, tc.phantom_k)
+        grad, note = tc.phantom_k * m.blocks_per_step, ""
     elif tc.grad_mode == "full":
         fwd, grad, note = tc.unroll_steps, tc.unroll_steps * m.blocks_per_step, ""
     elif tc.grad_mode == "implicit":

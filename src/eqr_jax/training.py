@@ -113,7 +113,8 @@ def make_train_step(model: EqRModel, cfg: RunConfig, optimizer: optax.GradientTr
     n_steps = int(steps_per_call or tc.steps_per_call)
     grad_fn = jax.value_and_grad(functools.partial(
         loss_and_metrics, model, adjoint=dynamics.adjoint_for(tc), unroll_steps=tc.unroll_steps,
-        global_batch_size=cfg.data.global_batch_size), has_aux=True)
+        global_batch_size=cfg.data.global_batch_size, jac_reg=tc.jac_reg,
+        jac_reg_samples=tc.jac_reg_samples), has_aux=True)
 
     def one(state: TrainState, batch):
         key = jax.random.fold_in(state.rng, state.step)

@@ -294,7 +294,7 @@ def add_eval_options(p: argparse.ArgumentParser, depth_help: str, breadth_help: 
     p.add_argument("--halt", choices=modes.HALT_RULES,
                    help="per-row halting rule (default: the config's, normally fixed)")
     p.add_argument("--solver", choices=modes.SOLVERS,
-                   help="noisy unroll (reference) or a jaxopt solve of the noise-free map")
+                   help="noisy unroll (reference) or a per-row solve of the noise-free map")
     p.add_argument("--tol", type=float, help="convergence tolerance (halt=convergence, solvers)")
     p.add_argument("--window", type=int,
                    help="consecutive steps below --tol to halt; also the convergence-score window")

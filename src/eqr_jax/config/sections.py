@@ -183,7 +183,21 @@ class TrainConfig:
     unroll_steps: int = 1
     remat: bool = False  # jax.checkpoint each step when grad_mode == "full"
     implicit_maxiter: int = 30
-    implicit_tol: float = 1e-4
+    # Implicit mode (docs/training.md, "Implicit gradients"): a row stops once its relative
+    # residual ||f(z) - z|| / ||z|| is at most implicit_tol; Anderson mixes each row's last
+    # implicit_history iterates; the backward linear solve costs implicit_backward_iters VJPs.
+    implicit_tol: float = 1e-3
+    implicit_method: str = "anderson"
+    implicit_history: int = 5
+    implicit_backward: str = "gmres"
+    implicit_backward_iters: int = 20
+    # grad_mode=phantom: phantom_k damped steps z <- (1 - d) z + d f(z) carry the gradient.
+    phantom_k: int = 2
+    phantom_damping: float = 0.5
+    # Jacobian regularisation (every grad_mode): jac_reg x Hutchinson estimate of
+    # ||df/dz||_F^2 / dim at the segment's output state, jac_reg_samples probes; 0: off.
+    jac_reg: float = 0.0
+    jac_reg_samples: int = 1
     steps_per_call: int = 1  # optimiser steps per jitted host call (lax.scan)
     log_every: int = 50
     eval_every: int = 5000
@@ -202,12 +216,17 @@ class TrainConfig:
         _check_choice("train.grad_mode", self.grad_mode, modes.GRAD_MODES)
         _check_choice("train.optimizer", self.optimizer, ("adam_atan2", "adamw"))
         _check_choice("train.init_weights", self.init_weights, ("ema", "raw"))
+        _check_choice("train.implicit_method", self.implicit_method, modes.IMPLICIT_SOLVERS)
+        _check_choice("train.implicit_backward", self.implicit_backward,
+                      modes.IMPLICIT_BACKWARDS)
         for name in ("epochs", "max_steps", "epochs_per_iter", "init_step", "lr", "lr_warmup_steps",
                      "weight_decay", "grad_clip_norm", "log_every", "eval_every",
-                     "checkpoint_every"):
+                     "checkpoint_every", "jac_reg"):
             if not getattr(self, name) >= 0:
                 raise ConfigError(f"train.{name} must be >= 0, got {getattr(self, name)}")
-        for name in ("steps_per_call", "unroll_steps", "keep_checkpoints", "implicit_maxiter"):
+        for name in ("steps_per_call", "unroll_steps", "keep_checkpoints", "implicit_maxiter",
+                     "implicit_history", "implicit_backward_iters", "phantom_k",
+                     "jac_reg_samples"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"train.{name} must be >= 1, got {getattr(self, name)}")
         for name in ("ema_rate", "beta1", "beta2"):
@@ -217,6 +236,9 @@ class TrainConfig:
             raise ConfigError(f"train.lr_min_ratio must be in [0, 1], got {self.lr_min_ratio}")
         if not self.implicit_tol > 0:
             raise ConfigError(f"train.implicit_tol must be > 0, got {self.implicit_tol}")
+        if not 0 < self.phantom_damping <= 1:
+            raise ConfigError(f"train.phantom_damping must be in (0, 1], got "
+                              f"{self.phantom_damping}")
 
 
 @dataclass(frozen=True)
@@ -236,8 +258,8 @@ class EvalConfig:
     max_batches: int = 0  # 0: the whole test split
     seed: int = 0
     # How the state is advanced (eqr_jax.modes.SOLVERS): the noisy step map (`unroll`, the
-    # reference), or a jaxopt solve of the noise-free map (`anderson` | `fixed_point`) with at
-    # most `depth` iterations.
+    # reference), or a per-row solve of the noise-free map (`anderson` | `fixed_point`) with
+    # at most `depth` iterations.
     solver: str = "unroll"
     # What `halt="convergence"` watches (eqr_jax.modes.CONVERGENCE_METRICS).
     convergence_metric: str = "logits"

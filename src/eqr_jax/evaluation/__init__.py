@@ -3,7 +3,7 @@
 * `Evaluator` / `evaluate` (:mod:`.evaluator`): the one evaluation API, used by training, the
   CLIs, the ablation and the benchmarks;
 * :mod:`.core`: the jitted batched while loop (memory independent of depth), the per-row
-  halting rules, the jaxopt solver variant and the key-derivation rule (`job_keys`: from the
+  halting rules, the per-row solver variant and the key-derivation rule (`job_keys`: from the
   puzzle's index in the split and the copy);
 * :mod:`.stream`: streaming evaluation (a pool of slots refilled from a job queue on device)
   and its host-side runner;

@@ -13,8 +13,8 @@ a *copy*, of one puzzle), with the same per-row halting rules (`advance_rows`):
   module's per-row pieces (`Rows`, `advance_rows`, `step_rows`, `job_keys`).
 
 The depth and the halting rule (`Stopping`) are traced values: one compilation serves every
-depth and every rule. `solve_copies` is the jaxopt alternative (Anderson or plain fixed-point
-iteration of the noise-free map).
+depth and every rule. `solve_copies` is the solver alternative (per-row Anderson or plain
+fixed-point iteration of the noise-free map, `eqr_jax.dynamics.solve_rows`).
 
 Randomness (`job_keys`): the job (puzzle ``p``, copy ``c``) of an evaluation with ``seed``, where
 ``p`` is the puzzle's index in the evaluated split, draws its initial latents from
@@ -347,29 +347,29 @@ def evaluate_copies(model: EqRModel, params, inputs, labels, mask, seed, first_i
 
 
 # ----------------------------------------------------------------------------------------------
-# The jaxopt alternative
+# The solver alternative
 
 
 @functools.partial(jax.jit, static_argnames=("model", "solver", "depth", "tol", "history_size"))
 def solve_copies(model: EqRModel, params, inputs, labels, mask, seed, first_index, copy_ids, *,
                  solver: str, depth: int, tol: float, history_size: int = 5) -> CopyResults:
-    """jaxopt solve of the noise-free map per copy (``depth`` = iteration cap, static).
+    """Per-row solve of the noise-free map per copy (``depth`` = iteration cap, static).
 
-    ``tol`` is an RMS per latent element; jaxopt's criterion is the L2 norm over a copy's whole
-    batch, so it is scaled by sqrt(#elements). Keys, arguments and results as `evaluate_copies`
-    (the solve has no residual trace: one unused slot).
+    Every row (copy of a puzzle) converges, stops and (Anderson) mixes on its own
+    (`dynamics.solve_rows`): it stops once the RMS per latent element of ``f(z) - z`` is at
+    most ``tol``, and its ``steps`` are its own map evaluations. Keys, arguments and results as
+    `evaluate_copies` (the solve has no residual trace: one unused slot).
     """
     c, b = copy_ids.shape[0], inputs.shape[0]
     x = model.embed(params, inputs)
     init_keys, _ = batch_job_keys(seed, first_index, b, copy_ids)
     latents0 = init_rows(model, init_keys)
-    numel = 2 * b * latents0.z_H.shape[-2] * latents0.z_H.shape[-1]
     method = "anderson" if solver == "anderson" else "iteration"
 
     def solve(z):
-        return dynamics.fixed_point(model.step, params, z, x, method=method,
-                                    tol=tol * math.sqrt(numel), maxiter=depth,
-                                    implicit_diff=False, history_size=history_size)
+        return dynamics.fixed_point(model.step, params, z, x, method=method, tol=tol,
+                                    criterion="rms", maxiter=depth, implicit_diff=False,
+                                    history_size=history_size)
 
     sol = jax.vmap(solve)(latents0)
     readout = jax.vmap(lambda z: model.readout(params, z))
@@ -379,6 +379,6 @@ def solve_copies(model: EqRModel, params, inputs, labels, mask, seed, first_inde
     res = latent_residual(nxt, sol.state)
     score = logit_change(readout(nxt).logits, out.logits)
     preds, n_correct, n_valid, exact = score_predictions(out.logits, labels)
-    steps = (jnp.broadcast_to(sol.iterations[:, None], (c, b)) * mask[None, :]).astype(jnp.int32)
+    steps = (sol.iterations * mask[None, :]).astype(jnp.int32)
     return CopyResults(preds, n_correct, n_valid, exact, steps, score, res, out.q_halt,
-                       empty_trace(1), jnp.max(sol.iterations))
+                       empty_trace(1), jnp.max(steps))
