@@ -20,6 +20,9 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 # The parity fixtures live in the shared folder beside the checkout (../shared/fixtures);
 # EQR_FIXTURES overrides that for other layouts.
 FIXTURES = Path(os.environ.get("EQR_FIXTURES", REPO_ROOT.parent / "shared" / "fixtures"))
+# `eqr train` / `eqr eval` (in-process and in subprocesses, which inherit this) would write
+# compiled programs into the user's persistent cache; tests that test the cache name their own.
+os.environ["EQR_COMPILE_CACHE"] = "off"
 
 
 def fixture_path(name: str) -> Path:
