@@ -81,6 +81,8 @@ def table(res: dict) -> str:
              "call that fit (x 768 puzzles) | streaming pool (6,144 slots) per chip | ESTIMATED "
              "hours for the whole test set at depth 64 x breadth 128, 30% / 50% MFU |",
              "|---|---|---|---|---|---|"]
+    hbm_of = {st["target"]: st["compiled"]["hbm_from_compiler"] for st in res["steps"]
+              if st.get("compiled", {}).get("hbm_from_compiler")}
     for preset in ("sudoku", "maze"):
         for name in ("v5e-8", "v4-8", "v5p-8", "v6e-8", "v5e-64"):
             st = by.get((preset, name, "train", "compiled"))
@@ -116,32 +118,41 @@ def table(res: dict) -> str:
                              for k, (n, b) in sorted(tr["collectives"].items())) or "none"
             est = " / ".join(f"{e[f'step_s@{m:g}'] * 1e3:.0f} ms, {e[f'run_h@{m:g}']:.1f} h"
                              for m in MFUS)
+            if tr["fits"]:
+                mem = (f"{tr['total'] * dpc / 2**30:.2f} GiB "
+                       f"({tr['temporaries'] * dpc / 2**30:.2f} GiB)")
+            else:
+                mem = f"needs {tr['total'] * dpc / 2**30:.2f} GiB (the compiler's figure)"
+                coll = "(does not fit)"
             rows.append(f"| {preset} | {name} ({t['chips']}, {t['hosts']}) | "
-                        f"{'yes' if tr['fits'] else 'no'} | {tr['total'] * dpc / 1e9:.2f} GB "
-                        f"({tr['temporaries'] * dpc / 1e9:.2f} GB) | {biggest} | {coll} | "
+                        f"{'yes' if tr['fits'] else '**no**'} | {mem} | {biggest} | {coll} | "
                         f"{tr['compile_s']:.0f} s | {est} |")
             ev = by.get((preset, name, "eval", "compiled"))
             if ev is None:
                 continue
             er = ev["report"]["eval"]
             allc = by.get((preset, name, "eval", "compiled (for the derivation)"))
-            if allc and allc["compiled"]["fits"]:
-                most = f"all 128 ({allc['compiled']['total'] * dpc / 1e9:.2f} GB per chip)"
+            # The HBM the compiler stated for this chip (in any out-of-memory message).
+            hbm = hbm_of.get(name, t["memory_per_device"])
+            if allc and allc["compiled"]["fits"] and allc["compiled"]["total"] <= hbm:
+                most = f"all 128 ({allc['compiled']['total'] * dpc / 2**30:.2f} GiB per chip)"
             elif allc:
-                hbm = allc["compiled"]["hbm_from_compiler"] or t["memory_per_device"]
                 c = _line((er["copies_per_call"], er["total"]),
                           (allc["copies"], allc["compiled"]["total"]), hbm, 1)
-                most = f"~{c} (DERIVED; 128 needs {allc['compiled']['total'] / 2**30:.1f} GiB)"
+                accepted = (" (the compiler accepted it; its memory analysis exceeds the "
+                            "HBM)" if allc["compiled"]["fits"] else "")
+                most = (f"~{c} (DERIVED; 128 needs {allc['compiled']['total'] / 2**30:.2f} GiB "
+                        f"of {hbm / 2**30:.2f}{accepted})")
             else:
                 most = "not compiled"
             sp = by.get((preset, name, "stream", "compiled"))
-            stream = (f"{sp['report']['stream']['total'] * dpc / 1e9:.2f} GB"
+            stream = (f"{sp['report']['stream']['total'] * dpc / 2**30:.2f} GiB"
                       if sp else "not compiled")
             cfg = preset_cfg(preset)
             fl = flops.forward_flops(cfg.model, 64, TEST_PUZZLES[preset], 128)
             peak = t["peak_flops_per_device"] * t["devices"]
             hours = " / ".join(f"{fl / (peak * m) / 3600:.1f} h" for m in MFUS)
-            erows.append(f"| {preset} | {name} | {er['total'] * dpc / 1e9:.2f} GB "
+            erows.append(f"| {preset} | {name} | {er['total'] * dpc / 2**30:.2f} GiB "
                          f"({'fits' if er['fits'] else 'does not fit'}) | {most} | {stream} | "
                          f"{hours} ({TEST_PUZZLES[preset]:,} puzzles) |")
     return "\n".join(rows) + "\n\n" + "\n".join(erows)

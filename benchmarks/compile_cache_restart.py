@@ -3,7 +3,7 @@
 the cache off, with an empty cache (it is written), and again with the filled cache (a
 restarted or preempted run).
 
-    python benchmarks/compile_cache_restart.py [--out benchmarks/results/cpu-sandbox-compile-cache.json]
+    python benchmarks/compile_cache_restart.py [--runs tiny,sudoku-shrunk] [--out FILE.json]
 
 Two runs: the tiny preset, and the sudoku preset's architecture (81 tokens, hidden 512, 42
 blocks per step) shrunk in data and batch (8 puzzles per step, 2 steps, evaluation depth 2) so
