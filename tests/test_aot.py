@@ -74,6 +74,9 @@ def test_max_batch_search_brackets_the_largest_fitting_size():
     best = max(r for r in range(8, 10_000, 8) if 2e8 + 6.5e6 * r <= limit)
     assert found["exact"] and found["largest"] == best and found["smallest_failing"] == best + 8
     assert len(calls) <= 6
+    calls.clear()  # starting above the boundary (what maze at batch 768 on v5e-8 does)
+    found = aot.max_rows_that_fit(compile_at, 8, 8 * best, limit=limit, max_compiles=8)
+    assert found["exact"] and found["largest"] == best and len(calls) <= 6
     capped = aot.max_rows_that_fit(compile_at, 1, 4, limit=limit, upper=8)
     assert capped["largest"] == 8 and capped["smallest_failing"] is None
 

@@ -233,9 +233,10 @@ def max_rows_that_fit(compile_at: Callable[[int], Compiled], unit: int, start: i
     """The largest multiple of ``unit`` for which ``compile_at(size)`` fits.
 
     Memory per device is close to affine in the rows, so the next size is where the line
-    through the last two compilations meets ``limit`` (bytes per device), kept strictly between
-    the largest size known to fit and the smallest known not to (a bisection step when the line
-    says nothing useful). Stops when they are one ``unit`` apart, at ``upper`` (a cap), or after
+    through the largest size known to fit and the smallest known not to (before a failure: the
+    last two that fit; with one point: through the origin) meets ``limit`` (bytes per device),
+    kept strictly inside that bracket; a bisection step when the line says nothing useful or
+    two answers in a row fell on the same side. Stops when they are one ``unit`` apart, at ``upper`` (a cap), or after
     ``max_compiles`` compilations (the answer is then the bracket found so far).
 
     Returns ``{"largest": size or 0, "largest_compiled": Compiled, "smallest_failing": size or
@@ -256,9 +257,15 @@ def max_rows_that_fit(compile_at: Callable[[int], Compiled], unit: int, start: i
             break
         # The line through the bracket's ends (regula falsi); before a failure, through the
         # last two sizes that fit.
-        ends = [(s, t) for s, ok, t in tried if ok and t][-2:] if hi_c is None else \
-            [(lo, lo_c.total)] * (lo_c is not None) + [(hi, hi_c.total)] * bool(hi_c.total)
-        size = _next_size(lo, hi, ends, limit, unit, upper)
+        if hi_c is None:
+            ends = [(s, t) for s, ok, t in tried if ok and t][-2:]
+        else:
+            ends = [(lo, lo_c.total)] if lo_c is not None else []
+            ends += [(hi, hi_c.total)] if hi_c.total else []
+        # Two answers on the same side in a row: the line is not closing the bracket from the
+        # other side (curvature), so bisect once (the Illinois idea).
+        stalled = len(tried) >= 3 and hi is not None and tried[-1][1] == tried[-2][1]
+        size = _next_size(lo, hi, [] if stalled else ends, limit, unit, upper)
         if size is None or any(s == size for s, _, _ in tried):
             break
         c = None
@@ -279,9 +286,6 @@ def _next_size(lo: int, hi: int | None, points, limit, unit: int, upper: int | N
         guess = lo * 2 if hi is None else (lo + hi) / 2
     if hi is None:
         guess = max(guess, lo + unit)
-    else:
-        # Stay inside the bracket, and move at least a quarter of it so it closes quickly.
-        guess = min(max(guess, lo + (hi - lo) / 4), hi - (hi - lo) / 4)
     size = max(unit, int(guess // unit) * unit)
     if hi is not None:
         size = min(max(size, lo + unit), hi - unit)

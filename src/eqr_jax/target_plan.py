@@ -264,8 +264,12 @@ def _max_line(what: str, m: dict, unit: int) -> str:
     tried = ", ".join(f"{s}{'' if ok else ' (no)'}" for s, ok, _ in m["compiles"])
     if not m["largest"]:
         return f"  {what}: none of the sizes tried fits (compiled: {tried})"
-    bracket = ("" if m["exact"] else
-               f"; not bracketed to {unit}: smallest that failed "
-               f"{m['smallest_failing'] if m['smallest_failing'] else 'none tried'}")
+    if m["exact"]:
+        bracket = ""
+    elif m["smallest_failing"] is None:
+        bracket = "; no larger size tried (the cap: the breadth, or --max-compiles)"
+    else:
+        bracket = (f"; not bracketed to {unit}: the smallest that failed is "
+                   f"{m['smallest_failing']:,} (more --max-compiles narrow it)")
     return (f"  {what}: {m['largest']:,} ({_mb(m['total'])} per device){bracket} "
             f"(compiled: {tried})")
