@@ -71,8 +71,9 @@ def table(res: dict) -> str:
     for st in res["steps"]:
         if st["kind"] == "acceptance" and "6144" not in st["command"]:
             continue
+        huge = st["kind"] == "acceptance"  # the other acceptance run: batch 6144
         key = (st.get("preset", "sudoku"), st.get("target", "v5e-8"), st.get("program", "train"),
-               st["kind"] if "6144" not in st.get("command", "") else "huge")
+               "huge" if huge else st["kind"])
         by[key] = st
     rows = ["| preset | target (chips, hosts) | fits at batch 768? | per chip: total (temporaries) "
             "| largest batch that fits | collectives per step | compile | ESTIMATED step / "
@@ -130,7 +131,7 @@ def table(res: dict) -> str:
             ev = by.get((preset, name, "eval", "compiled"))
             if ev is None:
                 continue
-            er = ev["report"]["eval"]
+            er, t = ev["report"]["eval"], ev["report"]["target"]
             allc = by.get((preset, name, "eval", "compiled (for the derivation)"))
             # The HBM the compiler stated for this chip (in any out-of-memory message).
             hbm = hbm_of.get(name, t["memory_per_device"])
@@ -151,7 +152,8 @@ def table(res: dict) -> str:
             cfg = preset_cfg(preset)
             fl = flops.forward_flops(cfg.model, 64, TEST_PUZZLES[preset], 128)
             peak = t["peak_flops_per_device"] * t["devices"]
-            hours = " / ".join(f"{fl / (peak * m) / 3600:.1f} h" for m in MFUS)
+            hours = " / ".join(f"{fl / (peak * m) / 3600:.1f} h" if fl / (peak * m) >= 3600
+                               else f"{fl / (peak * m) / 60:.1f} min" for m in MFUS)
             erows.append(f"| {preset} | {name} | {er['total'] * dpc / 2**30:.2f} GiB "
                          f"({'fits' if er['fits'] else 'does not fit'}) | {most} | {stream} | "
                          f"{hours} ({TEST_PUZZLES[preset]:,} puzzles) |")
