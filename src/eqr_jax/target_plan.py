@@ -70,12 +70,15 @@ def run_plan(cfg: RunConfig, target: Target, *, train: bool = True, evaluate: bo
                    "jax": jax.__version__}}
     G = cfg.data.global_batch_size
     total_steps = int(base["total_steps"])
-    mem = {"limit": limit, "source": "datasheet" if target.chip else "host RAM / devices"}
+    source = (f"usable, as libtpu 0.0.42.1 states it, of {target.chip.hbm_bytes / 2**30:g} GiB "
+              "per chip" if target.chip else "host RAM / devices")
+    mem = {"limit": limit, "source": source}
 
     def compile_(fn, *args, **kw) -> aot.Compiled:
         c = aot.compile_program(fn, *args, memory_limit=mem["limit"], verbose=verbose, **kw)
-        if c.reported_hbm():  # the compiler's own figure (less than the datasheet's)
-            mem.update(limit=c.reported_hbm(), source="compiler")
+        if c.reported_hbm() and c.reported_hbm() != mem["limit"]:  # this libtpu's figure
+            mem.update(limit=c.reported_hbm(), source=f"usable, as libtpu "
+                       f"{out['target']['libtpu']} states it")
         return c
 
     def train_at(batch: int) -> aot.Compiled:

@@ -36,15 +36,18 @@ class Chip:
     hbm_bytes: int  # per chip
     cores_count_in_name: bool  # slice names count TensorCores (v4-8 = 4 chips), not chips
     dims: int  # torus dimensions of the topology string
+    usable_bytes: int  # per device, as the compiler states it ("exceeds available HBM (..)")
 
 
 # Peak bf16 FLOP/s and HBM per chip from the Cloud TPU system-architecture pages
-# (cloud.google.com/tpu/docs/v4, v5e, v5p, v6e).
+# (cloud.google.com/tpu/docs/v4, v5e, v5p, v6e); the usable HBM per device from libtpu
+# 0.0.42.1's own out-of-memory messages (benchmarks/results/tpu-plan-cpu-sandbox.json). A
+# program that compiles is checked against the latter; a newer libtpu's message replaces it.
 CHIPS = {
-    "v4": Chip("TPU v4", 275e12, 32 * GIB, True, 3),
-    "v5e": Chip("TPU v5 lite", 197e12, 16 * GIB, False, 2),
-    "v5p": Chip("TPU v5", 459e12, 95 * GIB, True, 3),
-    "v6e": Chip("TPU v6 lite", 918e12, 32 * GIB, False, 2),
+    "v4": Chip("TPU v4", 275e12, 32 * GIB, True, 3, int(15.25 * GIB)),  # per TensorCore
+    "v5e": Chip("TPU v5 lite", 197e12, 16 * GIB, False, 2, int(15.75 * GIB)),
+    "v5p": Chip("TPU v5", 459e12, 95 * GIB, True, 3, int(95.74 * GIB)),
+    "v6e": Chip("TPU v6 lite", 918e12, 32 * GIB, False, 2, int(31.25 * GIB)),
 }
 ALIASES = {"v5litepod": "v5e", "v5lite": "v5e", "v6": "v6e", "trillium": "v6e"}
 # The usual torus shape of a slice with this many chips.
@@ -217,11 +220,11 @@ def describe(devices) -> dict:
 
 
 def memory_per_device(target: Target, info: dict) -> int:
-    """Memory one device may use: the chip's HBM split over its devices (libtpu's deviceless
-    v4 lists each of a chip's two TensorCores as a device), or for ``cpu:N`` the host's RAM
-    split over the N devices."""
+    """Memory one device may use: what the compiler allows (`Chip.usable_bytes`; libtpu's
+    deviceless v4 lists each of a chip's two TensorCores as a device), or for ``cpu:N`` the
+    host's RAM split over the N devices."""
     if target.chip is not None:
-        return target.chip.hbm_bytes // info["devices_per_chip"]
+        return target.chip.usable_bytes
     try:
         ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError, AttributeError):
