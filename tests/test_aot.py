@@ -100,17 +100,28 @@ def test_bad_input_is_one_line_exit_2(capsys, monkeypatch):
     assert "--target applies to --dry-run" in capsys.readouterr().err
 
 
+@pytest.fixture(scope="module")
+def one_host_plan(tmp_path_factory):
+    """`eqr plan --preset tiny --target v5e:2x2` at global batch 256, one step per call:
+    (printed text, JSON report). Shared: the tests below need its compilations once."""
+    import contextlib
+    import io
+
+    out = tmp_path_factory.mktemp("plan") / "plan.json"
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        assert plan_main(["--preset", "tiny", "--target", "v5e:2x2", "--no-stream", "--json",
+                          str(out), "data.global_batch_size=256", "train.steps_per_call=1"]) == 0
+    return buf.getvalue(), json.loads(out.read_text())
+
+
 @needs_libtpu
-def test_plan_tiny_on_one_host_topology(tmp_path, capsys):
+def test_plan_tiny_on_one_host_topology(one_host_plan):
     """`eqr plan` on v5e:2x2: the train step and the batched loop compile, with memory,
     collectives, compile time and labelled estimates; the last lines have their format."""
-    out = tmp_path / "plan.json"
-    assert plan_main(["--preset", "tiny", "--target", "v5e:2x2", "--no-stream", "--json",
-                      str(out)]) == 0
-    text = capsys.readouterr().out
+    text, rep = one_host_plan
     peak, fits = _last_lines(text)
     assert fits == "fits: yes"
-    rep = json.loads(out.read_text())
     assert rep["target"]["devices"] == 4 and rep["target"]["hosts"] == 1
     assert rep["train"]["fits"] and rep["eval"]["fits"] and rep["programs"] == ["train", "eval"]
     assert peak == max(rep["train"]["total"], rep["eval"]["total"]) > 0
@@ -118,10 +129,10 @@ def test_plan_tiny_on_one_host_topology(tmp_path, capsys):
     assert tr["total"] == (tr["arguments"] + tr["outputs"] - tr["aliased"] + tr["temporaries"]
                            + tr["code"])
     assert tr["aliased"] > 0  # the state is donated
-    assert tr["rows_per_device"] == 128 // 4 and tr["steps_per_call"] == 10
+    assert tr["rows_per_device"] == 256 // 4 and tr["steps_per_call"] == 1
     assert tr["collectives"]["all-reduce"][0] >= 1  # the gradient mean over the data axis
     assert rep["eval"]["same_program_at_depths"]
-    assert "devices: 4 x tpu (TPU v5 lite), 1 process(es), 32 rows per device" in text
+    assert "devices: 4 x tpu (TPU v5 lite), 1 process(es), 64 rows per device" in text
     assert "ESTIMATED at the chip's peak 197 TFLOP/s bf16" in text and "30% MFU" in text
     assert "depth 64 vs 4096: the same program" in text and "libtpu " in text
 
@@ -148,21 +159,17 @@ def test_train_and_eval_dry_run_compile_for_a_multi_host_slice(capsys):
 
 
 @needs_libtpu
-def test_temporaries_grow_with_the_batch_and_a_huge_batch_does_not_fit(capsys):
+def test_temporaries_grow_with_the_batch_and_a_huge_batch_does_not_fit(one_host_plan, capsys):
     from eqr_jax import config as config_lib
     from eqr_jax.sharding import make_mesh
     from eqr_jax.targets import target_devices
 
     mesh = make_mesh(target_devices(parse_target("v5e:2x2")))
-    temps = []
-    for G in (256, 1024):
-        cfg = config_lib.apply_overrides(config_lib.preset("tiny"), [
-            f"data.global_batch_size={G}", "train.steps_per_call=1"])
-        step, args = aot.train_program(cfg, mesh, 500)
-        c = aot.compile_program(step, *args)
-        assert c.fits
-        temps.append(c.temporaries)
-    assert 0 < temps[0] < temps[1]
+    cfg = config_lib.apply_overrides(config_lib.preset("tiny"), [
+        "data.global_batch_size=1024", "train.steps_per_call=1"])
+    step, args = aot.train_program(cfg, mesh, 500)
+    c = aot.compile_program(step, *args)
+    assert c.fits and 0 < one_host_plan[1]["train"]["temporaries"] < c.temporaries  # 256 < 1024
     # Far too large: the compiler's own refusal, reported with its numbers (exit 0).
     assert plan_main(["--preset", "tiny", "--target", "v5e:2x2", "--no-eval", "--no-stream",
                       "data.global_batch_size=1048576", "train.steps_per_call=1"]) == 0
