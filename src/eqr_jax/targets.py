@@ -199,10 +199,18 @@ def target_devices(target: Target, *, verbose: bool = False) -> list:
     # Any other JAX process that loaded libtpu holds its lockfile; a deviceless compilation
     # touches no chip, so it need not wait for exclusive use.
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
-    try:
+    def describe_topology(**kw):
         with quiet_libtpu(verbose):
-            topo = topologies.get_topology_desc(topology_name=target.topology, platform="tpu",
-                                                **target.host_bounds)
+            return topologies.get_topology_desc(topology_name=target.topology, platform="tpu",
+                                                **kw)
+
+    try:
+        try:
+            topo = describe_topology(**target.host_bounds)
+        except Exception:  # noqa: BLE001 - a libtpu without the option: its own host layout
+            if not target.host_bounds:
+                raise
+            topo = describe_topology()
     except Exception as e:  # libtpu refuses the shape: a user error, one line
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ConfigError(f"--target {target.name}: libtpu cannot describe topology "
