@@ -48,6 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="output directory (default: <checkpoint>/<protocol>, or "
                    "<name>-<protocol> beside a --reference file)")
     p.add_argument("--no-progress", action="store_true")
+    common.add_compile_cache_option(p)
     return p
 
 
@@ -75,6 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     if not os.path.isdir(args.data):
         return common.fail(prog, f"dataset directory {args.data!r} not found")
     try:
+        common.enable_compile_cache(args)
         cfg, model, params = common.load_model(args)
         eval_cfg = dataclasses.replace(
             cfg.eval, depth=args.depth or proto.depth, breadth=args.breadth or proto.breadth,

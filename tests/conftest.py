@@ -31,6 +31,11 @@ def _missing(what: str):
     pytest.skip(message)
 
 
+# `eqr train` / `eqr eval` (in-process and in subprocesses, which inherit this) would write
+# compiled programs into the user's persistent cache; tests that test the cache name their own.
+os.environ["EQR_COMPILE_CACHE"] = "off"
+
+
 def fixture_path(name: str) -> Path:
     path = FIXTURES / name
     if not path.exists():

@@ -3,6 +3,7 @@
     eqr data sudoku|maze ...     build or import datasets        (eqr_jax.cli.data)
     eqr train --preset P ...     train with the Optax loop       (eqr_jax.cli.train)
     eqr eval --checkpoint ...    depth x breadth evaluation      (eqr_jax.cli.eval)
+    eqr plan --preset P --target T  fit / time on a TPU slice    (eqr_jax.cli.plan)
     eqr solve --checkpoint ...   solve puzzles from the shell    (eqr_jax.cli.solve)
     eqr convert FILE.pth --out D official checkpoint -> ours     (eqr_jax.cli.convert)
     eqr analyze --checkpoint ... attractor landscape analysis    (eqr_jax.cli.analyze)
@@ -21,6 +22,7 @@ COMMANDS = {
     "data": ("eqr_jax.cli.data", "build or import Sudoku / Maze datasets"),
     "train": ("eqr_jax.cli.train", "train a model (presets: sudoku, maze, tiny)"),
     "eval": ("eqr_jax.cli.eval", "evaluate a checkpoint over depth x breadth"),
+    "plan": ("eqr_jax.cli.plan", "compile a preset for a TPU slice: memory, fit, estimates"),
     "solve": ("eqr_jax.cli.solve", "solve puzzles given on the command line or in a file"),
     "convert": ("eqr_jax.cli.convert", "convert an official PyTorch .pth checkpoint"),
     "analyze": ("eqr_jax.cli.analyze", "attractor landscape: stability, census, difficulty"),

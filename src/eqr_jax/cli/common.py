@@ -100,6 +100,20 @@ def check_writable(path, flag: str = "--out"):
     return p
 
 
+def add_compile_cache_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--compile-cache", metavar="DIR|off",
+                   help="persistent compilation cache, so a restart does not compile again "
+                   "(default: $EQR_COMPILE_CACHE, else ~/.cache/eqr-jax/xla; off: none)")
+
+
+def enable_compile_cache(args: argparse.Namespace) -> None:
+    """Switch on the persistent compilation cache ``--compile-cache`` names
+    (`eqr_jax.compile_cache`)."""
+    from eqr_jax import compile_cache
+
+    compile_cache.enable(getattr(args, "compile_cache", None))
+
+
 def add_debug_option(p: argparse.ArgumentParser) -> None:
     p.add_argument("--debug", action="store_true",
                    help="show Python tracebacks and library log messages on errors")

@@ -27,6 +27,7 @@ import os
 import sys
 from typing import Any, Iterable, Sequence
 
+from eqr_jax import config as config_lib
 from eqr_jax.cli import common
 from eqr_jax.config import EvalConfig
 
@@ -84,6 +85,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="output directory (default: <checkpoint>/eval)")
     p.add_argument("--no-plots", action="store_true")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--dry-run", action="store_true",
+                   help="with --target: compile the evaluation programs for a target and "
+                   "print their memory and estimated time (docs/accelerators.md); evaluates "
+                   "nothing")
+    p.add_argument("--preset", choices=sorted(config_lib.PRESETS),
+                   help="with --dry-run: plan a preset's model instead of a checkpoint's")
+    from eqr_jax.cli.plan import add_target_options
+    add_target_options(p)
+    common.add_compile_cache_option(p)
     common.add_distributed_options(p)
     common.add_debug_option(p)
     return p
@@ -96,7 +106,10 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(args, name) is not None and getattr(args, name) < 1:
             return common.fail("eqr eval", f"--{name.replace('_', '-')} must be >= 1, got "
                                f"{getattr(args, name)}")
+    if args.dry_run or args.target or args.preset:
+        return _dry_run(args, sys.argv[1:] if argv is None else argv)
     common.init_distributed(args)
+    common.enable_compile_cache(args)
     cfg, model, params = common.load_model(args)
     eval_cfg = common.eval_config_from_args(cfg.eval, args)
     import jax
@@ -133,6 +146,32 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         return common.fail("eqr eval", f"{data}: {e}")
     return 0
+
+
+def _dry_run(args, argv: list[str]) -> int:
+    """``--dry-run --target T``: the evaluation programs compiled for T (`eqr_jax.target_plan`)
+    at the largest depth and breadth asked for."""
+    if not (args.dry_run and args.target):
+        raise config_lib.ConfigError("--dry-run, --target and --preset go together: "
+                                     "eqr eval --dry-run --target T (--preset P | --checkpoint "
+                                     "DIR | --reference FILE.pth)")
+    from eqr_jax.cli.plan import prepare_target, run_target_plan
+
+    target = prepare_target(argv)
+    if args.preset:
+        if args.checkpoint or args.reference:
+            raise config_lib.ConfigError("give --preset or a model (--checkpoint/--reference), "
+                                         "not both")
+        cfg = config_lib.preset(args.preset)
+    else:
+        cfg = common.load_model(args)[0]
+    if args.data:
+        cfg = config_lib.apply_overrides(cfg, [f"data.path={args.data}"])
+    eval_cfg = common.eval_config_from_args(cfg.eval, args)
+    args.eval_batch = args.eval_batch or args.batch_size
+    return run_target_plan(cfg, target, args, train=False, eval_cfg=eval_cfg,
+                           depth=max(args.depth) if args.depth else None,
+                           breadth=max(args.breadth) if args.breadth else None)
 
 
 if __name__ == "__main__":

@@ -61,6 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true",
                    help="print the plan (parameters, FLOPs, data, steps, schedule, devices) and "
                         "exit without building data, training or writing anything")
+    from eqr_jax.cli.plan import add_target_options
+    add_target_options(p)
+    common.add_compile_cache_option(p)
     common.add_distributed_options(p)
     common.add_debug_option(p)
     return p
@@ -101,6 +104,12 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.resume_step is not None and args.resume_step < 1:
         raise config_lib.ConfigError(f"--resume-step must be >= 1, got {args.resume_step}")
+    if args.target and not args.dry_run:
+        raise config_lib.ConfigError("--target applies to --dry-run (a plan for another "
+                                     "machine)")
+    if args.target:
+        from eqr_jax.cli.plan import prepare_target, run_target_plan
+        target = prepare_target(sys.argv[1:] if argv is None else argv)
     common.init_distributed(args)
     import jax
 
@@ -116,10 +125,13 @@ def main(argv: list[str] | None = None) -> int:
         p.name.isdigit() for p in _listing(Path(cfg.train.out_dir) / "checkpoints"))
     init_params = (_initial_weights(cfg) if cfg.train.init_from and not args.dry_run
                    and not resuming else None)
+    if args.dry_run and args.target:
+        return run_target_plan(cfg, target, args)
     if args.dry_run:
         from eqr_jax.plan import format_plan, plan
         print(format_plan(plan(cfg)), flush=True)
         return 0
+    common.enable_compile_cache(args)
     pi, pc = jax.process_index(), jax.process_count()
     out = common.check_writable(cfg.train.out_dir, "--out")
     if pi == 0:

@@ -106,15 +106,18 @@ class Evaluator:
         host = {"inputs": np.asarray(batch["inputs"], np.int32), "labels": labels,
                 "mask": np.asarray(batch["mask"], bool) if "mask" in batch
                 else default_mask(labels)}
-        rows = labels.shape[0] * jax.process_count()
+        return sharding_lib.to_global(host, self.batch_sharding(labels.shape[0] *
+                                                                 jax.process_count()))
+
+    def batch_sharding(self, rows: int):
+        """The sharding of a global batch of ``rows`` rows: split along ``data``, or replicated
+        when the rows do not split evenly (one process only; `ValueError` otherwise)."""
         if rows % self.mesh.devices.size == 0:
-            sh = sharding_lib.batch_sharding(self.mesh)
-        elif jax.process_count() == 1:
-            sh = sharding_lib.replicated(self.mesh)
-        else:
-            raise ValueError(f"evaluation batch of {rows} rows does not split over the "
-                             f"{self.mesh.devices.size} devices")
-        return sharding_lib.to_global(host, sh)
+            return sharding_lib.batch_sharding(self.mesh)
+        if jax.process_count() == 1:
+            return sharding_lib.replicated(self.mesh)
+        raise ValueError(f"evaluation batch of {rows} rows does not split over the "
+                         f"{self.mesh.devices.size} devices")
 
     def _check(self, depth: int | None, breadth: int | None) -> tuple[int, int]:
         depth = self.depth if depth is None else int(depth)
