@@ -186,14 +186,14 @@ def _parse_acceptance(text: str) -> dict:
                                             "run_h@0.5": hours[1] / 60}}
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default=str(ROOT / "benchmarks/results/tpu-plan-cpu-sandbox.json"))
     p.add_argument("--presets", default="sudoku,maze")
     p.add_argument("--targets", default="v4-8,v5p-8,v6e-8,v5e-64")
     p.add_argument("--skip-acceptance", action="store_true")
     p.add_argument("--table", action="store_true", help="print the tables from --out, exit")
-    a = p.parse_args()
+    a = p.parse_args(argv)
     if a.table:
         sys.path.insert(0, str(ROOT / "src"))
         print(table(json.loads(Path(a.out).read_text())))

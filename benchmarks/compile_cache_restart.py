@@ -30,6 +30,10 @@ RUNS = {
                       "data.build_num_aug=0", "data.build_test=8", "data.build_difficulty=any",
                       "train.max_steps=2", "train.epochs=2", "train.epochs_per_iter=0",
                       "train.eval_every=0", "train.checkpoint_every=0", "eval.depth=2"],
+    # The smallest form (tests/test_benchmarks.py): the tiny preset, 2 steps, no evaluation.
+    "micro": ["--preset", "tiny", "data.global_batch_size=8", "data.build_train=16",
+              "data.build_num_aug=0", "data.build_test=8", "train.max_steps=2",
+              "train.steps_per_call=1", "train.eval_every=0", "train.checkpoint_every=0"],
 }
 
 
@@ -46,12 +50,15 @@ def _train(args: list[str], data: Path, out: Path, cache: str) -> float:
     return time.perf_counter() - t0
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default=str(ROOT / "benchmarks/results/"
                                         "cpu-sandbox-compile-cache.json"))
-    p.add_argument("--runs", default="tiny,sudoku-shrunk")
-    a = p.parse_args()
+    p.add_argument("--runs", default="tiny,sudoku-shrunk", help=f"of {', '.join(RUNS)}")
+    a = p.parse_args(argv)
+    unknown = [r for r in a.runs.split(",") if r not in RUNS]
+    if unknown:
+        p.error(f"unknown run(s) {', '.join(unknown)}; choose from {', '.join(RUNS)}")
     import jax
 
     res = {"machine": "2-core CPU sandbox (shared)", "jax": jax.__version__, "runs": {}}
@@ -74,8 +81,8 @@ def main() -> int:
                   f"({t['cache_files']} files, {t['cache_bytes'] / 1e6:.1f} MB)", flush=True)
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(res, indent=1))
-    return 0
+    return res
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

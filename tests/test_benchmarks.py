@@ -216,3 +216,27 @@ def test_streaming_eval_smallest(tmp_path, capsys):
     assert rows["stream"]["executed_puzzle_steps"] < rows["batched"]["executed_puzzle_steps"]
     out = capsys.readouterr().out
     assert "streaming saves" in out and json.loads(Path(res["out"]).read_text())["rows"]
+
+
+def test_accelerator_plan_table_is_the_docs_table(capsys):
+    """`accelerator_plan.py --table` derives docs/accelerators.md's tables from the kept JSON of
+    the TPU compilations (compiling them again takes hours on a CPU); the docs show exactly
+    what the script derives."""
+    assert _script("accelerator_plan").main(["--table"]) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("|")]
+    docs = (BENCH.parent / "docs" / "accelerators.md").read_text()
+    assert len(lines) >= 20 and [line for line in lines if line not in docs] == []
+    assert any(line.startswith("| sudoku | v5e-8 (8, 1) | yes |") for line in lines)
+    assert any(line.startswith("| maze | v5e-8 (8, 1) | **no** |") for line in lines)
+
+
+def test_compile_cache_restart_smallest(tmp_path, capsys):
+    """Three fresh `eqr train` processes of the micro run: cache off, writing an empty cache,
+    restarting on the filled one (the numbers are printed, not asserted)."""
+    res = _script("compile_cache_restart").main(["--runs", "micro",
+                                                  "--out", str(tmp_path / "cc.json")])
+    run = json.loads((tmp_path / "cc.json").read_text())["runs"]["micro"]
+    assert run == res["runs"]["micro"] and run["cache_files"] > 0 and run["cache_bytes"] > 0
+    for key in ("off", "empty cache (written)", "filled cache (restart)", "restart_speedup"):
+        assert run[key] > 0, key
+    assert "micro: fresh process without cache" in capsys.readouterr().out
