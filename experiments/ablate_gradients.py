@@ -37,20 +37,29 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--jac-reg", type=float, default=1.0,
                    help="train.jac_reg of the '+jac' specs")
     p.add_argument("--anchors", type=int, default=3,
-                   help="fixed checkpoints of the anchor run for the gradient cosines")
+                   help="fixed checkpoints of the anchor run for the gradient cosines (0: none)")
+    p.add_argument("--no-cost", action="store_true",
+                   help="skip the step time and compiled memory (one compilation per run)")
     p.add_argument("--stability-rows", type=int, default=64,
                    help="test puzzles for the end-state spectral radius (0: skip)")
     p.add_argument("--plots", help="path prefix of the curve plots (PNG)")
     p.add_argument("--rescore", action="store_true",
                    help="only re-evaluate the kept checkpoints of the study in --out "
                         "(exact and token accuracy of its curve points) and redraw --plots")
+    p.add_argument("--init-from", metavar="SOURCE",
+                   help="start every run from these weights (a run directory, a checkpoint "
+                        "step or an official .pth, as `eqr train --init-from`); the optimiser "
+                        "and schedule start fresh. The equilibrium-model recipe: pretrain with "
+                        "an unrolled gradient, then switch modes")
     p.add_argument("--progress", action="store_true")
     p.add_argument("overrides", nargs="*", help="section.key=value config overrides")
     args = p.parse_args(argv)
     cfg = config.apply_overrides(config.preset(args.preset), args.overrides)
     data = dataclasses.replace(cfg.data, path=args.data) if args.data else cfg.data
+    init = str(Path(args.init_from).absolute()) if args.init_from else cfg.train.init_from
     cfg = dataclasses.replace(cfg, data=data, train=dataclasses.replace(
-        cfg.train, max_steps=args.steps, eval_every=0, checkpoint_every=0, log_every=0))
+        cfg.train, max_steps=args.steps, eval_every=0, checkpoint_every=0, log_every=0,
+        init_from=init))
     specs = ablation.STUDY if args.modes == "study" else args.modes.split(",")
     if args.rescore:
         report = ablation.rescore(args.out)
@@ -59,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
                               depths=[int(d) for d in args.depths.split(",")],
                               progress=args.progress, curve_every=args.curve_every,
                               jac_reg=args.jac_reg, anchors=args.anchors,
-                              stability_rows=args.stability_rows)
+                              stability_rows=args.stability_rows, cost=not args.no_cost)
     if args.plots:
         for metric in ("exact", "token"):
             for x, suffix in (("step", "steps"), ("train_wall_s", "wallclock")):

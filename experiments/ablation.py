@@ -241,7 +241,8 @@ def end_state_stability(cfg: RunConfig, params, batch: dict, *, depth: int = 64,
 
 def run(cfg: RunConfig, out_dir: str | Path, *, grad_modes: Sequence[str] = MODES,
         depths: Sequence[int] = (1, 4, 16), progress: bool = False, curve_every: int = 0,
-        jac_reg: float = 1.0, anchors: int = 3, stability_rows: int = 64) -> dict[str, Any]:
+        jac_reg: float = 1.0, anchors: int = 3, stability_rows: int = 64,
+        cost: bool = True) -> dict[str, Any]:
     """Train ``cfg`` once per spec (``grad_modes``: `parse_spec` names) and write
     ``ablation.json`` / ``ablation.md`` under ``out_dir`` (``ablation.json`` is rewritten after
     every run, so a study stopped early keeps what it finished).
@@ -251,7 +252,9 @@ def run(cfg: RunConfig, out_dir: str | Path, *, grad_modes: Sequence[str] = MODE
     (``curve`` of each row; wall-clock counts training calls only, compilation included, not the
     evaluations). ``anchors`` fixed checkpoints of the anchor run (evenly spaced curve points,
     the last one its final weights) carry the gradient cosines (``grad_cos`` per row, the last
-    as ``grad_cos_vs_full``).
+    as ``grad_cos_vs_full``; 0: no cosines). ``cost`` False skips `step_cost` (one more
+    compilation per spec): the rows then have no step time or compiled memory. ``cfg.train.
+    init_from`` starts every spec from those weights, evaluated once as the curves' step 0.
 
     Returns ``{"rows": [...], "config": ..., "machine": ...}``; one row per spec.
     """
@@ -267,17 +270,31 @@ def run(cfg: RunConfig, out_dir: str | Path, *, grad_modes: Sequence[str] = MODE
     report = {"rows": rows, "depths": list(depths), "anchor": anchor_name,
               "config": to_dict(cfg), "machine": reporting.machine_info(),
               "jac_reg": jac_reg, "curve_every": curve_every}
+    init_params = None
+    if cfg.train.init_from:
+        # Every spec continues from the same weights (the equilibrium-model recipe: pretrain
+        # with an unrolled gradient, then switch modes); the shared start is the curves' step 0.
+        from eqr_jax.warm_start import fit_to_model, load_init_weights
+
+        loaded, where = load_init_weights(cfg)
+        template = jax.eval_shape(EqRModel(cfg.model).init, jax.random.PRNGKey(0))
+        init_params = fit_to_model(loaded, template, f"the weights of {where}")
+        report["init_from"] = where
+        report["start"] = {"step": 0, "train_wall_s": 0.0, **_accuracy_keys(
+            evaluate_depths_all(cfg, init_params, depths))}
     t_study = time.time()
     for spec in specs:
         run_cfg = spec_config(cfg, spec, str(out / spec.name), jac_reg)
         cfgs[spec.name] = run_cfg.train
-        t0, train_s, curve, done = time.time(), 0.0, [], 0
+        t0, train_s, done = time.time(), 0.0, 0
+        curve = [dict(report["start"])] if "start" in report else []
         total = run_cfg.train.max_steps
         chunk = curve_every if curve_every > 0 else total
         while True:
             t1 = time.time()
             _, result = train_lib.train(run_cfg, prepare.make_loaders(run_cfg),
                                         resume=done > 0, stop_after=chunk,
+                                        init_params=init_params if done == 0 else None,
                                         progress=progress, verbose=False)
             train_s += time.time() - t1
             done = int(result["step"])
@@ -298,18 +315,18 @@ def run(cfg: RunConfig, out_dir: str | Path, *, grad_modes: Sequence[str] = MODE
         _, params = load_for_inference(out / spec.name)
         if spec.name == anchor_name and not anchor_params:
             anchor_params.append((done, params))
-        ev = (dict(curve[-1]) if curve else
+        ev = (dict(curve[-1]) if curve_every > 0 else
               _accuracy_keys(evaluate_depths_all(run_cfg, params, depths)))
-        cost = step_cost(run_cfg)
         row = {
             "mode": spec.name,
             **{k: v for k, v in ev.items() if k.startswith(("exact@", "token@"))},
             "final_train_loss": _first(result, ("train/total_loss", "train/lm_loss")),
-            "step_time_ms": 1e3 * cost["step_time_s"],
-            "peak_mem_MiB": cost["peak_bytes"] / 2**20,
-            "temp_mem_MiB": cost["temp_bytes"] / 2**20,
             "train_wall_s": wall,
         }
+        if cost:
+            c = step_cost(run_cfg)
+            row.update(step_time_ms=1e3 * c["step_time_s"], peak_mem_MiB=c["peak_bytes"] / 2**20,
+                       temp_mem_MiB=c["temp_bytes"] / 2**20)
         for k in ("train/implicit_converged", "train/implicit_iters", "train/jac_fro"):
             if k in result:
                 row[k[len("train/"):]] = float(result[k])
@@ -318,7 +335,7 @@ def run(cfg: RunConfig, out_dir: str | Path, *, grad_modes: Sequence[str] = MODE
                                            depth=max(depths), rows=stability_rows))
         row["curve"] = curve
         rows.append(row)
-        if probe is None and spec.name == anchor_name:
+        if probe is None and spec.name == anchor_name and anchors > 0:
             # Fixed checkpoints for every run's gradient: evenly spaced ones of the anchor run.
             picks = sorted({round(i * (len(anchor_params) - 1) / max(anchors - 1, 1))
                             for i in range(max(anchors, 1))})
@@ -391,8 +408,8 @@ def study_tables(report: dict[str, Any]) -> str:
     for r in rows:
         acc.append(f"| {r['mode']} | " + " | ".join(fmt(r.get(f"exact@D{d}")) for d in depths)
                    + " | " + " | ".join(fmt(r.get(f"token@D{d}")) for d in depths)
-                   + f" | {fmt(r['final_train_loss'])} | {fmt(r['step_time_ms'], '.0f')} | "
-                   f"{fmt(r['peak_mem_MiB'], '.0f')} | {fmt(r['train_wall_s'], '.0f')} |")
+                   + f" | {fmt(r['final_train_loss'])} | {fmt(r.get('step_time_ms'), '.0f')} | "
+                   f"{fmt(r.get('peak_mem_MiB'), '.0f')} | {fmt(r['train_wall_s'], '.0f')} |")
     dyn = ["| run | implicit solve converged (training, last chunk) | mean solver iterations "
            "(training) | converged from fresh latents (end) | "
            "jac_fro: Frobenius^2 / dim (training) | "

@@ -73,8 +73,8 @@ class Evaluator:
         modes.check("solver", cfg.solver, modes.SOLVERS)
         modes.check("convergence metric", cfg.convergence_metric, modes.CONVERGENCE_METRICS)
         if cfg.solver != "unroll" and cfg.halt != "fixed":
-            raise ValueError(f"halt={cfg.halt!r} needs solver='unroll' (the jaxopt solvers stop "
-                             "on their own residual tolerance)")
+            raise ValueError(f"halt={cfg.halt!r} needs solver='unroll' (the fixed-point solvers "
+                             "stop each row on its own residual tolerance)")
         if cfg.stream and cfg.solver != "unroll":
             raise ValueError(f"stream=True needs solver='unroll', got {cfg.solver!r}")
         self.cfg = cfg
