@@ -231,8 +231,8 @@ def test_accelerator_plan_table_is_the_docs_table(capsys):
 
 
 def test_compile_cache_restart_smallest(tmp_path, capsys):
-    """Three fresh `eqr train` processes of the micro run: cache off, writing an empty cache,
-    restarting on the filled one (the numbers are printed, not asserted)."""
+    """Three fresh `eqr train` processes of the micro run (2 steps): cache off, writing an
+    empty cache, restarting on the filled one (the numbers are printed, not asserted)."""
     res = _script("compile_cache_restart").main(["--runs", "micro",
                                                   "--out", str(tmp_path / "cc.json")])
     run = json.loads((tmp_path / "cc.json").read_text())["runs"]["micro"]
