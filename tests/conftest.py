@@ -34,6 +34,10 @@ def _missing(what: str):
 # `eqr train` / `eqr eval` (in-process and in subprocesses, which inherit this) would write
 # compiled programs into the user's persistent cache; tests that test the cache name their own.
 os.environ["EQR_COMPILE_CACHE"] = "off"
+# The test extra installs libtpu (for the TPU compilations of test_aot.py); without this JAX
+# would also try, and fail, to start a TPU backend in every test process. Deviceless TPU
+# compilation does not need one.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 
 def fixture_path(name: str) -> Path:
