@@ -3,6 +3,8 @@
     python experiments/ablate_gradients.py                         # tiny preset, CPU, minutes
     python experiments/ablate_gradients.py --preset sudoku6 --modes study --curve-every 50 \
         --depths 4,16,64 --plots docs/assets/ablation_sudoku6       # docs/ablation.md's study
+    python experiments/ablate_gradients.py --preset sudoku6 --init-from runs/s6base --steps 240 \
+        --curve-every 60 --depths 4,16,64       # every mode continues a trained model (the doc's)
     python experiments/ablate_gradients.py --preset sudoku --data data/sudoku-extreme-1k-aug-1000 \
         --modes study --steps 5000 --curve-every 500 --depths 4,16,64   # on an accelerator
 
