@@ -274,12 +274,9 @@ def run(cfg: RunConfig, out_dir: str | Path, *, grad_modes: Sequence[str] = MODE
     if cfg.train.init_from:
         # Every spec continues from the same weights (the equilibrium-model recipe: pretrain
         # with an unrolled gradient, then switch modes); the shared start is the curves' step 0.
-        from eqr_jax.warm_start import fit_to_model, load_init_weights
+        from eqr_jax.warm_start import initial_params
 
-        loaded, where = load_init_weights(cfg)
-        template = jax.eval_shape(EqRModel(cfg.model).init, jax.random.PRNGKey(0))
-        init_params = fit_to_model(loaded, template, f"the weights of {where}")
-        report["init_from"] = where
+        init_params, report["init_from"] = initial_params(cfg)
         report["start"] = {"step": 0, "train_wall_s": 0.0, **_accuracy_keys(
             evaluate_depths_all(cfg, init_params, depths))}
     t_study = time.time()

@@ -86,6 +86,17 @@ def load_init_weights(cfg: RunConfig) -> tuple[Any, str]:
     return params, f"{where}, {'EMA' if which == 'ema' else 'raw'} weights{note}"
 
 
+def initial_params(cfg: RunConfig) -> tuple[Any, str]:
+    """`load_init_weights` then `fit_to_model` against ``EqRModel(cfg.model)``'s parameters:
+    the ``init_from`` weights ready for ``train(init_params=...)`` or an evaluation, and their
+    description. Raises as both do, before any data is built or anything is compiled."""
+    from eqr_jax.model import EqRModel
+
+    params, where = load_init_weights(cfg)
+    template = jax.eval_shape(EqRModel(cfg.model).init, jax.random.PRNGKey(0))
+    return fit_to_model(params, template, f"the weights of {where}"), where
+
+
 def fit_to_model(params: Any, template: Any, what: str = "the initial weights") -> Any:
     """``params`` as NumPy arrays with ``template``'s dtypes, after checking that both trees
     hold the same parameters with the same shapes (``template``: arrays or

@@ -77,12 +77,9 @@ def _initial_weights(cfg):
     """The ``--init-from`` weights, fitted to the model (`eqr_jax.warm_start`)."""
     import jax
 
-    from eqr_jax.model import EqRModel
-    from eqr_jax.warm_start import fit_to_model, load_init_weights
+    from eqr_jax.warm_start import initial_params
 
-    params, where = load_init_weights(cfg)
-    template = jax.eval_shape(EqRModel(cfg.model).init, jax.random.PRNGKey(0))
-    params = fit_to_model(params, template, f"the weights of {where}")
+    params, where = initial_params(cfg)
     if jax.process_index() == 0:
         print(f"[eqr train] initial weights: {where}", flush=True)
     return params
