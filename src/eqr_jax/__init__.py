@@ -31,6 +31,8 @@ from __future__ import annotations
 
 import importlib
 
+from eqr_jax.platforms import quiet_absent_tpu
+
 __version__ = "0.1.0"
 
 # name -> (module, attribute): resolved on first access (PEP 562).
@@ -69,6 +71,11 @@ _API = {
 }
 
 __all__ = ["__version__", *_API]
+
+
+# Before JAX starts a backend: on a machine without TPU chips, libtpu (installed by the test and
+# tpu extras) would print errors from its TPU probe (eqr_jax.platforms).
+quiet_absent_tpu()
 
 
 def __getattr__(name: str):
