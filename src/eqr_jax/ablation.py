@@ -237,6 +237,37 @@ def end_state_stability(cfg: RunConfig, params, batch: dict, *, depth: int = 64,
     return out
 
 
+def _train_spec(run_cfg: RunConfig, run_dir: Path, init_params, depths: Sequence[int],
+                curve_every: int, start: dict | None, progress: bool):
+    """Train one spec to its total, stopping every ``curve_every`` steps (0: never) to
+    evaluate its EMA weights at ``depths``. Returns the last `train` result, the curve (from
+    ``start``, the shared warm start's point, when given) and the (step, params) of each curve
+    point."""
+    train_s, done, points = 0.0, 0, []
+    curve = [dict(start)] if start is not None else []
+    chunk = curve_every if curve_every > 0 else run_cfg.train.max_steps
+    while True:
+        t1 = time.time()
+        _, result = train_lib.train(run_cfg, prepare.make_loaders(run_cfg),
+                                    resume=done > 0, stop_after=chunk,
+                                    init_params=init_params if done == 0 else None,
+                                    progress=progress, verbose=False)
+        train_s += time.time() - t1
+        done = int(result["step"])
+        if curve_every > 0:
+            _, params = load_for_inference(run_dir)
+            point = {"step": done, "train_wall_s": train_s,
+                     **_accuracy_keys(evaluate_depths_all(run_cfg, params, depths))}
+            for k in ("train/implicit_converged", "train/implicit_iters",
+                      "train/jac_fro", "train/step_time_s", "train/total_loss"):
+                if k in result:
+                    point[k[len("train/"):]] = float(result[k])
+            curve.append(point)
+            points.append((done, params))
+        if done >= result["total_steps"]:
+            return result, curve, points
+
+
 def run(cfg: RunConfig, out_dir: str | Path, *, grad_modes: Sequence[str] = MODES,
         depths: Sequence[int] = (1, 4, 16), progress: bool = False, curve_every: int = 0,
         jac_reg: float = 1.0, anchors: int = 3, stability_rows: int = 64,
@@ -282,35 +313,13 @@ def run(cfg: RunConfig, out_dir: str | Path, *, grad_modes: Sequence[str] = MODE
     for spec in specs:
         run_cfg = spec_config(cfg, spec, str(out / spec.name), jac_reg)
         cfgs[spec.name] = run_cfg.train
-        t0, train_s, done = time.time(), 0.0, 0
-        curve = [dict(report["start"])] if "start" in report else []
-        total = run_cfg.train.max_steps
-        chunk = curve_every if curve_every > 0 else total
-        while True:
-            t1 = time.time()
-            _, result = train_lib.train(run_cfg, prepare.make_loaders(run_cfg),
-                                        resume=done > 0, stop_after=chunk,
-                                        init_params=init_params if done == 0 else None,
-                                        progress=progress, verbose=False)
-            train_s += time.time() - t1
-            done = int(result["step"])
-            if curve_every > 0:
-                _, params = load_for_inference(out / spec.name)
-                point = {"step": done, "train_wall_s": train_s,
-                         **_accuracy_keys(evaluate_depths_all(run_cfg, params, depths))}
-                for k in ("train/implicit_converged", "train/implicit_iters",
-                          "train/jac_fro", "train/step_time_s", "train/total_loss"):
-                    if k in result:
-                        point[k[len("train/"):]] = float(result[k])
-                curve.append(point)
-                if spec.name == anchor_name:
-                    anchor_params.append((done, params))
-            if done >= result["total_steps"]:
-                break
+        t0 = time.time()
+        result, curve, points = _train_spec(run_cfg, out / spec.name, init_params, depths,
+                                            curve_every, report.get("start"), progress)
         wall = time.time() - t0
         _, params = load_for_inference(out / spec.name)
-        if spec.name == anchor_name and not anchor_params:
-            anchor_params.append((done, params))
+        if spec.name == anchor_name:
+            anchor_params.extend(points or [(int(result["step"]), params)])
         ev = (dict(curve[-1]) if curve_every > 0 else
               _accuracy_keys(evaluate_depths_all(run_cfg, params, depths)))
         row = {
