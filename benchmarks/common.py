@@ -1,4 +1,4 @@
-"""Helpers shared by the benchmark scripts in this folder (and the gradient ablation).
+"""Helpers shared by the benchmark scripts in this folder.
 
 Timing, compiled and runtime memory, a peak-matmul measurement (the MFU denominator), the model
 configurations of the benchmarks; tables and JSON come from `eqr_jax.reporting` (re-exported
