@@ -1,6 +1,7 @@
 """Driving the official PyTorch EqR (locuslab/EqR) from a checkout: model, ACT loss head, optimiser,
 EMA and carry, as its ``pretrain.py`` does. Used by ``official_learning_curves.py`` and
-``make_train_step_fixture.py``; needs torch (and pydantic, colorama for the official modules).
+``make_train_step_fixture.py``; needs torch (and pydantic, colorama for the official modules)
+and the checkout on ``PYTHONPATH``.
 
 Nothing of the official code is copied here: its modules are imported from the given path. Its
 optimiser, AdamATan2 (package ``adam-atan2`` 0.0.3), is a CUDA-only extension, so `AdamATan2`
@@ -21,13 +22,21 @@ LOSS_KEYS = ("total_loss", "lm_loss", "q_halt_loss")
 
 
 def import_official(path: str):
-    """The official modules this project drives, imported from the checkout at ``path``."""
+    """The official modules this project drives, imported from the checkout at ``path``, which
+    must be on ``PYTHONPATH`` (its modules import each other as top-level ``models``/``utils``,
+    and this project does not change the import path at run time)."""
+    import importlib.util
     from pathlib import Path
-    if not (Path(path) / "models" / "eqr.py").exists():
+    root = Path(path).resolve()
+    if not (root / "models" / "eqr.py").exists():
         raise SystemExit(f"--official {path}: no models/eqr.py there (a checkout of "
                          "github.com/locuslab/EqR is expected)")
-    if path not in sys.path:
-        sys.path.insert(0, path)
+    found = importlib.util.find_spec("models")
+    origin = Path(next(iter(found.submodule_search_locations or []), "")) if found else None
+    if origin is None or origin.resolve() != root / "models":
+        raise SystemExit(f"--official {path}: put the checkout on PYTHONPATH "
+                         f"(PYTHONPATH={root} python benchmarks/...); `models` resolves to "
+                         f"{origin or 'nothing'}")
     try:
         from models import eqr
         from models.ema import EMAHelper

@@ -195,11 +195,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--table", action="store_true", help="print the tables from --out, exit")
     a = p.parse_args(argv)
     if a.table:
-        sys.path.insert(0, str(ROOT / "src"))
         print(table(json.loads(Path(a.out).read_text())))
         return 0
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
-    sys.path.insert(0, str(ROOT / "src"))
     import jax
 
     from eqr_jax import aot, config as config_lib

@@ -1,10 +1,10 @@
-"""Helpers shared by the benchmark scripts in this folder (and the gradient ablation).
+"""Helpers shared by the benchmark scripts in this folder.
 
 Timing, compiled and runtime memory, a peak-matmul measurement (the MFU denominator), the model
 configurations of the benchmarks; tables and JSON come from `eqr_jax.reporting` (re-exported
 here). Nothing here asserts on speed: scripts print numbers and ratios measured in the same run,
 tests check only that the numbers exist. The scripts import it as a sibling module
-(``python benchmarks/<script>.py`` puts this folder on ``sys.path``).
+(``python benchmarks/<script>.py`` makes this folder the first place imports look).
 
 Typical use::
 
@@ -31,6 +31,7 @@ from typing import Any, Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from eqr_jax.measure import compiled_memory, memory_of  # noqa: F401
 from eqr_jax.reporting import (describe_machine, format_table, machine_info,  # noqa: F401
                                print_table, write_json)
 
@@ -98,50 +99,7 @@ def time_fn(fn: Callable, *args, warmup: int = 1, repeats: int = 5, min_total_s:
 
 
 # ----------------------------------------------------------------------------------------------
-# Memory
-
-
-def compiled_memory(fn: Callable, *args, **kwargs) -> dict:
-    """Compile ``fn`` (a `jax.jit` function or a plain one, which is jitted) for these arguments
-    and return XLA's buffer-assignment sizes in bytes, plus ``compile_s``.
-
-    ``peak_bytes`` is ``argument + output + temp - alias``: the device memory the program needs
-    while it runs (inputs, results and scratch; donated inputs counted once). XLA's own
-    ``peak_memory_in_bytes`` is reported as ``xla_peak_bytes`` (0 where the backend leaves it
-    out). ``temp_bytes`` alone is the activation / scratch memory, the part that grows with
-    unrolled depth under autodiff.
-    """
-    jitted = fn if hasattr(fn, "lower") else jax.jit(fn)
-    t0 = time.perf_counter()
-    compiled = jitted.lower(*args, **kwargs).compile()
-    compile_s = time.perf_counter() - t0
-    return {**memory_of(compiled), "compile_s": compile_s}
-
-
-def memory_of(compiled: Any) -> dict:
-    """Sizes from ``compiled.memory_analysis()`` (see `compiled_memory`); zeros if unavailable."""
-    try:
-        m = compiled.memory_analysis()
-    except Exception:  # noqa: BLE001 - some backends do not implement it
-        m = None
-    if m is None:
-        return {"argument_bytes": 0, "output_bytes": 0, "temp_bytes": 0, "alias_bytes": 0,
-                "generated_code_bytes": 0, "peak_bytes": 0, "xla_peak_bytes": 0,
-                "peak_source": "unavailable"}
-    out = {
-        "argument_bytes": int(m.argument_size_in_bytes),
-        "output_bytes": int(m.output_size_in_bytes),
-        "temp_bytes": int(m.temp_size_in_bytes),
-        "alias_bytes": int(m.alias_size_in_bytes),
-        "generated_code_bytes": int(m.generated_code_size_in_bytes),
-    }
-    out["peak_bytes"] = (out["argument_bytes"] + out["output_bytes"] + out["temp_bytes"]
-                         - out["alias_bytes"])
-    out["peak_source"] = "argument+output+temp-alias"
-    # XLA's own estimate, where the backend fills it in (it is not comparable across backends:
-    # on CPU it can be far below temp_bytes); reported, never used as `peak_bytes`.
-    out["xla_peak_bytes"] = int(getattr(m, "peak_memory_in_bytes", 0) or 0)
-    return out
+# Memory (compiled sizes: `eqr_jax.measure`, re-exported above)
 
 
 def device_memory_stats(device: Any = None) -> dict | None:

@@ -39,8 +39,11 @@ from eqr_jax.model import EqRModel
 MODES = ("full", "full+remat") + tuple(m for m in modes.GRAD_MODES if m != "full")
 
 
-def make_train_step(model: EqRModel, mode: str, n: int, *, implicit_method: str = "anderson"):
-    """jit(params, state, inputs, labels, key) -> (loss, grads) for one segment of ``n`` steps."""
+def segment_value_and_grad(model: EqRModel, mode: str, n: int, *,
+                           implicit_method: str = "anderson"):
+    """jit(params, state, inputs, labels, key) -> (loss, grads) of one latent segment of ``n``
+    steps (not a training step: no ACT, optimiser or EMA, so the gradient's own memory is
+    what is measured), from the library's `dynamics.unroll` / `dynamics.fixed_point`."""
 
     def loss_fn(params, state, inputs, labels, key):
         x = model.embed(params, inputs)
@@ -68,7 +71,7 @@ def measure(model: EqRModel, batch: int, modes, ns, repeats: int, implicit_metho
     rows = []
     for mode in modes:
         for n in ns:
-            fn = make_train_step(model, mode, n, implicit_method=implicit_method)
+            fn = segment_value_and_grad(model, mode, n, implicit_method=implicit_method)
             row = {"mode": mode, "n": n}
             try:
                 t0 = time.perf_counter()

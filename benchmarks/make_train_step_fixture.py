@@ -101,7 +101,6 @@ def trunc_normal(rng: np.random.Generator, shape) -> np.ndarray:
 
 def record_case(official: str, case: str, seed: int) -> dict[str, np.ndarray]:
     import torch
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
     from _official import OfficialTrainer
 
     ref = {**COMMON, **CASES[case], "batch_size": BATCH}

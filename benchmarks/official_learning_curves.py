@@ -15,7 +15,8 @@ side is driven as its ``pretrain.py`` drives it (persistent ACT carry built from
 ``loss / global_batch_size`` back-propagated, the official cosine/warm-up schedule evaluated at the
 1-based step, AdamATan2, the official ``EMAHelper`` after every step); its AdamATan2 is a CUDA
 extension, so the script carries a few lines of torch with the same rule (``adam-atan2`` 0.0.3).
-The JAX side is ``eqr_jax.training.make_train_step``, the project's real training step.
+The JAX side is ``eqr_jax.train_program.make_train_program``'s step, the project's real
+training step.
 
 Modes:
   * ``preset``: update noise, exploration and random latent init as the presets have them. The
@@ -47,12 +48,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from eqr_jax import interop, optim
-from eqr_jax.act import init_carry
+from eqr_jax import interop
 from eqr_jax.config import DataConfig, RunConfig, TrainConfig
 from eqr_jax.model import EqRModel
 from eqr_jax.reporting import format_table
-from eqr_jax.training import TrainState, example_batch, make_train_step
+from eqr_jax.train_program import make_train_program
+from eqr_jax.warm_start import fit_to_model
 
 REPORT_KEYS = ("loss", "lm_loss", "accuracy", "exact_accuracy", "steps", "grad_norm")
 
@@ -114,7 +115,6 @@ def draw_batches(a, seed: int) -> list[dict[str, np.ndarray]]:
 
 
 def official_trainer(a, ref: dict, seed: int, **kw):
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
     from _official import OfficialTrainer
     return OfficialTrainer(a.official, ref, a, seed, **kw)
 
@@ -124,24 +124,22 @@ def official_trainer(a, ref: dict, seed: int, **kw):
 
 
 class JaxTrainer:
-    """eqr-jax's jitted training step (`make_train_step`) from given reference weights."""
-
-    _cache: dict = {}
+    """eqr-jax's jitted training step (the `TrainProgram` ``eqr train`` runs, one step per
+    call) from given reference weights."""
 
     def __init__(self, cfg: RunConfig, ref_state: dict[str, np.ndarray], seed: int):
         self.cfg = cfg
-        self.model = EqRModel(cfg.model)
-        self.opt, self.schedule = optim.make_optimizer(cfg.train, cfg.train.max_steps)
-        params = interop.params_from_reference(ref_state, cfg.model)
-        key = (cfg.model, cfg.train.lr, cfg.train.lr_min_ratio, cfg.train.lr_warmup_steps,
-               cfg.train.weight_decay, cfg.train.ema_rate, cfg.train.max_steps,
-               cfg.data.global_batch_size)
-        if key not in self._cache:  # one compilation per config, reused across seeds
-            self._cache[key] = make_train_step(self.model, cfg, self.opt, steps_per_call=1)
-        self.fn = self._cache[key]
-        self.state = TrainState(params, self.opt.init(params), optim.ema_init(params),
-                                jnp.zeros((), jnp.int32), jax.random.PRNGKey(seed),
-                                init_carry(self.model, example_batch(cfg)))
+        # Its compiled steps are cached per computing config, so seeds share one compilation.
+        self.program = make_train_program(cfg, cfg.train.max_steps)
+        self.model, self.opt, self.schedule = (self.program.model, self.program.optimizer,
+                                               self.program.schedule)
+        params = fit_to_model(interop.params_from_reference(ref_state, cfg.model),
+                              self.program.abstract_state.params)
+        state = self.program.init_state(params)
+        # The stream key of the official side's seed, not the one `init_train_state` derives.
+        self.state = state._replace(rng=jax.device_put(jax.random.PRNGKey(seed),
+                                                       self.program.state_shardings.rng))
+        self.fn = self.program.step(1)
         self.step = 0
 
     def train_step(self, batch: dict[str, np.ndarray]) -> dict[str, float]:
@@ -339,7 +337,6 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(f"--modes: unknown mode {m!r} (preset, deterministic)")
     if a.official:
         import torch
-        sys.path.insert(0, str(Path(__file__).resolve().parent))
         from _official import import_official
         import_official(a.official)  # fails early with a clear message
         if a.torch_threads:
@@ -396,7 +393,7 @@ def main(argv: list[str] | None = None) -> int:
     print_summary(result)
     if a.json:
         Path(a.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(a.json).write_text(json.dumps(_round(result), indent=1) + "\n")
+        Path(a.json).write_text(json.dumps(round_floats(result), indent=1) + "\n")
         print(f"[curves] wrote {a.json}")
     if a.plot:
         plot(result, a.plot)
@@ -504,13 +501,14 @@ def _mean(xs):
     return sum(xs) / len(xs) if xs else None
 
 
-def _round(obj):
+def round_floats(obj):
+    """``obj`` (nested dicts/lists) with floats rounded for the JSON results."""
     if isinstance(obj, float):
         return float(f"{obj:.6g}")
     if isinstance(obj, dict):
-        return {k: _round(v) for k, v in obj.items()}
+        return {k: round_floats(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [_round(v) for v in obj]
+        return [round_floats(v) for v in obj]
     return obj
 
 

@@ -34,15 +34,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from official_learning_curves import (JaxTrainer, _round, add_run_options,  # noqa: E402
-                                      draw_batches, ensure_data, jax_run_config, machine,
-                                      official_trainer, reference_model_dict)
-
-from eqr_jax import interop  # noqa: E402
-from eqr_jax.model import EqRModel  # noqa: E402
-from eqr_jax.reporting import format_table  # noqa: E402
-from eqr_jax.training import make_train_step  # noqa: E402
+from eqr_jax import interop
+from eqr_jax.model import EqRModel
+from eqr_jax.reporting import format_table
+# The sibling script: `python benchmarks/NAME.py` makes this folder the first place imports look.
+from official_learning_curves import (JaxTrainer, add_run_options, draw_batches, ensure_data,
+                                      jax_run_config, machine, official_trainer,
+                                      reference_model_dict, round_floats)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -75,7 +73,7 @@ def time_scanned(cfg, init, batches, warmup: int, per_call: int, seed: int) -> f
     """Seconds per step of the jitted train step running ``per_call`` steps per call, with no
     host sync until the end (``eqr train``'s loop fetches metrics a call late)."""
     jt = JaxTrainer(cfg, init, seed)  # its state, built from the same weights
-    fn = make_train_step(jt.model, cfg, jt.opt, steps_per_call=per_call)
+    fn = jt.program.step(per_call)
     stack = lambda bs: {k: jnp.asarray(np.stack([b[k] for b in bs])) for k in bs[0]}
     calls = [stack(batches[i:i + per_call])
              for i in range(0, len(batches) - per_call + 1, per_call)]
@@ -147,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
                   "args": {k: v for k, v in vars(a).items() if k != "json"},
                   "machine": machine(a.official is not None), "rows": rows}
         Path(a.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(a.json).write_text(json.dumps(_round(result), indent=1) + "\n")
+        Path(a.json).write_text(json.dumps(round_floats(result), indent=1) + "\n")
         print(f"[speed] wrote {a.json}")
     return 0
 

@@ -11,7 +11,6 @@ Prints one row per mode and the ratio of its steps/s to the ``truncated`` (refer
 from __future__ import annotations
 
 import argparse
-import functools
 import sys
 import time
 
@@ -19,28 +18,23 @@ import jax
 import numpy as np
 
 from eqr_jax import config as config_lib
-from eqr_jax import modes, optim
-from eqr_jax.model import EqRModel
+from eqr_jax import modes
 from eqr_jax.reporting import format_table
-from eqr_jax.sharding import batch_sharding, make_mesh, to_global, train_state_shardings
-from eqr_jax.training import example_batch, init_train_state, make_train_step
+from eqr_jax.sharding import to_global
+from eqr_jax.train_program import make_train_program
 
 
 def bench_mode(cfg, mode: str, calls: int, warmup: int = 1) -> dict:
     cfg = config_lib.apply_overrides(cfg, [f"train.grad_mode={mode}"])
-    model, mesh = EqRModel(cfg.model), make_mesh()
     G, N, S = cfg.data.global_batch_size, cfg.model.seq_len, max(1, cfg.train.steps_per_call)
-    opt, _ = optim.make_optimizer(cfg.train, 10_000)
+    program = make_train_program(cfg, 10_000)  # the step `eqr train` runs, on every device
     rng = np.random.default_rng(0)
-    example = example_batch(cfg)
-    make = functools.partial(init_train_state, model, cfg, opt)
-    sh = train_state_shardings(jax.eval_shape(make, example), mesh)
-    state = jax.jit(make, out_shardings=sh)(example)
-    fn = make_train_step(model, cfg, opt, mesh=mesh, state_sharding=sh, steps_per_call=S)
+    state = program.init_state()
+    fn = program.step(S)
     host = {"inputs": rng.integers(1, cfg.model.vocab_size, (S, G, N)).astype(np.int32),
             "labels": rng.integers(2, cfg.model.vocab_size, (S, G, N)).astype(np.int32),
             "puzzle_identifiers": np.zeros((S, G), np.int32)}
-    batches = to_global(host, batch_sharding(mesh, stacked=True))
+    batches = to_global(host, program.batch_sharding)
     t0 = time.perf_counter()
     for _ in range(warmup):
         state, m = fn(state, batches)

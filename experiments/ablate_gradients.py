@@ -1,4 +1,4 @@
-"""Train one config with each gradient mode and compare them (see experiments/ablation.py).
+"""Train one config with each gradient mode and compare them (the study: `eqr_jax.ablation`).
 
     python experiments/ablate_gradients.py                         # tiny preset, CPU, minutes
     python experiments/ablate_gradients.py --preset sudoku6 --modes study --curve-every 50 \
@@ -20,10 +20,7 @@ import dataclasses
 import sys
 from pathlib import Path
 
-from eqr_jax import config
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import ablation  # noqa: E402  (experiments/ablation.py)
+from eqr_jax import ablation, config
 
 
 def main(argv: list[str] | None = None) -> int:

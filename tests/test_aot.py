@@ -174,3 +174,27 @@ def test_temporaries_grow_with_the_batch_and_a_huge_batch_does_not_fit(one_host_
     assert fits == "fits: no" and peak > 16 * 2 ** 30
     assert peak > 1000 * one_host_plan[1]["train"]["temporaries"]  # 4096x the rows per chip
     assert "DOES NOT FIT: the compiler needs" in text and "exceeds available HBM" in text
+
+
+def test_plan_lowers_the_step_train_runs():
+    """`aot.train_program` hands out the `TrainProgram`'s own jitted step (the object `train`
+    calls, shared by configs that differ only in bookkeeping) with its abstract state and a
+    stacked batch carrying the run's shardings; nothing is compiled here."""
+    from dataclasses import replace
+
+    from conftest import micro_run
+
+    from eqr_jax.sharding import make_mesh
+    from eqr_jax.train_program import make_train_program
+
+    cfg, mesh = micro_run(max_steps=6), make_mesh()
+    fn, (state, batch) = aot.train_program(cfg, mesh, 6)
+    program = make_train_program(replace(cfg, train=replace(cfg.train, out_dir="elsewhere",
+                                                            log_every=7)), 6, mesh)
+    assert fn is program.step(3) and state is program.abstract_state
+    assert batch["inputs"].shape == (3, 16, cfg.model.seq_len)
+    assert batch["inputs"].sharding == program.batch_sharding
+    assert state.carry.steps.sharding == program.state_shardings.carry.steps
+    assert aot.train_program(cfg, mesh, 2)[1][1]["inputs"].shape[0] == 2  # capped by the total
+    assert make_train_program(replace(cfg, train=replace(cfg.train, lr=1e-4)), 6,
+                              mesh).step(3) is not fn

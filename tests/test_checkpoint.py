@@ -74,11 +74,11 @@ def test_resumed_config_replans_a_decaying_schedule_and_refuses_a_shorter_total(
     too; a total below the checkpoint's step is refused; the start record is kept."""
     from conftest import micro_run
     from eqr_jax import config as config_lib, optim
-    from eqr_jax.training import _resumed_config
+    from eqr_jax.startup import resumed_config
 
     was = micro_run("r", max_steps=300, lr_min_ratio=0.1, init_from="runs/src", init_step=5)
     now = micro_run("r", max_steps=400, lr_min_ratio=0.1)
-    cfg, line = _resumed_config(now, config_lib.to_dict(was), 300, steps_per_epoch=10)
+    cfg, line = resumed_config(now, config_lib.to_dict(was), 300, steps_per_epoch=10)
     assert cfg.train.max_steps == 400 and (cfg.train.init_from, cfg.train.init_step) == (
         "runs/src", 5)
     lr_new = float(optim.make_schedule(now.train, 400)(301))
@@ -88,12 +88,12 @@ def test_resumed_config_replans_a_decaying_schedule_and_refuses_a_shorter_total(
                     f"400; the learning-rate schedule is re-planned over 400 steps (lr at step "
                     f"301: {lr_new:.4g}, the old plan's: {lr_old:.4g})")
     by_epochs = micro_run("r", epochs=50, max_steps=0)
-    _, line = _resumed_config(by_epochs, config_lib.to_dict(micro_run("r", epochs=30)), 300, 10)
+    _, line = resumed_config(by_epochs, config_lib.to_dict(micro_run("r", epochs=30)), 300, 10)
     assert "(train.epochs 30 -> 50): total steps 300 -> 500" in line
-    assert _resumed_config(was, config_lib.to_dict(was), 300, 10) == (was, None)
+    assert resumed_config(was, config_lib.to_dict(was), 300, 10) == (was, None)
     with pytest.raises(config_lib.ConfigError, match="train.max_steps 300 -> 250 gives 250 total "
                                                      "steps, fewer than the 300 the checkpoint"):
-        _resumed_config(micro_run("r", max_steps=250), config_lib.to_dict(was), 300, 10)
+        resumed_config(micro_run("r", max_steps=250), config_lib.to_dict(was), 300, 10)
 
 
 def test_load_for_inference_step_dir(resume_runs):

@@ -18,8 +18,8 @@ from eqr_jax.data.arrays import ArrayTrainLoader, make_puzzles
 from eqr_jax.metrics import train_scalars
 from eqr_jax.model import EqRModel
 from eqr_jax.sharding import make_mesh
-from eqr_jax.training import (NonFiniteError, _cached_train_step, _compute_key,
-                              init_train_state, stack_batches, train)
+from eqr_jax.train_program import make_train_program
+from eqr_jax.training import NonFiniteError, init_train_state, stack_batches, train
 
 
 def _assert_resumes_from_step_3_to_the_full_run(cfg, full_dir, run_dir):
@@ -40,7 +40,7 @@ def test_tiny_model_learns():
     config is the resume tests' one, so the compiled function is shared with them)."""
     cfg = micro_run(max_steps=6)  # schedule: warm-up 2 steps, then constant (lr_min_ratio 1)
     loader = ArrayTrainLoader(*make_puzzles(512, 0, blanks=(3, 6)), 16, 0)
-    fn = _cached_train_step(_compute_key(cfg), 6, 3, make_mesh())
+    fn = make_train_program(cfg, 6, make_mesh()).step(3)
     opt, _ = optim.make_optimizer(cfg.train, 6)
     state = init_train_state(EqRModel(cfg.model), cfg, opt, next(loader))
     history = []
@@ -115,7 +115,7 @@ def test_guard_freezes_state_inside_the_call():
     """A bad first step freezes the whole call: the good steps after it are not applied either,
     and the state comes back exactly as it went in."""
     cfg = micro_run(max_steps=6)
-    fn = _cached_train_step(_compute_key(cfg), 6, 3, make_mesh())  # shared with the tests above
+    fn = make_train_program(cfg, 6, make_mesh()).step(3)  # shared with the tests above
     opt, _ = optim.make_optimizer(cfg.train, 6)
     loader = ArrayTrainLoader(*make_puzzles(64, 1), 16, 0)
     good = [next(loader), next(loader)]

@@ -3,8 +3,9 @@
 ``eqr eval --dry-run --target T``.
 
 The programs are the project's own jitted functions with the arguments the real run passes,
-as abstract values carrying the real shardings: the train step of `training._cached_train_step`
-(the one `training.train` calls: its shardings, donation and ``steps_per_call``), the batched
+as abstract values carrying the real shardings: the train step of the run's
+`eqr_jax.train_program.TrainProgram` (the one `training.train` calls: its shardings, donation and
+``steps_per_call``), the batched
 evaluation loop `evaluation.core.evaluate_copies` and the streaming pool
 `evaluation.stream.stream_jobs`. Each is lowered and compiled for the target's devices
 (`jit(...).lower(...).compile()`); `compiled.memory_analysis()` gives the memory per device,
@@ -19,7 +20,6 @@ as MaxText's estimator does.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import hashlib
 import math
 import re
@@ -27,7 +27,6 @@ import time
 from typing import Any, Callable
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
@@ -142,39 +141,19 @@ def compile_program(fn, *args, memory_limit: int | None = None, verbose: bool = 
     return out
 
 
-def _abstract(tree, sharding):
-    """ShapeDtypeStructs of ``tree`` with ``sharding`` (one, or a matching tree)."""
-    if not isinstance(sharding, jax.sharding.Sharding):
-        return jax.tree_util.tree_map(
-            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), tree, sharding)
-    return jax.tree_util.tree_map(
-        lambda a: jax.ShapeDtypeStruct(np.shape(a), a.dtype, sharding=sharding), tree)
-
-
 # ----------------------------------------------------------------------------------------------
 # The programs
 
 
 def train_program(cfg: RunConfig, mesh: Mesh, total_steps: int = 1) -> tuple[Callable, tuple]:
-    """The jitted train step `training.train` calls first (``steps_per_call`` steps) and its
-    abstract arguments (the sharded `TrainState` and a stacked global batch)."""
-    from eqr_jax import training
-    from eqr_jax.model import EqRModel
-    from eqr_jax.optim import make_optimizer
+    """The jitted train step `training.train` calls first (``steps_per_call`` steps, at most
+    ``total_steps``) and its abstract arguments (the sharded `TrainState` and a stacked global
+    batch): `eqr_jax.train_program.make_train_program`'s, the program the run executes."""
+    from eqr_jax.train_program import make_train_program
 
-    sharding_lib.check_divisible(cfg.data.global_batch_size, mesh, "data.global_batch_size")
-    n = max(1, cfg.train.steps_per_call)
-    if total_steps:
-        n = min(n, total_steps)
-    step = training._cached_train_step(training._compute_key(cfg), total_steps, n, mesh)
-    model = EqRModel(cfg.model)
-    optimizer, _ = make_optimizer(cfg.train, total_steps)
-    state = jax.eval_shape(functools.partial(training.init_train_state, model, cfg, optimizer),
-                           training.example_batch(cfg))
-    state = _abstract(state, sharding_lib.train_state_shardings(state, mesh))
-    batch = training.stack_batches([training.example_batch(cfg)] * n)
-    batch = _abstract(batch, sharding_lib.batch_sharding(mesh, stacked=True))
-    return step, (state, batch)
+    program = make_train_program(cfg, total_steps, mesh)
+    n = program.first_call_steps()
+    return program.step(n), program.abstract_args(n)
 
 
 def eval_program(cfg: RunConfig, eval_cfg: EvalConfig, mesh: Mesh, *, batch: int, depth: int,
@@ -194,18 +173,18 @@ def eval_program(cfg: RunConfig, eval_cfg: EvalConfig, mesh: Mesh, *, batch: int
     ev = Evaluator(model, dataclasses.replace(eval_cfg, stream=stream), mesh=mesh)
     c, d, N = ev.cfg, mesh.devices.size, cfg.model.seq_len
     repl = sharding_lib.replicated(mesh)
-    params = _abstract(jax.eval_shape(model.init, jax.random.PRNGKey(0)), repl)
-    stop = _abstract(core.stopping(c.halt, c.convergence_metric, c.convergence_tol), repl)
+    params = sharding_lib.abstract(jax.eval_shape(model.init, jax.random.PRNGKey(0)), repl)
+    stop = sharding_lib.abstract(core.stopping(c.halt, c.convergence_metric, c.convergence_tol), repl)
     window, points = int(c.convergence_window), int(c.trace_points)
     i32 = lambda *shape: np.zeros(shape, np.int32)
     if not stream:
         rows = ev.batch_sharding(batch)
-        inputs = _abstract(i32(batch, N), rows)
-        mask = _abstract(np.zeros((batch,), bool), rows)
+        inputs = sharding_lib.abstract(i32(batch, N), rows)
+        mask = sharding_lib.abstract(np.zeros((batch,), bool), rows)
         copies = copies or copies_per_call(breadth, batch, c.max_rows)
-        seed = _abstract(i32(), repl)
+        seed = sharding_lib.abstract(i32(), repl)
         args = (ev.model, params, inputs, inputs, mask, seed, seed,
-                _abstract(i32(copies), repl), breadth, depth, stop)
+                sharding_lib.abstract(i32(copies), repl), breadth, depth, stop)
         return core.evaluate_copies, args, {"window": window, "trace_points": points}
     jobs = batch * breadth
     if slots is None:
@@ -219,9 +198,9 @@ def eval_program(cfg: RunConfig, eval_cfg: EvalConfig, mesh: Mesh, *, batch: int
         (slots,) + a.shape[1:], a.dtype, sharding=sharding_lib.batch_sharding(mesh)), small)
     per = max(1, math.ceil(jobs / d))
     split = sharding_lib.batch_sharding(mesh)
-    args = (ev.model, mesh, params, pool, _abstract(i32(batch, N), repl),
-            _abstract(i32(batch, N), repl), _abstract(i32(d * per), split),
-            _abstract(i32(d * per), split), _abstract(i32(d), split), _abstract(i32(d), split),
+    args = (ev.model, mesh, params, pool, sharding_lib.abstract(i32(batch, N), repl),
+            sharding_lib.abstract(i32(batch, N), repl), sharding_lib.abstract(i32(d * per), split),
+            sharding_lib.abstract(i32(d * per), split), sharding_lib.abstract(i32(d), split), sharding_lib.abstract(i32(d), split),
             0, int(c.seed), depth, stop, True)
     return stream_jobs, args, {"window": window, "trace_points": points}
 

@@ -35,6 +35,7 @@ import jax
 import orbax.checkpoint as ocp
 
 from eqr_jax import config as config_lib
+from eqr_jax import sharding as sharding_lib
 from eqr_jax.config import ConfigError, RunConfig
 
 BEST_METRIC = "all/exact_accuracy"
@@ -293,12 +294,6 @@ class Checkpointer:
         self.manager.close()
 
 
-def abstract_with_sharding(tree, sharding):
-    """`jax.ShapeDtypeStruct` tree of ``tree`` (arrays or structs), all with ``sharding``."""
-    return jax.tree_util.tree_map(
-        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), tree)
-
-
 def locate(ckpt_dir: str | os.PathLike, step: int | None = None) -> tuple[Path, int]:
     """``(checkpoints directory, step)`` of a run directory, its ``checkpoints/`` or one step
     directory ``.../checkpoints/<step>`` (which fixes the step); ``step`` None: the newest.
@@ -349,8 +344,8 @@ def load_for_inference(ckpt_dir: str | os.PathLike, step: int | None = None,
     model = EqRModel(cfg.model)
     abstract = jax.eval_shape(model.init, jax.random.PRNGKey(0))
     # This process's first device: with several processes each loads its own copy.
-    target = abstract_with_sharding(abstract,
-                                    jax.sharding.SingleDeviceSharding(jax.local_devices()[0]))
+    target = sharding_lib.abstract(abstract,
+                                   jax.sharding.SingleDeviceSharding(jax.local_devices()[0]))
     has_ema = (path / str(step) / "ema").exists()
     name = "ema" if (use_ema and has_ema) else "params"
     try:

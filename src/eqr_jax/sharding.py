@@ -44,6 +44,17 @@ def train_state_shardings(state, mesh: Mesh):
     return tree._replace(carry=jax.tree_util.tree_map(lambda _: data, state.carry))
 
 
+def abstract(tree, sharding):
+    """`jax.ShapeDtypeStruct`s of ``tree`` (arrays or structs) carrying ``sharding``: one
+    sharding for every leaf, or a tree of them matching ``tree`` (a restore target, or the
+    abstract arguments of an ahead-of-time compilation)."""
+    if isinstance(sharding, jax.sharding.Sharding):
+        return jax.tree_util.tree_map(
+            lambda a: jax.ShapeDtypeStruct(np.shape(a), a.dtype, sharding=sharding), tree)
+    return jax.tree_util.tree_map(
+        lambda a, s: jax.ShapeDtypeStruct(np.shape(a), a.dtype, sharding=s), tree, sharding)
+
+
 def check_divisible(rows: int, mesh: Mesh, what: str) -> None:
     """Raise `ConfigError` (a ValueError) unless ``rows`` split evenly over the mesh's devices."""
     n = mesh.devices.size

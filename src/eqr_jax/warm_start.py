@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import numpy as np
@@ -24,6 +24,14 @@ from eqr_jax.config import ConfigError, RunConfig
 
 # What `train` records in ``train.init_from`` for weights handed over as ``init_params``.
 API_SOURCE = "<init_params>"
+
+
+class WarmStart(NamedTuple):
+    """Initial weights already fitted to the run's model (`initial_params`): `eqr_jax.startup`
+    starts from them without fitting them again."""
+
+    params: Any
+    source: str  # where they came from, for the log
 
 
 def is_reference_file(source: str | os.PathLike) -> bool:
@@ -86,15 +94,16 @@ def load_init_weights(cfg: RunConfig) -> tuple[Any, str]:
     return params, f"{where}, {'EMA' if which == 'ema' else 'raw'} weights{note}"
 
 
-def initial_params(cfg: RunConfig) -> tuple[Any, str]:
+def initial_params(cfg: RunConfig) -> WarmStart:
     """`load_init_weights` then `fit_to_model` against ``EqRModel(cfg.model)``'s parameters:
     the ``init_from`` weights ready for ``train(init_params=...)`` or an evaluation, and their
-    description. Raises as both do, before any data is built or anything is compiled."""
+    description (a `WarmStart`, which unpacks as ``(params, source)``). Raises as both do,
+    before any data is built or anything is compiled."""
     from eqr_jax.model import EqRModel
 
     params, where = load_init_weights(cfg)
     template = jax.eval_shape(EqRModel(cfg.model).init, jax.random.PRNGKey(0))
-    return fit_to_model(params, template, f"the weights of {where}"), where
+    return WarmStart(fit_to_model(params, template, f"the weights of {where}"), where)
 
 
 def fit_to_model(params: Any, template: Any, what: str = "the initial weights") -> Any:

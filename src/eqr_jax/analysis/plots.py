@@ -14,7 +14,8 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 
-def _plt():
+def pyplot():
+    """`matplotlib.pyplot` on the non-interactive Agg backend (imported on first use)."""
     import matplotlib
     matplotlib.use("Agg", force=True)
     import matplotlib.pyplot as plt
@@ -30,11 +31,12 @@ def _plain_ticks(axis) -> None:
     axis.set_minor_formatter(NullFormatter())
 
 
-def _save(fig, path: str, dpi: int = 90) -> str:
+def save_figure(fig, path: str, dpi: int = 90) -> str:
+    """Lay out ``fig``, write it to ``path`` (folders created) and close it; returns ``path``."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.tight_layout()
     fig.savefig(path, dpi=dpi)
-    _plt().close(fig)
+    pyplot().close(fig)
     return path
 
 
@@ -47,7 +49,7 @@ def plot_accuracy_vs_depth(results: Mapping[str, Any], path: str,
                                                   "majority_vote/exact_accuracy",
                                                   "convergence_top_k/exact_accuracy")) -> str:
     """Exact accuracy against depth (log x axis), one colour per breadth, one style per metric."""
-    plt = _plt()
+    plt = pyplot()
     settings = results["settings"]
     breadths = sorted({s["breadth"] for s in settings})
     fig, ax = plt.subplots(figsize=(5.5, 3.6))
@@ -74,12 +76,12 @@ def plot_accuracy_vs_depth(results: Mapping[str, Any], path: str,
     ax.set_ylim(-0.02, 1.02)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, ncol=2)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_residuals(results: Mapping[str, Any], path: str) -> str:
     """Mean latent residual ‖S_t − S_{t−1}‖ of the rows still running, against step t."""
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(5.5, 3.6))
     best = {}
     for s in results["settings"]:  # the deepest run of each breadth has the longest record
@@ -101,12 +103,12 @@ def plot_residuals(results: Mapping[str, Any], path: str) -> str:
     ax.grid(alpha=0.3, which="both")
     if best:
         ax.legend(fontsize=8)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_steps_histogram(results: Mapping[str, Any], path: str) -> str:
     """Histogram of steps used per row (interesting with q_halt / convergence halting)."""
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(5.5, 3.6))
     for s in results["settings"]:
         h = s["steps_histogram"]
@@ -119,7 +121,7 @@ def plot_steps_histogram(results: Mapping[str, Any], path: str) -> str:
     ax.set_ylabel("fraction of rows")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def save_all_plots(results: Mapping[str, Any], out_dir: str) -> list[str]:
@@ -269,7 +271,7 @@ def _band(ax, steps, entry, color, label):
 
 
 def plot_stability(res, path):
-    plt = _plt()
+    plt = pyplot()
     rows = res["stability"]["rows"]
     r, ok = np.asarray(rows["radius"]), np.asarray(rows["correct"], bool)
     fig, ax = plt.subplots(figsize=(5.5, 3.6))
@@ -284,11 +286,11 @@ def plot_stability(res, path):
     ax.set_ylabel("fraction of the class's end states")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_census(res, path):
-    plt = _plt()
+    plt = pyplot()
     per = res["census"]["per_depth"]
     depths = [e["depth"] for e in per]
     fig, axes = plt.subplots(1, 2, figsize=(8.5, 3.4))
@@ -311,11 +313,11 @@ def plot_census(res, path):
         ax.set_xlabel("depth")
         ax.grid(alpha=0.3)
     fig.suptitle(f"{res['inits']} inits per puzzle, {res['num_puzzles']} puzzles", fontsize=9)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_convergence(res, path):
-    plt = _plt()
+    plt = pyplot()
     conv = res["convergence"]
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
     for ax, key, ylab in ((axes[0], "residual_rms", "RMS latent residual per element"),
@@ -330,11 +332,11 @@ def plot_convergence(res, path):
         ax.set_ylabel(ylab)
         ax.grid(alpha=0.3, which="both")
         ax.legend(fontsize=8)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_selection(res, path):
-    plt = _plt()
+    plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
     for ax, key, xlab in ((axes[0], "selection_by_residual", "final RMS residual threshold"),
                           (axes[1], "selection_by_logit_score", "logit-change score threshold")):
@@ -352,11 +354,11 @@ def plot_selection(res, path):
         ax.set_xlabel(xlab)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_difficulty(res, path):
-    plt = _plt()
+    plt = pyplot()
     diff, pp = res["difficulty"], res["per_puzzle"]
     proxy = "rating" if "rating" in diff else ("blanks" if "blanks" in diff else None)
     if proxy is None:
@@ -386,14 +388,14 @@ def plot_difficulty(res, path):
                                                             math.isnan(rho)) else f"{rho:.2f}"),
                      fontsize=9)
         ax.grid(alpha=0.3)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_pca(res, path):
     pca = res.get("pca")
     if not pca:
         return None
-    plt = _plt()
+    plt = pyplot()
     coords = np.asarray(pca["coords"])  # (P, C, 2)
     ids = np.asarray(pca["attractor"])
     ok = np.asarray(pca["correct"], bool)
@@ -430,7 +432,7 @@ def plot_pca(res, path):
                  f"* step {pca['steps'][-1]}", fontsize=9)
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def save_landscape_plots(res: Mapping[str, Any], out_dir: str) -> list[str]:

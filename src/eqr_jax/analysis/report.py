@@ -164,10 +164,53 @@ def analyze(model: EqRModel, params, inputs, labels, opts: AnalysisOptions = Ana
     """
     inputs = np.asarray(inputs, np.int32)
     labels = np.asarray(labels, np.int32)
+    _check_puzzles(inputs, labels, opts, ratings, blanks)
+    p, n_tok = inputs.shape
+    t_start = time.perf_counter()
+    conv_tol = opts.convergence_tol(model.cfg.noise_scale)
+    # "Settled" (at a fixed point up to the injected noise) is judged on the latent residual.
+    settle_tol = conv_tol if opts.conv_metric == "latents" else dataclasses.replace(
+        opts, conv_metric="latents", conv_tol=0.0).convergence_tol(model.cfg.noise_scale)
+    # The evaluator's model (noise off: noise_scale 0) and key rule.
+    evaluator = Evaluator(model, EvalConfig(seed=opts.seed, noise_scale=None if opts.noise
+                                            else 0.0))
+    S, preds, census, radius, timing = _trace_all(model, evaluator, params, inputs, labels, opts,
+                                                  settle_tol, progress, t_start)
+    rms = S["residual"] / math.sqrt(2 * n_tok * model.cfg.hidden_size)
+    final_ok = S["exact"][-1].T  # (P, K)
+    score = L.convergence_score(S["logit_change"], opts.window).T  # (P, K)
+    final_rms = rms[-1].T
+    mv = majority_vote(preds, labels)
+    accuracy = {"per_init": float(final_ok.mean()), "any_correct": float(final_ok.any(1).mean()),
+                "majority_vote": float(mv.exact.mean()),
+                "convergence_top1": convergence_top_k(score, final_ok, 1)["exact_accuracy"]}
+    conv = {"residual_rms": L.curves_by_outcome(rms, S["exact"][-1]),
+            "logit_change": L.curves_by_outcome(S["logit_change"], S["exact"][-1]),
+            "selection_by_residual": L.selection_vs_threshold(final_rms, final_ok),
+            "selection_by_logit_score": L.selection_vs_threshold(score, final_ok),
+            "final_rms_residual": {"correct": _quantiles(final_rms[final_ok]),
+                                   "wrong": _quantiles(final_rms[~final_ok])}}
+    diff, steps, reached = _difficulty(S, rms, final_ok, opts, conv_tol, ratings, blanks)
+    t0 = time.perf_counter()
+    pca = _pca(evaluator, params, inputs, labels, opts, census, final_ok)
+    timing["pca_s"] = time.perf_counter() - t0
+    timing["total_s"] = time.perf_counter() - t_start
+    return {"num_puzzles": p, "inits": opts.inits, "depth": opts.depth,
+            "options": dataclasses.asdict(opts), "model": dataclasses.asdict(model.cfg),
+            "accuracy": accuracy,
+            "stability": _stability(radius, final_ok, final_rms, settle_tol, opts),
+            "census": _census_summary(census, opts, settle_tol), "convergence": conv,
+            "difficulty": diff, "pca": pca,
+            "per_puzzle": _per_puzzle(census, steps, reached, ratings, blanks),
+            "timing": timing, "time_s": timing["total_s"],
+            "platform": jax.devices()[0].platform}
+
+
+def _check_puzzles(inputs, labels, opts: AnalysisOptions, ratings, blanks) -> None:
     if inputs.ndim != 2 or inputs.shape != labels.shape:
         raise ValueError(f"inputs and labels must both be (puzzles, seq), got {inputs.shape} and "
                          f"{labels.shape}")
-    p, n_tok = inputs.shape
+    p = inputs.shape[0]
     if p == 0:
         raise ValueError("no puzzles to analyse")
     if opts.pca_puzzle >= p:
@@ -175,39 +218,37 @@ def analyze(model: EqRModel, params, inputs, labels, opts: AnalysisOptions = Ana
     for name, arr in (("ratings", ratings), ("blanks", blanks)):
         if arr is not None and len(arr) != p:
             raise ValueError(f"{len(arr)} {name} for {p} puzzles")
-    t_start = time.perf_counter()
-    timing = {"trace_s": 0.0, "census_s": 0.0, "radius_s": 0.0, "pca_s": 0.0}
+
+
+def _padded_batch(inputs, labels, bi: int, bs: int):
+    """Batch ``bi`` of ``bs`` rows: (first puzzle, real rows, inputs, labels), padded."""
+    p, n_tok = inputs.shape
+    start = bi * bs
+    nb = min(bs, p - start)
+    xi = np.zeros((bs, n_tok), np.int32)
+    yi = np.full((bs, n_tok), IGNORE_LABEL, np.int32)
+    xi[:nb], yi[:nb] = inputs[start:start + nb], labels[start:start + nb]
+    return start, nb, xi, yi
+
+
+def _trace_all(model: EqRModel, evaluator, params, inputs, labels, opts: AnalysisOptions,
+               settle_tol: float, progress: bool, t_start: float):
+    """Every batch's trajectories, attractor census and spectral radii: the per-step signals
+    ``S`` (T, K, P), final predictions (P, K, N), census rows, radius rows and timings."""
+    p = inputs.shape[0]
     k, d, snaps = opts.inits, opts.depth, opts.census_depths
-    conv_tol = opts.convergence_tol(model.cfg.noise_scale)
-    # "Settled" (at a fixed point up to the injected noise) is judged on the latent residual.
-    settle_tol = conv_tol if opts.conv_metric == "latents" else dataclasses.replace(
-        opts, conv_metric="latents", conv_tol=0.0).convergence_tol(model.cfg.noise_scale)
     bs = min(opts.batch_size, p)
     rc = opts.inits if opts.radius_copies == 0 else min(opts.radius_copies, opts.inits)
     f32 = float32_model(model)
-    # The evaluator's model (noise off: noise_scale 0) and key rule.
-    evaluator = Evaluator(model, EvalConfig(seed=opts.seed, noise_scale=None if opts.noise
-                                            else 0.0))
-
-    def batch(bi):
-        start = bi * bs
-        nb = min(bs, p - start)
-        xi = np.zeros((bs, n_tok), np.int32)
-        yi = np.full((bs, n_tok), IGNORE_LABEL, np.int32)
-        xi[:nb], yi[:nb] = inputs[start:start + nb], labels[start:start + nb]
-        return start, nb, xi, yi
-
-    # The Krylov iterations' random start vectors (not the trajectories' keys).
-    radius_key = lambda bi: jax.random.fold_in(jax.random.fold_in(
-        jax.random.PRNGKey(opts.seed), bi), 2)
+    timing = {"trace_s": 0.0, "census_s": 0.0, "radius_s": 0.0, "pca_s": 0.0}
     per_step = {name: [] for name in ("residual", "logit_change", "q_halt", "exact")}
     final_preds, census = [], []
     radius = {"radius": [], "eig": [], "res": [], "puzzle": [], "copy": []}
     for bi in range(math.ceil(p / bs)):
-        start, nb, xi, yi = batch(bi)
+        start, nb, xi, yi = _padded_batch(inputs, labels, bi, bs)
         t0 = time.perf_counter()
-        # Row 0's path is recorded and dropped: the PCA re-run below then reuses this
-        # compilation with another (traced) row.
+        # Row 0's path is recorded and dropped: the PCA re-run then reuses this compilation
+        # with another (traced) row.
         tr = trace_trajectories(evaluator, params, xi, yi, start, copies=k, depth=d,
                                 snapshots=snaps, path_row=0, path_points=opts.path_points)
         t1 = time.perf_counter()
@@ -221,43 +262,37 @@ def analyze(model: EqRModel, params, inputs, labels, opts: AnalysisOptions = Ana
                             for a in tr.states))
         x = np.asarray(f32.embed(params, jnp.asarray(xi[:nb])))
         x = np.broadcast_to(x[None], (rc,) + x.shape).reshape((rc * nb,) + x.shape[1:])
-        # One chunk size for every batch (the last, partial one is padded): one compilation.
+        # The Krylov iterations' random start vectors (not the trajectories' keys). One chunk
+        # size for every batch (the last, partial one is padded): one compilation.
+        key = jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(opts.seed), bi), 2)
         rad, lam, res = _radius_rows(model, params, fin, x, min(opts.radius_rows, rc * bs),
-                                     opts.krylov, opts.restarts, radius_key(bi))
-        radius["radius"].append(rad)
-        radius["eig"].append(lam)
-        radius["res"].append(res)
-        radius["copy"].append(np.repeat(np.arange(rc), nb))
-        radius["puzzle"].append(np.tile(np.arange(start, start + nb), rc))
+                                     opts.krylov, opts.restarts, key)
+        for name, value in (("radius", rad), ("eig", lam), ("res", res),
+                            ("copy", np.repeat(np.arange(rc), nb)),
+                            ("puzzle", np.tile(np.arange(start, start + nb), rc))):
+            radius[name].append(value)
         timing["trace_s"] += t1 - t0
         timing["census_s"] += t2 - t1
         timing["radius_s"] += time.perf_counter() - t2
         if progress:
             print(f"[eqr analyze] puzzles {start + nb}/{p} ({time.perf_counter() - t_start:.0f} s)",
                   flush=True)
-
     S = {name: np.concatenate(v, axis=2) for name, v in per_step.items()}  # (T, K, P)
-    rms = S["residual"] / math.sqrt(2 * n_tok * model.cfg.hidden_size)
-    exact_tk = S["exact"]
-    final_ok = exact_tk[-1].T  # (P, K)
     preds = np.concatenate(final_preds, axis=1).transpose(1, 0, 2)  # (P, K, N)
-    score = L.convergence_score(S["logit_change"], opts.window).T  # (P, K)
-    final_rms = rms[-1].T
+    radius = {name: np.concatenate(v) for name, v in radius.items()}
+    radius["copies"] = rc
+    return S, preds, census, radius, timing
 
-    # -- accuracy --------------------------------------------------------------------------
-    mv = majority_vote(preds, labels)
-    accuracy = {"per_init": float(final_ok.mean()), "any_correct": float(final_ok.any(1).mean()),
-                "majority_vote": float(mv.exact.mean()),
-                "convergence_top1": convergence_top_k(score, final_ok, 1)["exact_accuracy"]}
 
-    # -- stability -------------------------------------------------------------------------
-    rad = np.concatenate(radius["radius"])
-    lam = np.concatenate(radius["eig"])
-    eres = np.concatenate(radius["res"])
-    rp, rk = np.concatenate(radius["puzzle"]), np.concatenate(radius["copy"])
+def _stability(radius: dict, final_ok, final_rms, settle_tol: float,
+               opts: AnalysisOptions) -> dict[str, Any]:
+    """The stability section: spectral-radius quantiles by outcome and settledness."""
+    rad, lam, eres = radius["radius"], radius["eig"], radius["res"]
+    rp, rk = radius["puzzle"], radius["copy"]
     r_ok = final_ok[rp, rk]
     r_settled = final_rms[rp, rk] <= settle_tol
-    stab = {"krylov": opts.krylov, "restarts": opts.restarts, "copies_per_puzzle": rc,
+    stab = {"krylov": opts.krylov, "restarts": opts.restarts,
+            "copies_per_puzzle": radius["copies"],
             "unconverged": int((eres > 1e-2).sum()), "settle_tol": settle_tol}
     for name, sel in (("correct", r_ok), ("wrong", ~r_ok),
                       ("correct_settled", r_ok & r_settled), ("correct_moving", r_ok & ~r_settled),
@@ -270,11 +305,14 @@ def analyze(model: EqRModel, params, inputs, labels, opts: AnalysisOptions = Ana
                     "eig_real": lam.real.tolist(), "eig_imag": lam.imag.tolist(),
                     "eig_residual": eres.tolist(), "correct": r_ok.tolist(),
                     "final_rms_residual": final_rms[rp, rk].tolist()}
+    return stab
 
-    # -- census ----------------------------------------------------------------------------
+
+def _census_summary(census: list, opts: AnalysisOptions, settle_tol: float) -> dict[str, Any]:
+    """The census section: attractor and basin quantiles at each census depth."""
     per_depth = []
-    for mi, dm in enumerate(snaps):
-        get = lambda key: np.array([c[mi][key] for c in census])
+    for mi, dm in enumerate(opts.census_depths):
+        get = lambda key: np.array([c[mi][key] for c in census])  # noqa: B023 - used at once
         na, basin = get("n_attractors"), get("solution_basin")
         per_depth.append({"depth": dm, "attractors": _quantiles(na),
                           "settled_attractors": _quantiles(get("n_settled")),
@@ -285,30 +323,26 @@ def analyze(model: EqRModel, params, inputs, labels, opts: AnalysisOptions = Ana
                           "frac_puzzles_all_solved": float((basin == 1).mean()),
                           "frac_puzzles_none_solved": float((basin == 0).mean()),
                           "frac_puzzles_single_attractor": float((na == 1).mean())})
-    census_out = {"tol": opts.cluster_tol, "settle_tol": settle_tol, "depths": list(snaps),
-                  "per_depth": per_depth}
+    return {"tol": opts.cluster_tol, "settle_tol": settle_tol, "depths": list(opts.census_depths),
+            "per_depth": per_depth}
 
-    # -- convergence vs correctness ---------------------------------------------------------
-    conv = {"residual_rms": L.curves_by_outcome(rms, exact_tk[-1]),
-            "logit_change": L.curves_by_outcome(S["logit_change"], exact_tk[-1]),
-            "selection_by_residual": L.selection_vs_threshold(final_rms, final_ok),
-            "selection_by_logit_score": L.selection_vs_threshold(score, final_ok),
-            "final_rms_residual": {"correct": _quantiles(final_rms[final_ok]),
-                                   "wrong": _quantiles(final_rms[~final_ok])}}
 
-    # -- compute vs difficulty --------------------------------------------------------------
+def _difficulty(S: dict, rms, final_ok, opts: AnalysisOptions, conv_tol: float, ratings,
+                blanks):
+    """The compute-vs-difficulty section, and the per-puzzle median steps and reached
+    fractions it is computed from."""
     if opts.conv_metric == "latents":
         sc, rc_conv = L.steps_to_convergence(rms, conv_tol, opts.window, skip_first=False)
     else:
         sc, rc_conv = L.steps_to_convergence(S["logit_change"], conv_tol, opts.window)
     sh, rc_halt = L.steps_to_halt(S["q_halt"])
-    ss, rc_sol = L.steps_to_solution(exact_tk)
+    ss, rc_sol = L.steps_to_solution(S["exact"])
     med = lambda a: np.median(a.T, axis=1)  # (K, P) -> per puzzle median over inits
     steps = {"convergence": med(sc), "q_halt": med(sh), "solution": med(ss)}
     reached = {"convergence": rc_conv.T.mean(1), "q_halt": rc_halt.T.mean(1),
                "solution": rc_sol.T.mean(1)}
     diff: dict[str, Any] = {"conv_metric": opts.conv_metric, "conv_tol": conv_tol,
-                            "window": opts.window, "censored_at": d,
+                            "window": opts.window, "censored_at": opts.depth,
                             "reached": {k2: float(v.mean()) for k2, v in reached.items()}}
     for proxy, vals in (("rating", ratings), ("blanks", blanks)):
         if vals is None:
@@ -321,9 +355,15 @@ def analyze(model: EqRModel, params, inputs, labels, opts: AnalysisOptions = Ana
         diff["solved_by_bucket"] = L.bucket_stats(ratings, final_ok.mean(1))
     else:
         diff["note"] = "no difficulty ratings (not a Sudoku dataset): only blanks are used"
+    return diff, steps, reached
 
-    # -- PCA: re-run the chosen puzzle's batch (same keys: the same trajectories) with its path --
-    t0 = time.perf_counter()
+
+def _pca(evaluator, params, inputs, labels, opts: AnalysisOptions, census: list,
+         final_ok) -> dict[str, Any]:
+    """The PCA section: the chosen puzzle's batch re-run (same keys: the same trajectories)
+    with its latent path recorded."""
+    p = inputs.shape[0]
+    bs = min(opts.batch_size, p)
     pz = opts.pca_puzzle
     if pz < 0:
         # The most mixed landscape at depth D: solution basin nearest 1/2, then the most
@@ -331,20 +371,22 @@ def analyze(model: EqRModel, params, inputs, labels, opts: AnalysisOptions = Ana
         pz = int(min(range(p), key=lambda i: (-min(census[i][-1]["solution_basin"],
                                                    1 - census[i][-1]["solution_basin"]),
                                               -census[i][-1]["n_attractors"], i)))
-    start, nb, xi, yi = batch(pz // bs)
-    tr = trace_trajectories(evaluator, params, xi, yi, start, copies=k, depth=d, snapshots=snaps,
+    start, nb, xi, yi = _padded_batch(inputs, labels, pz // bs, bs)
+    tr = trace_trajectories(evaluator, params, xi, yi, start, copies=opts.inits,
+                            depth=opts.depth, snapshots=opts.census_depths,
                             path_row=pz - start, path_points=opts.path_points)
     # The random initial latents are far from everything else and would take the first
     # component: the projection is fitted on steps >= 1 and drawn from step 1 on.
     coords, ratio = L.pca_2d(tr.path[1:])
-    pca = {"puzzle": pz, "steps": tr.path_steps[1:].tolist(), "explained": ratio.tolist(),
-           "coords": np.round(coords, 5).tolist(), "attractor": census[pz][-1]["ids"].tolist(),
-           "correct": final_ok[pz].tolist(),
-           "attractor_residual": [e["residual"] for e in census[pz][-1]["attractors"]]}
-    timing["pca_s"] = time.perf_counter() - t0
+    return {"puzzle": pz, "steps": tr.path_steps[1:].tolist(), "explained": ratio.tolist(),
+            "coords": np.round(coords, 5).tolist(), "attractor": census[pz][-1]["ids"].tolist(),
+            "correct": final_ok[pz].tolist(),
+            "attractor_residual": [e["residual"] for e in census[pz][-1]["attractors"]]}
 
-    per_puzzle = []
-    for i in range(p):
+
+def _per_puzzle(census: list, steps: dict, reached: dict, ratings, blanks) -> list[dict]:
+    out = []
+    for i in range(len(census)):
         e = {"index": i, "solution_basin": [c["solution_basin"] for c in census[i]],
              "attractors": [c["n_attractors"] for c in census[i]],
              "settled_attractors": [c["n_settled"] for c in census[i]],
@@ -357,13 +399,8 @@ def analyze(model: EqRModel, params, inputs, labels, opts: AnalysisOptions = Ana
             e["rating"] = int(ratings[i])
         if blanks is not None:
             e["blanks"] = int(blanks[i])
-        per_puzzle.append(e)
-    timing["total_s"] = time.perf_counter() - t_start
-    return {"num_puzzles": p, "inits": k, "depth": d, "options": dataclasses.asdict(opts),
-            "model": dataclasses.asdict(model.cfg), "accuracy": accuracy, "stability": stab,
-            "census": census_out, "convergence": conv, "difficulty": diff, "pca": pca,
-            "per_puzzle": per_puzzle, "timing": timing, "time_s": timing["total_s"],
-            "platform": jax.devices()[0].platform}
+        out.append(e)
+    return out
 
 
 # ----------------------------------------------------------------------------------------------

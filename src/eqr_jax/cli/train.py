@@ -74,15 +74,16 @@ def _listing(directory: Path) -> list[Path]:
 
 
 def _initial_weights(cfg):
-    """The ``--init-from`` weights, fitted to the model (`eqr_jax.warm_start`)."""
+    """The ``--init-from`` weights, loaded and fitted to the model once (a `WarmStart` that
+    `eqr_jax.startup.start_run` starts from as they are)."""
     import jax
 
     from eqr_jax.warm_start import initial_params
 
-    params, where = initial_params(cfg)
+    warm = initial_params(cfg)
     if jax.process_index() == 0:
-        print(f"[eqr train] initial weights: {where}", flush=True)
-    return params
+        print(f"[eqr train] initial weights: {warm.source}", flush=True)
+    return warm
 
 
 @common.guarded(PROG)

@@ -181,6 +181,53 @@ def _augment_groups(puzzles, solutions, num_aug, seed, n):
     return xs + 1, ys + 1, np.full(G, 1 + num_aug)
 
 
+def _generated_puzzles(out: Path, n: int, ntrain: int, ntest: int, seed: int, difficulty: str,
+                       iters, workers, min_rating, distinct: str, progress: bool, patience):
+    """Our generator's train and test puzzles ((puzzles, solutions, ratings) each, 0-based) and
+    the summary entries of how they were made."""
+    cache = out / ".cache"
+    bar = _bar(ntrain + ntest, f"generating {n}x{n} ({difficulty})", progress)
+    seen: set = set()
+    trp, trs, trr, rej1 = _generate_split("train", n, ntrain, seed, difficulty, iters, workers,
+                                          cache, min_rating, distinct, seen, bar, patience)
+    tep, tes, ter, rej2 = _generate_split("test", n, ntest, seed, difficulty, iters, workers,
+                                          cache, min_rating, distinct, seen, bar, patience)
+    bar.close()
+    return ((trp, trs, trr), (tep, tes, ter),
+            {"difficulty": difficulty, "distinct": distinct, "rejected_candidates": rej1 + rej2})
+
+
+def _imported_puzzles(source: str, csv_dir, train, test, num_aug: int, seed: int, min_rating,
+                      skip_invalid: bool, check_unique: bool, progress: bool):
+    """Sudoku-Extreme's splits as the reference builder makes them (``source`` csv or hub):
+    train (puzzles, solutions, our ratings of a sample), its augmented groups (1-based tokens,
+    group sizes), test (puzzles, solutions, ratings), the skipped rows, and summary entries."""
+    from .importers import download_sudoku_extreme
+    n = 9
+    folder = download_sudoku_extreme() if source == "hub" else csv_dir
+    if folder is None:
+        raise ValueError("--source csv needs a folder (--source csv DIR)")
+    folder = Path(folder)
+    for split in ("train", "test"):
+        if not (folder / f"{split}.csv").is_file():
+            raise FileNotFoundError(
+                f"{folder / (split + '.csv')}: not found (expected train.csv and test.csv in "
+                f"{folder}, laid out as the hub dataset sapientinc/sudoku-extreme)")
+    rng = np.random.RandomState(seed)  # the reference seeds NumPy's global legacy stream
+    trp, trs, iss_tr = _read_extreme_split(folder / "train.csv", train, rng, min_rating,
+                                           skip_invalid, check_unique, True, progress)
+    groups = _augment_groups_reference(trp, trs, num_aug, rng, progress)
+    tep, tes, iss_te = _read_extreme_split(folder / "test.csv", test, rng, min_rating,
+                                           skip_invalid, check_unique, False, progress)
+    skipped = {"train": [str(i) for i in iss_tr], "test": [str(i) for i in iss_te]}
+    # our rating of what was imported (a sample when the split is very large)
+    sel = np.random.default_rng(seed).permutation(len(tep))[:5000]
+    ter = np.array([rate(tep[i].reshape(n, n), 2) for i in np.sort(sel)], np.int32)
+    trr = np.array([rate(p.reshape(n, n), 2) for p in trp[:5000]], np.int32)
+    extra = {"csv_dir": str(folder), "skipped_rows": {k: len(v) for k, v in skipped.items()}}
+    return (trp, trs, trr), groups, (tep, tes, ter), skipped, extra
+
+
 def build_sudoku_dataset(out, size: int = 9, train: int | None = 1000, test: int | None = 1000,
                          num_aug: int = 1000, seed: int | None = None, source: str = "generate",
                          csv_dir=None, min_rating: float | None = None, workers: int | None = None,
@@ -230,45 +277,19 @@ def build_sudoku_dataset(out, size: int = 9, train: int | None = 1000, test: int
     if source == "generate":
         ntrain = 1000 if train is None else int(train)
         ntest = 1000 if test is None else int(test)
-        cache = out / ".cache"
-        bar = _bar(ntrain + ntest, f"generating {n}x{n} ({difficulty})", progress)
-        seen: set = set()
-        trp, trs, trr, rej1 = _generate_split("train", n, ntrain, seed, difficulty, iters, workers,
-                                              cache, min_rating, distinct, seen, bar, patience)
-        tep, tes, ter, rej2 = _generate_split("test", n, ntest, seed, difficulty, iters, workers,
-                                              cache, min_rating, distinct, seen, bar, patience)
-        bar.close()
-        summary.update(difficulty=difficulty, distinct=distinct, rejected_candidates=rej1 + rej2)
+        (trp, trs, trr), (tep, tes, ter), extra = _generated_puzzles(
+            out, n, ntrain, ntest, seed, difficulty, iters, workers, min_rating, distinct,
+            progress, patience)
+        xs, ys, gsz = _augment_groups(trp, trs, int(num_aug), seed, n)
     elif source in ("csv", "hub"):
-        from .importers import download_sudoku_extreme
         if n != 9:
             raise ValueError("Sudoku-Extreme CSV files hold 9x9 puzzles; use --size 9")
-        folder = download_sudoku_extreme() if source == "hub" else csv_dir
-        if folder is None:
-            raise ValueError("--source csv needs a folder (--source csv DIR)")
-        folder = Path(folder)
-        for split in ("train", "test"):
-            if not (folder / f"{split}.csv").is_file():
-                raise FileNotFoundError(
-                    f"{folder / (split + '.csv')}: not found (expected train.csv and test.csv in "
-                    f"{folder}, laid out as the hub dataset sapientinc/sudoku-extreme)")
-        rng = np.random.RandomState(seed)  # the reference seeds NumPy's global legacy stream
-        trp, trs, iss_tr = _read_extreme_split(folder / "train.csv", train, rng, min_rating,
-                                               skip_invalid, check_unique, True, progress)
-        xs, ys, gsz = _augment_groups_reference(trp, trs, int(num_aug), rng, progress)
-        tep, tes, iss_te = _read_extreme_split(folder / "test.csv", test, rng, min_rating,
-                                               skip_invalid, check_unique, False, progress)
-        skipped = {"train": [str(i) for i in iss_tr], "test": [str(i) for i in iss_te]}
-        # our rating of what was imported (a sample when the split is very large)
-        sel = np.random.default_rng(seed).permutation(len(tep))[:5000]
-        ter = np.array([rate(tep[i].reshape(n, n), 2) for i in np.sort(sel)], np.int32)
-        trr = np.array([rate(p.reshape(n, n), 2) for p in trp[:5000]], np.int32)
-        summary.update(csv_dir=str(folder), skipped_rows={k: len(v) for k, v in skipped.items()})
+        (trp, trs, trr), (xs, ys, gsz), (tep, tes, ter), skipped, extra = _imported_puzzles(
+            source, csv_dir, train, test, int(num_aug), seed, min_rating, skip_invalid,
+            check_unique, progress)
     else:
         raise ValueError(f"source must be generate, csv or hub, got {source!r}")
-
-    if source == "generate":
-        xs, ys, gsz = _augment_groups(trp, trs, int(num_aug), seed, n)
+    summary.update(extra)
     vocab = n + 2
     out.mkdir(parents=True, exist_ok=True)
     fmt.write_split(out, "train", xs, ys, group_sizes=gsz, vocab_size=vocab)

@@ -205,20 +205,7 @@ def run_protocol(evaluator, params, data: str, out_dir: str, manifest: Mapping[s
         raise ValueError(f"chunk of {chunk_puzzles} puzzles must be a positive multiple of the "
                          f"batch size {batch_size}")
     main = jax.process_index() == 0
-    os.makedirs(out_dir, exist_ok=True)
-    store = ChunkStore(out_dir)
-    manifest_path = os.path.join(out_dir, "manifest.json")
-    if os.path.exists(manifest_path):
-        _check_manifest(manifest_path, manifest)
-    elif main:
-        if store.chunks():
-            raise ResumeError(f"{out_dir}: chunk files without a manifest.json")
-        write_json_atomic(manifest_path, dict(manifest))
-    if main:
-        stale = store.clean_partial()
-        if stale:
-            print(f"[paper_eval] removed partial writes of an interrupted run: {stale}",
-                  flush=True)
+    store = _open_store(out_dir, manifest, main)
     loader = EvalLoader(data, batch_size, process_index=jax.process_index(),
                         process_count=jax.process_count(), stop=max_puzzles)
     total = loader.stop
@@ -230,31 +217,10 @@ def run_protocol(evaluator, params, data: str, out_dir: str, manifest: Mapping[s
               f"{len(store.chunks())} chunk(s)", flush=True)
     loader = EvalLoader(data, batch_size, process_index=jax.process_index(),
                         process_count=jax.process_count(), start=start, stop=total)
-    per_chunk = chunk_puzzles // batch_size
-    bar = None
-    if progress and main:
-        from tqdm import tqdm
-        bar = tqdm(total=total, initial=start, unit="puzzle", desc="paper_eval",
-                   dynamic_ncols=True, smoothing=0.05)
     t_session = time.perf_counter()
-    acc, t_chunk, first = SettingAccumulator(), time.perf_counter(), start
-    evaluated = 0
-    for bi, r in evaluator.results(params, loader, depth=depth, breadth=breadth,
-                                   first_index=start):
-        acc.add(r)
-        n_real = int(np.sum(r.mask))
-        evaluated += n_real
-        if bar is not None:
-            bar.update(n_real)
-        last = bi == len(loader) - 1
-        if (bi + 1) % per_chunk == 0 or last:
-            now = time.perf_counter()
-            if main:
-                store.write(first, acc, now - t_chunk)
-            first += len(acc.get("exact"))
-            acc, t_chunk = SettingAccumulator(), now
-    if bar is not None:
-        bar.close()
+    evaluated = _evaluate_chunks(evaluator, params, loader, store, depth=depth, breadth=breadth,
+                                 start=start, total=total, per_chunk=chunk_puzzles // batch_size,
+                                 main=main, progress=progress)
     session_s = time.perf_counter() - t_session
     final = store.accumulator()
     n = int(sum(len(p) for p in final.parts.get("exact", [])))
@@ -272,3 +238,53 @@ def run_protocol(evaluator, params, data: str, out_dir: str, manifest: Mapping[s
     if main:
         write_json_atomic(os.path.join(out_dir, "results.json"), results)
     return results
+
+
+def _open_store(out_dir: str, manifest: Mapping[str, Any], main: bool) -> ChunkStore:
+    """The run's chunk store, its manifest written (first start) or compared (restart), and
+    the partial writes of an interrupted run removed."""
+    os.makedirs(out_dir, exist_ok=True)
+    store = ChunkStore(out_dir)
+    manifest_path = os.path.join(out_dir, "manifest.json")
+    if os.path.exists(manifest_path):
+        _check_manifest(manifest_path, manifest)
+    elif main:
+        if store.chunks():
+            raise ResumeError(f"{out_dir}: chunk files without a manifest.json")
+        write_json_atomic(manifest_path, dict(manifest))
+    if main:
+        stale = store.clean_partial()
+        if stale:
+            print(f"[paper_eval] removed partial writes of an interrupted run: {stale}",
+                  flush=True)
+    return store
+
+
+def _evaluate_chunks(evaluator, params, loader, store: ChunkStore, *, depth: int,
+                     breadth: int, start: int, total: int, per_chunk: int, main: bool,
+                     progress: bool) -> int:
+    """Evaluate ``loader``'s batches from puzzle ``start`` on, writing a chunk every
+    ``per_chunk`` batches (process 0); returns the puzzles evaluated in this session."""
+    bar = None
+    if progress and main:
+        from tqdm import tqdm
+        bar = tqdm(total=total, initial=start, unit="puzzle", desc="paper_eval",
+                   dynamic_ncols=True, smoothing=0.05)
+    acc, t_chunk, first = SettingAccumulator(), time.perf_counter(), start
+    evaluated = 0
+    for bi, r in evaluator.results(params, loader, depth=depth, breadth=breadth,
+                                   first_index=start):
+        acc.add(r)
+        n_real = int(np.sum(r.mask))
+        evaluated += n_real
+        if bar is not None:
+            bar.update(n_real)
+        if (bi + 1) % per_chunk == 0 or bi == len(loader) - 1:
+            now = time.perf_counter()
+            if main:
+                store.write(first, acc, now - t_chunk)
+            first += len(acc.get("exact"))
+            acc, t_chunk = SettingAccumulator(), now
+    if bar is not None:
+        bar.close()
+    return evaluated

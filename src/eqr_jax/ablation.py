@@ -10,7 +10,8 @@ the step time and compiled peak memory of the train step, the fraction of rows w
 solve converges (in training, and at the end from fresh latents), the spectral radius of the
 step map at the end states of noisy depth-64 trajectories (`eqr_jax.analysis`), and, at fixed
 checkpoints of the anchor run (the first ``truncated`` spec), the cosine between each spec's
-training gradient and the full-unroll gradient. Results: docs/ablation.md.
+training gradient and the full-unroll gradient. Results: docs/ablation.md; the command is
+``python experiments/ablate_gradients.py``.
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import sys
 import time
 from pathlib import Path
 from typing import Any, Sequence
@@ -27,9 +27,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from eqr_jax import dynamics, modes, optim, reporting
+from eqr_jax import dynamics, modes, reporting
 from eqr_jax.analysis.stability import jacobian_spectral_radius
 from eqr_jax import training as train_lib
+from eqr_jax.measure import memory_of
+from eqr_jax.train_program import make_train_program
 from eqr_jax.act import act_step, init_carry
 from eqr_jax.checkpoint import load_for_inference
 from eqr_jax.config import RunConfig, to_dict
@@ -39,8 +41,6 @@ from eqr_jax.evaluation import Evaluator
 from eqr_jax.losses import loss_and_metrics, sequence_exact
 from eqr_jax.model import EqRModel
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-import common as bm  # noqa: E402  (benchmarks/common.py: compiled-memory measurement)
 
 MODES = modes.GRAD_MODES
 # The study of docs/ablation.md: every mode, and regularised truncated / implicit.
@@ -163,20 +163,18 @@ def gradient_agreement(cfg: RunConfig, params, batch: dict, grad_modes: Sequence
 
 def step_cost(cfg: RunConfig, repeats: int = 3) -> dict[str, float]:
     """Peak memory (compiled memory analysis) and median wall time of one jitted train step."""
-    model = EqRModel(cfg.model)
-    optimizer, _ = optim.make_optimizer(cfg.train, max(cfg.train.max_steps, 1))
-    example = train_lib.example_batch(cfg)
-    state = jax.jit(functools.partial(train_lib.init_train_state, model, cfg, optimizer))(example)
-    step = train_lib.make_train_step(model, cfg, optimizer, steps_per_call=1)
+    program = make_train_program(cfg, max(cfg.train.max_steps, 1))  # the step `eqr train` runs
+    state = program.init_state()
+    step = program.step(1)
     rng = np.random.default_rng(0)
-    batches = {k: v[None] for k, v in example.items()}
+    batches = {k: v[None] for k, v in train_lib.example_batch(cfg).items()}
     batches["inputs"] = rng.integers(1, cfg.model.vocab_size, batches["inputs"].shape,
                                      dtype=np.int32)
     batches["labels"] = rng.integers(2, cfg.model.vocab_size, batches["labels"].shape,
                                      dtype=np.int32)
     # One compilation serves the memory analysis and the timed calls.
     compiled = step.lower(state, batches).compile()
-    mem = bm.memory_of(compiled)
+    mem = memory_of(compiled)
     times = []
     for i in range(repeats + 1):
         t0 = time.perf_counter()
@@ -239,6 +237,37 @@ def end_state_stability(cfg: RunConfig, params, batch: dict, *, depth: int = 64,
     return out
 
 
+def _train_spec(run_cfg: RunConfig, run_dir: Path, init_params, depths: Sequence[int],
+                curve_every: int, start: dict | None, progress: bool):
+    """Train one spec to its total, stopping every ``curve_every`` steps (0: never) to
+    evaluate its EMA weights at ``depths``. Returns the last `train` result, the curve (from
+    ``start``, the shared warm start's point, when given) and the (step, params) of each curve
+    point."""
+    train_s, done, points = 0.0, 0, []
+    curve = [dict(start)] if start is not None else []
+    chunk = curve_every if curve_every > 0 else run_cfg.train.max_steps
+    while True:
+        t1 = time.time()
+        _, result = train_lib.train(run_cfg, prepare.make_loaders(run_cfg),
+                                    resume=done > 0, stop_after=chunk,
+                                    init_params=init_params if done == 0 else None,
+                                    progress=progress, verbose=False)
+        train_s += time.time() - t1
+        done = int(result["step"])
+        if curve_every > 0:
+            _, params = load_for_inference(run_dir)
+            point = {"step": done, "train_wall_s": train_s,
+                     **_accuracy_keys(evaluate_depths_all(run_cfg, params, depths))}
+            for k in ("train/implicit_converged", "train/implicit_iters",
+                      "train/jac_fro", "train/step_time_s", "train/total_loss"):
+                if k in result:
+                    point[k[len("train/"):]] = float(result[k])
+            curve.append(point)
+            points.append((done, params))
+        if done >= result["total_steps"]:
+            return result, curve, points
+
+
 def run(cfg: RunConfig, out_dir: str | Path, *, grad_modes: Sequence[str] = MODES,
         depths: Sequence[int] = (1, 4, 16), progress: bool = False, curve_every: int = 0,
         jac_reg: float = 1.0, anchors: int = 3, stability_rows: int = 64,
@@ -276,42 +305,21 @@ def run(cfg: RunConfig, out_dir: str | Path, *, grad_modes: Sequence[str] = MODE
         # with an unrolled gradient, then switch modes); the shared start is the curves' step 0.
         from eqr_jax.warm_start import initial_params
 
-        init_params, report["init_from"] = initial_params(cfg)
+        init_params = initial_params(cfg)  # loaded and fitted once, for every spec
+        report["init_from"] = init_params.source
         report["start"] = {"step": 0, "train_wall_s": 0.0, **_accuracy_keys(
-            evaluate_depths_all(cfg, init_params, depths))}
+            evaluate_depths_all(cfg, init_params.params, depths))}
     t_study = time.time()
     for spec in specs:
         run_cfg = spec_config(cfg, spec, str(out / spec.name), jac_reg)
         cfgs[spec.name] = run_cfg.train
-        t0, train_s, done = time.time(), 0.0, 0
-        curve = [dict(report["start"])] if "start" in report else []
-        total = run_cfg.train.max_steps
-        chunk = curve_every if curve_every > 0 else total
-        while True:
-            t1 = time.time()
-            _, result = train_lib.train(run_cfg, prepare.make_loaders(run_cfg),
-                                        resume=done > 0, stop_after=chunk,
-                                        init_params=init_params if done == 0 else None,
-                                        progress=progress, verbose=False)
-            train_s += time.time() - t1
-            done = int(result["step"])
-            if curve_every > 0:
-                _, params = load_for_inference(out / spec.name)
-                point = {"step": done, "train_wall_s": train_s,
-                         **_accuracy_keys(evaluate_depths_all(run_cfg, params, depths))}
-                for k in ("train/implicit_converged", "train/implicit_iters",
-                          "train/jac_fro", "train/step_time_s", "train/total_loss"):
-                    if k in result:
-                        point[k[len("train/"):]] = float(result[k])
-                curve.append(point)
-                if spec.name == anchor_name:
-                    anchor_params.append((done, params))
-            if done >= result["total_steps"]:
-                break
+        t0 = time.time()
+        result, curve, points = _train_spec(run_cfg, out / spec.name, init_params, depths,
+                                            curve_every, report.get("start"), progress)
         wall = time.time() - t0
         _, params = load_for_inference(out / spec.name)
-        if spec.name == anchor_name and not anchor_params:
-            anchor_params.append((done, params))
+        if spec.name == anchor_name:
+            anchor_params.extend(points or [(int(result["step"]), params)])
         ev = (dict(curve[-1]) if curve_every > 0 else
               _accuracy_keys(evaluate_depths_all(run_cfg, params, depths)))
         row = {
@@ -433,9 +441,9 @@ def plot_curves(report: dict[str, Any], path: str, x: str = "step",
                 metric: str = "exact") -> str:
     """Test accuracy (``metric``: ``exact`` or ``token``) at each depth (one panel per depth)
     over ``x`` (``step`` or ``train_wall_s``), one line per run; written to ``path`` (PNG)."""
-    from eqr_jax.analysis.plots import _plt, _save
+    from eqr_jax.analysis.plots import pyplot, save_figure
 
-    plt = _plt()
+    plt = pyplot()
     depths = report["depths"]
     fig, axes = plt.subplots(1, len(depths), figsize=(4.2 * len(depths), 3.4), sharey=True)
     axes = np.atleast_1d(axes)
@@ -449,7 +457,7 @@ def plot_curves(report: dict[str, Any], path: str, x: str = "step",
         ax.set_xlabel("optimiser steps" if x == "step" else "training wall-clock (s)")
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def load_report(path: str | Path) -> dict[str, Any]:
