@@ -35,6 +35,7 @@ from jax.sharding import Mesh
 
 from eqr_jax import config as config_lib
 from eqr_jax import dynamics, metrics as metrics_lib, optim
+from eqr_jax import perf, profiling  # issue 27: perf/* scalars and the --profile window
 from eqr_jax import sharding as sharding_lib
 from eqr_jax.act import ACTCarry, BATCH_KEYS, init_carry
 from eqr_jax.config import RunConfig
@@ -214,7 +215,7 @@ def _compute_key(cfg: RunConfig) -> RunConfig:
     """The config without bookkeeping fields, as a cache key for compiled steps."""
     return dataclasses.replace(cfg, preset="", train=dataclasses.replace(
         cfg.train, out_dir="", log_every=0, eval_every=0, checkpoint_every=0, init_from="",
-        init_step=0, init_weights="ema"),
+        init_step=0, init_weights="ema", profile="", profile_all_processes=False),
         data=dataclasses.replace(cfg.data, path=""))
 
 
@@ -367,6 +368,8 @@ def train(cfg: RunConfig, loaders: tuple[Any, Callable[[], Iterable]], mesh: Mes
     evaluator = Evaluator(model, cfg.eval, mesh=mesh)
     log = TrainLog(cfg, out_dir, total, step, progress, verbose)
     merge = jax.jit(metrics_lib.merge_metrics)
+    run_perf = perf.RunPerf(cfg, mesh.devices.size, mesh.devices.flat[0].device_kind)  # i27
+    window = profiling.ProfileWindow.from_config(cfg, out_dir / "tb")  # issue 27: --profile
 
     last_train: dict[str, float] = {}
     last_eval: dict[str, float] = {}
@@ -408,6 +411,7 @@ def train(cfg: RunConfig, loaders: tuple[Any, Callable[[], Iterable]], mesh: Mes
         scalars["train/epoch"] = (at - 1) // steps_per_epoch
         scalars["train/step_time_s"] = dt / max(nst, 1)
         scalars["train/puzzles_per_s"] = G * nst / max(dt, 1e-9)
+        scalars.update(run_perf.scalars(nst, dt))  # issue 27: perf/tflops_per_device, perf/mfu
         last_train = scalars
         log.write(scalars, at, metrics_lib.train_histograms(fetched))
         log.train_line(at, scalars)
@@ -458,7 +462,9 @@ def train(cfg: RunConfig, loaders: tuple[Any, Callable[[], Iterable]], mesh: Mes
                     _check_local_rows(host, G)
                     checked_rows = True
                 loader_state = train_loader.state() if hasattr(train_loader, "state") else None
-                state, sums = step_fn(n)(state, sharding_lib.to_global(host, stacked))
+                # issue 27: the call inside the profiler window's boundaries (--profile)
+                state, sums = window.run(step, state, lambda s: step_fn(n)(
+                    s, sharding_lib.to_global(host, stacked)))
                 unchecked.append((sums.pop("nonfinite_step"), sums.pop("nonfinite_what")))
                 flush_pending()  # previous log's metrics, fetched after the next step is queued
                 acc = sums if acc is None else merge(acc, sums)
@@ -498,6 +504,7 @@ def train(cfg: RunConfig, loaders: tuple[Any, Callable[[], Iterable]], mesh: Mes
                 step != last_saved or (finished and last_eval_step == step)):
             save(step, last_eval if last_eval_step == step else None)
     finally:
+        window.close()  # issue 27: a window the run ended inside
         preemption.close()
         log.close()
         ckpt.close()
