@@ -89,16 +89,40 @@ def eval_scalars(model_cfg, metrics: Mapping[str, Any], n_devices: int,
     return out
 
 
+def eval_lines(results: Mapping[str, Any]) -> list[str]:
+    """One console line per setting of an evaluation's results with its `eval_scalars`."""
+    lines = []
+    for st in results.get("settings", []):
+        m = st["metrics"]
+        if "perf/eval_puzzle_steps_per_s" not in m:
+            continue
+        mfu = f", MFU {m['perf/eval_mfu']:.1%}" if "perf/eval_mfu" in m else ""
+        lines.append(f"depth {st['depth']} x breadth {st['breadth']}: "
+                     f"{m['perf/eval_puzzle_steps_per_s']:,.0f} puzzle-steps/s, "
+                     f"{m['perf/eval_tflops_per_device']:.3g} TFLOP/s per device{mfu} "
+                     f"({m['time_s']:.1f} s, first call's compilation included)")
+    return lines
+
+
+def device_kind(mesh=None) -> str:
+    """The ``device_kind`` of ``mesh``'s first device (default: of ``jax.devices()[0]``); the
+    one place the performance scalars read it (tests patch it)."""
+    import jax
+
+    return (mesh.devices.flat[0] if mesh is not None else jax.devices()[0]).device_kind
+
+
 class RunPerf:
     """The constants of a training run's performance scalars, fixed once at its start (so the
-    log hook does no lookups): FLOPs per optimiser step, device count and device kind."""
+    log hook does no lookups): FLOPs per optimiser step, device count and device kind of
+    ``mesh`` (default: every device)."""
 
-    def __init__(self, cfg, n_devices: int | None = None, device_kind: str | None = None):
+    def __init__(self, cfg, mesh=None):
         import jax
 
         self.flops_per_step = train_flops_per_step(cfg)
-        self.n_devices = int(n_devices or jax.device_count())
-        self.device_kind = device_kind or jax.devices()[0].device_kind
+        self.n_devices = int(mesh.devices.size if mesh is not None else jax.device_count())
+        self.device_kind = device_kind(mesh)
 
     def scalars(self, steps: int, seconds: float) -> dict[str, float]:
         """`window_scalars` of a window of ``steps`` steps in ``seconds``."""

@@ -368,7 +368,7 @@ def train(cfg: RunConfig, loaders: tuple[Any, Callable[[], Iterable]], mesh: Mes
     evaluator = Evaluator(model, cfg.eval, mesh=mesh)
     log = TrainLog(cfg, out_dir, total, step, progress, verbose)
     merge = jax.jit(metrics_lib.merge_metrics)
-    run_perf = perf.RunPerf(cfg, mesh.devices.size, mesh.devices.flat[0].device_kind)  # i27
+    run_perf = perf.RunPerf(cfg, mesh)  # issue 27: FLOPs per step, devices, their peak
     window = profiling.ProfileWindow.from_config(cfg, out_dir / "tb")  # issue 27: --profile
 
     last_train: dict[str, float] = {}

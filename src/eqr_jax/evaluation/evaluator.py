@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from eqr_jax import modes
+from eqr_jax import modes, perf
 from eqr_jax import sharding as sharding_lib
 from eqr_jax.config import EvalConfig
 from eqr_jax.evaluation import core
@@ -251,6 +251,9 @@ class Evaluator:
         for s in settings:
             s.update(halt=self.cfg.halt, solver=self.cfg.solver, noise_scale=self.noise_scale,
                      stream=bool(self.cfg.stream))
+            # issue 27: perf/eval_puzzle_steps_per_s, perf/eval_tflops_per_device (, _mfu)
+            s["metrics"].update(perf.eval_scalars(self.model.cfg, s["metrics"], self.mesh.size,
+                                                  perf.device_kind(self.mesh)))
         return {"settings": settings, "eval_config": dataclasses.asdict(self.cfg),
                 "num_batches": num_batches, "devices": jax.device_count(),
                 "platform": jax.devices()[0].platform}
