@@ -192,6 +192,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--presets", default="sudoku,maze")
     p.add_argument("--targets", default="v4-8,v5p-8,v6e-8,v5e-64")
     p.add_argument("--skip-acceptance", action="store_true")
+    p.add_argument("--remat", metavar="PRESET:TARGET,...",
+                   help="only compile the train step with model.remat_blocks=true for these "
+                   "(e.g. maze:v5e-8,maze:v4-8) and add them to --out's JSON")
     p.add_argument("--table", action="store_true", help="print the tables from --out, exit")
     a = p.parse_args(argv)
     if a.table:
@@ -213,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
            "steps": []}
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    if a.skip_acceptance and out.exists():  # continue a run: keep its finished steps
+    if (a.skip_acceptance or a.remat) and out.exists():  # continue a run: keep its steps
         res["steps"] = json.loads(out.read_text())["steps"]
 
     def save(step: dict) -> None:
@@ -223,6 +226,18 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[{step['finished']}] {step['kind']} {step.get('preset', '')} "
               f"{step.get('target', '')} done", flush=True)
 
+    if a.remat:  # the per-block rematerialisation rows (what `eqr plan` now tries itself)
+        for item in a.remat.split(","):
+            preset, name = item.split(":")
+            cfg = config_lib.apply_overrides(config_lib.preset(preset),
+                                             ["model.remat_blocks=true"])
+            rep = run_plan(cfg, parse_target(name), evaluate=False, stream=False)
+            save({"kind": "compiled", "program": "train", "preset": preset, "target": name,
+                  "remat_blocks": True,
+                  "command": f"eqr plan --preset {preset} --target {name} --no-eval "
+                             "--no-stream model.remat_blocks=true",
+                  "report": rep, "text": format_report(rep, with_plan=False)})
+        return 0
     if not a.skip_acceptance:
         for args in (["plan", "--preset", "sudoku", "--target", "v5e-8", "--no-stream"],
                      ["plan", "--preset", "sudoku", "--target", "v5e-8",

@@ -93,6 +93,10 @@ class ProfileWindow:
             jax.block_until_ready(state)  # the window's device work ends inside the trace
         jax.profiler.stop_trace()
         self.tracing, self.done = False, True
+        last = self.traced[-1] + self.steps_per_call if self.traced else self.start
+        print(f"[eqr] profile of steps {self.traced[0] if self.traced else self.start}-{last} "
+              f"({len(self.traced)} call(s)) written under {self.log_dir}/plugins/profile "
+              "(TensorBoard's profile tab / XProf)", flush=True)
 
     def trace_files(self) -> list[Path]:
         """The ``.xplane.pb`` files under ``log_dir`` (every window's, oldest run id first)."""
