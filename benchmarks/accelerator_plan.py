@@ -67,8 +67,11 @@ def table(res: dict) -> str:
     from eqr_jax import flops
     from eqr_jax.config import preset as preset_cfg
 
-    by = {}
+    by, remat = {}, {}
     for st in res["steps"]:
+        if st.get("remat_blocks"):  # the per-block rematerialisation rows (`--remat`)
+            remat[(st["preset"], st["target"])] = st
+            continue
         if st["kind"] == "acceptance" and "6144" not in st["command"]:
             continue
         huge = st["kind"] == "acceptance"  # the other acceptance run: batch 6144
@@ -115,19 +118,14 @@ def table(res: dict) -> str:
                            f"{hbm / 2**30:.2f} GiB: fits: no)")
             else:
                 biggest = "not compiled"
-            coll = ", ".join(f"{k} x{n} ({b / 1e6:.1f} MB)"
-                             for k, (n, b) in sorted(tr["collectives"].items())) or "none"
-            est = " / ".join(f"{e[f'step_s@{m:g}'] * 1e3:.0f} ms, {e[f'run_h@{m:g}']:.1f} h"
-                             for m in MFUS)
-            if tr["fits"]:
-                mem = (f"{tr['total'] * dpc / 2**30:.2f} GiB "
-                       f"({tr['temporaries'] * dpc / 2**30:.2f} GiB)")
-            else:
-                mem = f"needs {tr['total'] * dpc / 2**30:.2f} GiB (the compiler's figure)"
-                coll = "(does not fit)"
             rows.append(f"| {preset} | {name} ({t['chips']}, {t['hosts']}) | "
-                        f"{'yes' if tr['fits'] else '**no**'} | {mem} | {biggest} | {coll} | "
-                        f"{tr['compile_s']:.0f} s | {est} |")
+                        + _train_cells(t, tr, e, biggest))
+            if (preset, name) in remat:
+                r = remat[(preset, name)]["report"]
+                rows.append(f"| {preset} | {name} ({t['chips']}, {t['hosts']}) with "
+                            "`model.remat_blocks=true` | "
+                            + _train_cells(r["target"], r["train"], r["train_estimate"],
+                                           "not searched"))
             ev = by.get((preset, name, "eval", "compiled"))
             if ev is None:
                 continue
@@ -158,6 +156,24 @@ def table(res: dict) -> str:
                          f"({'fits' if er['fits'] else 'does not fit'}) | {most} | {stream} | "
                          f"{hours} ({TEST_PUZZLES[preset]:,} puzzles) |")
     return "\n".join(rows) + "\n\n" + "\n".join(erows)
+
+
+def _train_cells(t: dict, tr: dict, e: dict, biggest: str) -> str:
+    """The table's cells after the target of one compiled train step (``tr``, its target
+    ``t`` and estimate ``e``), from "fits" on."""
+    dpc = t["devices_per_chip"]
+    coll = ", ".join(f"{k} x{n} ({b / 1e6:.1f} MB)"
+                     for k, (n, b) in sorted(tr["collectives"].items())) or "none"
+    est = " / ".join(f"{e[f'step_s@{m:g}'] * 1e3:.0f} ms, {e[f'run_h@{m:g}']:.1f} h"
+                     for m in MFUS)
+    if tr["fits"]:
+        mem = (f"{tr['total'] * dpc / 2**30:.2f} GiB "
+               f"({tr['temporaries'] * dpc / 2**30:.2f} GiB)")
+    else:
+        mem = f"needs {tr['total'] * dpc / 2**30:.2f} GiB (the compiler's figure)"
+        coll = "(does not fit)"
+    return (f"{'yes' if tr['fits'] else '**no**'} | {mem} | {biggest} | {coll} | "
+            f"{tr['compile_s']:.0f} s | {est} |")
 
 
 def _oom_from_text(text: str) -> tuple[int | None, int | None]:
