@@ -24,6 +24,18 @@ import jax
 TRACE_GLOB = "plugins/profile/*/*.xplane.pb"
 
 
+def scoped(name: str, fn):
+    """``fn`` with its ops under ``jax.named_scope(name)`` when traced: the name prefixes the
+    ops' ``op_name`` in the compiled program, so a profile groups them (docs/performance.md:
+    ``act_step`` for the loss and gradient of one ACT step, ``optimizer`` for the update).
+    Names only: the computation is unchanged."""
+    def wrapped(*args, **kwargs):
+        with jax.named_scope(name):
+            return fn(*args, **kwargs)
+
+    return wrapped
+
+
 class ProfileWindow:
     """When to trace, decided at call boundaries.
 

@@ -116,11 +116,13 @@ def make_train_step(model: EqRModel, cfg: RunConfig, optimizer: optax.GradientTr
         loss_and_metrics, model, adjoint=dynamics.adjoint_for(tc), unroll_steps=tc.unroll_steps,
         global_batch_size=cfg.data.global_batch_size, jac_reg=tc.jac_reg,
         jac_reg_samples=tc.jac_reg_samples), has_aux=True)
+    grad_fn = profiling.scoped("act_step", grad_fn)  # issue 27: named in profiles
+    update = profiling.scoped("optimizer", optimizer.update)  # issue 27: named in profiles
 
     def one(state: TrainState, batch):
         key = jax.random.fold_in(state.rng, state.step)
         (loss, (carry, metrics)), grads = grad_fn(state.params, state.carry, batch, key)
-        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        updates, opt_state = update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         ema = optim.ema_update(state.ema, params, tc.ema_rate) if state.ema is not None else None
         grad_norm = optax.tree.norm(grads).astype(jnp.float32)
