@@ -90,10 +90,11 @@ def eval_scalars(model_cfg, metrics: Mapping[str, Any], n_devices: int,
 
 
 def eval_lines(results: Mapping[str, Any]) -> list[str]:
-    """One console line per setting of an evaluation's results with its `eval_scalars`."""
+    """One console line per setting of an evaluation's results with its `eval_scalars` (the
+    setting's ``perf``)."""
     lines = []
     for st in results.get("settings", []):
-        m = st["metrics"]
+        m = {**st.get("perf", {}), "time_s": st["metrics"].get("time_s", 0.0)}
         if "perf/eval_puzzle_steps_per_s" not in m:
             continue
         mfu = f", MFU {m['perf/eval_mfu']:.1%}" if "perf/eval_mfu" in m else ""

@@ -437,6 +437,7 @@ def train(cfg: RunConfig, loaders: tuple[Any, Callable[[], Iterable]], mesh: Mes
         m = res["settings"][0]["metrics"]
         last_eval = {k: v for k, v in m.items() if "/" in k}
         log.write(last_eval, at)
+        log.write(res["settings"][0].get("perf", {}), at)  # issue 27: perf/eval_* scalars
         last_eval["eval_puzzles"] = m["num_puzzles"]
         log.print(f"[eqr] step {at}: eval exact {m['all/exact_accuracy']:.4f} "
                   f"token acc {m['all/accuracy']:.4f}")
