@@ -64,9 +64,6 @@ def _line(p0: tuple[int, int], p1: tuple[int, int], limit: int, unit: int) -> in
 
 def table(res: dict) -> str:
     """The markdown tables of docs/accelerators.md from the JSON (derived figures marked)."""
-    from eqr_jax import flops
-    from eqr_jax.config import preset as preset_cfg
-
     by, remat = {}, {}
     for st in res["steps"]:
         if st.get("remat_blocks"):  # the per-block rematerialisation rows (`--remat`)
@@ -127,35 +124,44 @@ def table(res: dict) -> str:
                             + _train_cells(r["target"], r["train"], r["train_estimate"],
                                            "not searched"))
             ev = by.get((preset, name, "eval", "compiled"))
-            if ev is None:
-                continue
-            er, t = ev["report"]["eval"], ev["report"]["target"]
-            allc = by.get((preset, name, "eval", "compiled (for the derivation)"))
-            # The HBM the compiler stated for this chip (in any out-of-memory message).
-            hbm = hbm_of.get(name, t["memory_per_device"])
-            if allc and allc["compiled"]["fits"] and allc["compiled"]["total"] <= hbm:
-                most = f"all 128 ({allc['compiled']['total'] * dpc / 2**30:.2f} GiB per chip)"
-            elif allc:
-                c = _line((er["copies_per_call"], er["total"]),
-                          (allc["copies"], allc["compiled"]["total"]), hbm, 1)
-                accepted = (" (the compiler accepted it; its memory analysis exceeds the "
-                            "HBM)" if allc["compiled"]["fits"] else "")
-                most = (f"~{c} (DERIVED; 128 needs {allc['compiled']['total'] / 2**30:.2f} GiB "
-                        f"of {hbm / 2**30:.2f}{accepted})")
-            else:
-                most = "not compiled"
-            sp = by.get((preset, name, "stream", "compiled"))
-            stream = (f"{sp['report']['stream']['total'] * dpc / 2**30:.2f} GiB"
-                      if sp else "not compiled")
-            cfg = preset_cfg(preset)
-            fl = flops.forward_flops(cfg.model, 64, TEST_PUZZLES[preset], 128)
-            peak = t["peak_flops_per_device"] * t["devices"]
-            hours = " / ".join(f"{fl / (peak * m) / 3600:.1f} h" if fl / (peak * m) >= 3600
-                               else f"{fl / (peak * m) / 60:.1f} min" for m in MFUS)
-            erows.append(f"| {preset} | {name} | {er['total'] * dpc / 2**30:.2f} GiB "
-                         f"({'fits' if er['fits'] else 'does not fit'}) | {most} | {stream} | "
-                         f"{hours} ({TEST_PUZZLES[preset]:,} puzzles) |")
+            if ev is not None:
+                erows.append(_eval_row(by, hbm_of, preset, name, ev))
     return "\n".join(rows) + "\n\n" + "\n".join(erows)
+
+
+def _eval_row(by: dict, hbm_of: dict, preset: str, name: str, ev: dict) -> str:
+    """One row of the evaluation table (the batched loop's step ``ev`` and what else was
+    compiled for ``preset`` on ``name``)."""
+    from eqr_jax import flops
+    from eqr_jax.config import preset as preset_cfg
+
+    er, t = ev["report"]["eval"], ev["report"]["target"]
+    dpc = t["devices_per_chip"]
+    allc = by.get((preset, name, "eval", "compiled (for the derivation)"))
+    # The HBM the compiler stated for this chip (in any out-of-memory message).
+    hbm = hbm_of.get(name, t["memory_per_device"])
+    if allc and allc["compiled"]["fits"] and allc["compiled"]["total"] <= hbm:
+        most = f"all 128 ({allc['compiled']['total'] * dpc / 2**30:.2f} GiB per chip)"
+    elif allc:
+        c = _line((er["copies_per_call"], er["total"]),
+                  (allc["copies"], allc["compiled"]["total"]), hbm, 1)
+        accepted = (" (the compiler accepted it; its memory analysis exceeds the "
+                    "HBM)" if allc["compiled"]["fits"] else "")
+        most = (f"~{c} (DERIVED; 128 needs {allc['compiled']['total'] / 2**30:.2f} GiB "
+                f"of {hbm / 2**30:.2f}{accepted})")
+    else:
+        most = "not compiled"
+    sp = by.get((preset, name, "stream", "compiled"))
+    stream = (f"{sp['report']['stream']['total'] * dpc / 2**30:.2f} GiB"
+              if sp else "not compiled")
+    cfg = preset_cfg(preset)
+    fl = flops.forward_flops(cfg.model, 64, TEST_PUZZLES[preset], 128)
+    peak = t["peak_flops_per_device"] * t["devices"]
+    hours = " / ".join(f"{fl / (peak * m) / 3600:.1f} h" if fl / (peak * m) >= 3600
+                       else f"{fl / (peak * m) / 60:.1f} min" for m in MFUS)
+    return (f"| {preset} | {name} | {er['total'] * dpc / 2**30:.2f} GiB "
+            f"({'fits' if er['fits'] else 'does not fit'}) | {most} | {stream} | "
+            f"{hours} ({TEST_PUZZLES[preset]:,} puzzles) |")
 
 
 def _train_cells(t: dict, tr: dict, e: dict, biggest: str) -> str:
