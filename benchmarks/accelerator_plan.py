@@ -208,6 +208,24 @@ def _parse_acceptance(text: str) -> dict:
                                             "run_h@0.5": hours[1] / 60}}
 
 
+def remat_rows(spec: str, save) -> None:
+    """Compile the train step with ``model.remat_blocks=true`` for each ``PRESET:TARGET`` of
+    ``spec`` (comma-separated) and ``save`` each as a step of the JSON."""
+    from eqr_jax import config as config_lib
+    from eqr_jax.target_plan import format_report, run_plan
+    from eqr_jax.targets import parse_target
+
+    for item in spec.split(","):
+        preset, name = item.split(":")
+        cfg = config_lib.apply_overrides(config_lib.preset(preset), ["model.remat_blocks=true"])
+        rep = run_plan(cfg, parse_target(name), evaluate=False, stream=False)
+        save({"kind": "compiled", "program": "train", "preset": preset, "target": name,
+              "remat_blocks": True,
+              "command": f"eqr plan --preset {preset} --target {name} --no-eval --no-stream "
+                         "model.remat_blocks=true",
+              "report": rep, "text": format_report(rep, with_plan=False)})
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default=str(ROOT / "benchmarks/results/tpu-plan-cpu-sandbox.json"))
@@ -249,16 +267,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{step.get('target', '')} done", flush=True)
 
     if a.remat:  # the per-block rematerialisation rows (what `eqr plan` now tries itself)
-        for item in a.remat.split(","):
-            preset, name = item.split(":")
-            cfg = config_lib.apply_overrides(config_lib.preset(preset),
-                                             ["model.remat_blocks=true"])
-            rep = run_plan(cfg, parse_target(name), evaluate=False, stream=False)
-            save({"kind": "compiled", "program": "train", "preset": preset, "target": name,
-                  "remat_blocks": True,
-                  "command": f"eqr plan --preset {preset} --target {name} --no-eval "
-                             "--no-stream model.remat_blocks=true",
-                  "report": rep, "text": format_report(rep, with_plan=False)})
+        remat_rows(a.remat, save)
         return 0
     if not a.skip_acceptance:
         for args in (["plan", "--preset", "sudoku", "--target", "v5e-8", "--no-stream"],
