@@ -45,8 +45,9 @@ class ProfileWindow:
       steps_per_call: optimiser steps per call (the window's length is calls x this).
       log_dir: the TensorBoard directory (the trace goes to ``log_dir/plugins/profile``).
       process_index / all_processes: only process 0 traces unless ``all_processes``.
-    Use: ``before_call(step, state)``; the call under ``annotate(step)``;
-    ``after_call(state)``; ``close()`` at the end (stops a window the run did not finish).
+    Use: ``state, *out = window.run(step, state, call)`` for every call (or its parts:
+    ``before_call(step, state)``, the call under ``annotate(step)``, ``after_call(state)``);
+    ``close()`` at the end (stops a window the run ended inside).
     """
 
     def __init__(self, start: int, calls: int, steps_per_call: int, log_dir: str | Path, *,
