@@ -64,11 +64,11 @@ def _line(p0: tuple[int, int], p1: tuple[int, int], limit: int, unit: int) -> in
 
 def table(res: dict) -> str:
     """The markdown tables of docs/accelerators.md from the JSON (derived figures marked)."""
-    from eqr_jax import flops
-    from eqr_jax.config import preset as preset_cfg
-
-    by = {}
+    by, remat = {}, {}
     for st in res["steps"]:
+        if st.get("remat_blocks"):  # the per-block rematerialisation rows (`--remat`)
+            remat[(st["preset"], st["target"])] = st
+            continue
         if st["kind"] == "acceptance" and "6144" not in st["command"]:
             continue
         huge = st["kind"] == "acceptance"  # the other acceptance run: batch 6144
@@ -115,49 +115,71 @@ def table(res: dict) -> str:
                            f"{hbm / 2**30:.2f} GiB: fits: no)")
             else:
                 biggest = "not compiled"
-            coll = ", ".join(f"{k} x{n} ({b / 1e6:.1f} MB)"
-                             for k, (n, b) in sorted(tr["collectives"].items())) or "none"
-            est = " / ".join(f"{e[f'step_s@{m:g}'] * 1e3:.0f} ms, {e[f'run_h@{m:g}']:.1f} h"
-                             for m in MFUS)
-            if tr["fits"]:
-                mem = (f"{tr['total'] * dpc / 2**30:.2f} GiB "
-                       f"({tr['temporaries'] * dpc / 2**30:.2f} GiB)")
-            else:
-                mem = f"needs {tr['total'] * dpc / 2**30:.2f} GiB (the compiler's figure)"
-                coll = "(does not fit)"
             rows.append(f"| {preset} | {name} ({t['chips']}, {t['hosts']}) | "
-                        f"{'yes' if tr['fits'] else '**no**'} | {mem} | {biggest} | {coll} | "
-                        f"{tr['compile_s']:.0f} s | {est} |")
+                        + _train_cells(t, tr, e, biggest))
+            if (preset, name) in remat:
+                r = remat[(preset, name)]["report"]
+                rows.append(f"| {preset} | {name} ({t['chips']}, {t['hosts']}) with "
+                            "`model.remat_blocks=true` | "
+                            + _train_cells(r["target"], r["train"], r["train_estimate"],
+                                           "not searched"))
             ev = by.get((preset, name, "eval", "compiled"))
-            if ev is None:
-                continue
-            er, t = ev["report"]["eval"], ev["report"]["target"]
-            allc = by.get((preset, name, "eval", "compiled (for the derivation)"))
-            # The HBM the compiler stated for this chip (in any out-of-memory message).
-            hbm = hbm_of.get(name, t["memory_per_device"])
-            if allc and allc["compiled"]["fits"] and allc["compiled"]["total"] <= hbm:
-                most = f"all 128 ({allc['compiled']['total'] * dpc / 2**30:.2f} GiB per chip)"
-            elif allc:
-                c = _line((er["copies_per_call"], er["total"]),
-                          (allc["copies"], allc["compiled"]["total"]), hbm, 1)
-                accepted = (" (the compiler accepted it; its memory analysis exceeds the "
-                            "HBM)" if allc["compiled"]["fits"] else "")
-                most = (f"~{c} (DERIVED; 128 needs {allc['compiled']['total'] / 2**30:.2f} GiB "
-                        f"of {hbm / 2**30:.2f}{accepted})")
-            else:
-                most = "not compiled"
-            sp = by.get((preset, name, "stream", "compiled"))
-            stream = (f"{sp['report']['stream']['total'] * dpc / 2**30:.2f} GiB"
-                      if sp else "not compiled")
-            cfg = preset_cfg(preset)
-            fl = flops.forward_flops(cfg.model, 64, TEST_PUZZLES[preset], 128)
-            peak = t["peak_flops_per_device"] * t["devices"]
-            hours = " / ".join(f"{fl / (peak * m) / 3600:.1f} h" if fl / (peak * m) >= 3600
-                               else f"{fl / (peak * m) / 60:.1f} min" for m in MFUS)
-            erows.append(f"| {preset} | {name} | {er['total'] * dpc / 2**30:.2f} GiB "
-                         f"({'fits' if er['fits'] else 'does not fit'}) | {most} | {stream} | "
-                         f"{hours} ({TEST_PUZZLES[preset]:,} puzzles) |")
+            if ev is not None:
+                erows.append(_eval_row(by, hbm_of, preset, name, ev))
     return "\n".join(rows) + "\n\n" + "\n".join(erows)
+
+
+def _eval_row(by: dict, hbm_of: dict, preset: str, name: str, ev: dict) -> str:
+    """One row of the evaluation table (the batched loop's step ``ev`` and what else was
+    compiled for ``preset`` on ``name``)."""
+    from eqr_jax import flops
+    from eqr_jax.config import preset as preset_cfg
+
+    er, t = ev["report"]["eval"], ev["report"]["target"]
+    dpc = t["devices_per_chip"]
+    allc = by.get((preset, name, "eval", "compiled (for the derivation)"))
+    # The HBM the compiler stated for this chip (in any out-of-memory message).
+    hbm = hbm_of.get(name, t["memory_per_device"])
+    if allc and allc["compiled"]["fits"] and allc["compiled"]["total"] <= hbm:
+        most = f"all 128 ({allc['compiled']['total'] * dpc / 2**30:.2f} GiB per chip)"
+    elif allc:
+        c = _line((er["copies_per_call"], er["total"]),
+                  (allc["copies"], allc["compiled"]["total"]), hbm, 1)
+        accepted = (" (the compiler accepted it; its memory analysis exceeds the "
+                    "HBM)" if allc["compiled"]["fits"] else "")
+        most = (f"~{c} (DERIVED; 128 needs {allc['compiled']['total'] / 2**30:.2f} GiB "
+                f"of {hbm / 2**30:.2f}{accepted})")
+    else:
+        most = "not compiled"
+    sp = by.get((preset, name, "stream", "compiled"))
+    stream = (f"{sp['report']['stream']['total'] * dpc / 2**30:.2f} GiB"
+              if sp else "not compiled")
+    cfg = preset_cfg(preset)
+    fl = flops.forward_flops(cfg.model, 64, TEST_PUZZLES[preset], 128)
+    peak = t["peak_flops_per_device"] * t["devices"]
+    hours = " / ".join(f"{fl / (peak * m) / 3600:.1f} h" if fl / (peak * m) >= 3600
+                       else f"{fl / (peak * m) / 60:.1f} min" for m in MFUS)
+    return (f"| {preset} | {name} | {er['total'] * dpc / 2**30:.2f} GiB "
+            f"({'fits' if er['fits'] else 'does not fit'}) | {most} | {stream} | "
+            f"{hours} ({TEST_PUZZLES[preset]:,} puzzles) |")
+
+
+def _train_cells(t: dict, tr: dict, e: dict, biggest: str) -> str:
+    """The table's cells after the target of one compiled train step (``tr``, its target
+    ``t`` and estimate ``e``), from "fits" on."""
+    dpc = t["devices_per_chip"]
+    coll = ", ".join(f"{k} x{n} ({b / 1e6:.1f} MB)"
+                     for k, (n, b) in sorted(tr["collectives"].items())) or "none"
+    est = " / ".join(f"{e[f'step_s@{m:g}'] * 1e3:.0f} ms, {e[f'run_h@{m:g}']:.1f} h"
+                     for m in MFUS)
+    if tr["fits"]:
+        mem = (f"{tr['total'] * dpc / 2**30:.2f} GiB "
+               f"({tr['temporaries'] * dpc / 2**30:.2f} GiB)")
+    else:
+        mem = f"needs {tr['total'] * dpc / 2**30:.2f} GiB (the compiler's figure)"
+        coll = "(does not fit)"
+    return (f"{'yes' if tr['fits'] else '**no**'} | {mem} | {biggest} | {coll} | "
+            f"{tr['compile_s']:.0f} s | {est} |")
 
 
 def _oom_from_text(text: str) -> tuple[int | None, int | None]:
@@ -186,12 +208,33 @@ def _parse_acceptance(text: str) -> dict:
                                             "run_h@0.5": hours[1] / 60}}
 
 
+def remat_rows(spec: str, save) -> None:
+    """Compile the train step with ``model.remat_blocks=true`` for each ``PRESET:TARGET`` of
+    ``spec`` (comma-separated) and ``save`` each as a step of the JSON."""
+    from eqr_jax import config as config_lib
+    from eqr_jax.target_plan import format_report, run_plan
+    from eqr_jax.targets import parse_target
+
+    for item in spec.split(","):
+        preset, name = item.split(":")
+        cfg = config_lib.apply_overrides(config_lib.preset(preset), ["model.remat_blocks=true"])
+        rep = run_plan(cfg, parse_target(name), evaluate=False, stream=False)
+        save({"kind": "compiled", "program": "train", "preset": preset, "target": name,
+              "remat_blocks": True,
+              "command": f"eqr plan --preset {preset} --target {name} --no-eval --no-stream "
+                         "model.remat_blocks=true",
+              "report": rep, "text": format_report(rep, with_plan=False)})
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default=str(ROOT / "benchmarks/results/tpu-plan-cpu-sandbox.json"))
     p.add_argument("--presets", default="sudoku,maze")
     p.add_argument("--targets", default="v4-8,v5p-8,v6e-8,v5e-64")
     p.add_argument("--skip-acceptance", action="store_true")
+    p.add_argument("--remat", metavar="PRESET:TARGET,...",
+                   help="only compile the train step with model.remat_blocks=true for these "
+                   "(e.g. maze:v5e-8,maze:v4-8) and add them to --out's JSON")
     p.add_argument("--table", action="store_true", help="print the tables from --out, exit")
     a = p.parse_args(argv)
     if a.table:
@@ -211,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
            "steps": []}
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    if a.skip_acceptance and out.exists():  # continue a run: keep its finished steps
+    if (a.skip_acceptance or a.remat) and out.exists():  # continue a run: keep its steps
         res["steps"] = json.loads(out.read_text())["steps"]
 
     def save(step: dict) -> None:
@@ -221,6 +264,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[{step['finished']}] {step['kind']} {step.get('preset', '')} "
               f"{step.get('target', '')} done", flush=True)
 
+    if a.remat:  # the per-block rematerialisation rows (what `eqr plan` now tries itself)
+        remat_rows(a.remat, save)
+        return 0
     if not a.skip_acceptance:
         for args in (["plan", "--preset", "sudoku", "--target", "v5e-8", "--no-stream"],
                      ["plan", "--preset", "sudoku", "--target", "v5e-8",

@@ -8,7 +8,9 @@ For each preset (``sudoku``, ``maze``) and compute dtype (bfloat16, float32) thr
 
 Every point reports puzzle-steps/s (rows x steps per second; a row is one puzzle copy),
 layer-equivalents/s (puzzle-steps/s x blocks per step), achieved TFLOP/s and MFU (analytic FLOPs
-from `eqr_jax.flops` over the square-matmul rate measured at the start of the same run, per dtype),
+from `eqr_jax.flops` over the device kind's datasheet bf16 peak from `eqr_jax.perf`'s table on an
+accelerator, as training logs it; on a CPU, which has no such peak, over the square-matmul rate
+measured at the start of the same run, per dtype),
 latency per reasoning step, and peak device memory (XLA's compiled estimate; the allocator's
 high-water mark too on GPU/TPU).
 
@@ -24,6 +26,10 @@ still (under a minute on a 2-core CPU for the sudoku preset). Examples::
     python benchmarks/iteration_scaling.py --quick
     python benchmarks/iteration_scaling.py --presets sudoku maze --dtypes bfloat16 float32 \
         --out benchmarks/results/h200-iteration-scaling.json
+    python benchmarks/iteration_scaling.py --presets sudoku --dtypes bfloat16 \
+        --profile /tmp/is-profile --profile-point depth:64   # one point under jax.profiler
+
+The JSON and the plot name the device kind and the MFU denominator used.
 """
 
 from __future__ import annotations
@@ -37,7 +43,7 @@ import jax
 import jax.numpy as jnp
 
 import common as bm
-from eqr_jax import flops
+from eqr_jax import flops, perf
 from eqr_jax.config import EvalConfig
 from eqr_jax.evaluation import core
 from eqr_jax.model import EqRModel
@@ -91,6 +97,31 @@ def sizes_for(preset: str, quick: bool) -> dict:
     return s
 
 
+def mfu_peaks(dtypes, measured: dict) -> dict:
+    """The MFU denominator per dtype: the device kind's datasheet peak (`eqr_jax.perf`; one
+    bf16 figure for every dtype, as MFU is conventionally stated) where known, else the
+    square-matmul rate measured in this run (a CPU)."""
+    kind = perf.device_kind()
+    table = perf.peak_flops(kind)
+    return {dt: ({"tflops": table / 1e12, "source": f"datasheet bf16 peak of {kind} "
+                  "(eqr_jax.perf)"} if table else
+                 {"tflops": measured[dt]["tflops"], "source": f"measured {dt} square matmul "
+                  f"(n={measured[dt]['n']}) on {kind}"}) for dt in dtypes}
+
+
+def profile_once(run, log_dir: str, label: str) -> None:
+    """One more call of ``run`` under `jax.profiler` (outside the timed repeats), written where
+    TensorBoard's profile plugin looks (``log_dir/plugins/profile/``)."""
+    Path(log_dir).mkdir(parents=True, exist_ok=True)
+    jax.profiler.start_trace(log_dir)
+    try:
+        with jax.profiler.StepTraceAnnotation(label, step_num=0):
+            bm.block(run())
+    finally:
+        jax.profiler.stop_trace()
+    print(f"  profile of {label} written under {log_dir}/plugins/profile", flush=True)
+
+
 def measure_point(compiled, args, depth: int, quick: bool) -> bm.Timing:
     d = jnp.asarray(depth, jnp.int32)
     run = lambda: compiled(*args, d)
@@ -139,6 +170,10 @@ def run_preset(name: str, dtype: str, sizes: dict, peak: dict, quick: bool, args
         try:
             compiled, call_args, mem = compiled_for(batch, breadth)
             t = measure_point(compiled, call_args, depth, quick)
+            if args.profile and not args.profiled and _is_profile_point(args, row):
+                profile_once(lambda: compiled(*call_args, jnp.asarray(depth, jnp.int32)),
+                             args.profile, f"{name}-{dtype}-{sweep}-{depth}x{batch}x{breadth}")
+                args.profiled = row
         except Exception as err:  # noqa: BLE001
             if not bm.is_oom(err):
                 raise
@@ -176,7 +211,15 @@ COLUMNS = ["preset", "dtype", "sweep", "depth", "batch", "breadth", "puzzle_step
            "runtime_peak_MiB"]
 
 
-def plot(rows: list[dict], path: Path) -> Path:
+def _is_profile_point(args, row: dict) -> bool:
+    """``--profile-point SWEEP:VALUE`` (the sweep's own variable), default the first point."""
+    if not args.profile_point:
+        return True
+    sweep, _, value = args.profile_point.partition(":")
+    return row["sweep"] == sweep and str(row[sweep]) == value
+
+
+def plot(rows: list[dict], path: Path, title: str = "") -> Path:
     plt = bm.pyplot()
     ok = [r for r in rows if r.get("status") == "ok"]
     presets = sorted({r["preset"] for r in ok})
@@ -197,7 +240,7 @@ def plot(rows: list[dict], path: Path) -> Path:
             ax.set_ylabel("puzzle-steps/s")
             ax.set_title(f"{p}: {sweep} sweep", fontsize=9)
             ax.legend(fontsize=7)
-    fig.suptitle(bm.describe_machine(), fontsize=8)
+    fig.suptitle(bm.describe_machine() + (f"\n{title}" if title else ""), fontsize=8)
     fig.tight_layout()
     return bm.save_figure(fig, path)
 
@@ -220,7 +263,19 @@ def parse_args(argv):
     ap.add_argument("--batches", type=int, nargs="+", default=None, help="override batch sweep")
     ap.add_argument("--breadths", type=int, nargs="+", default=None,
                     help="override breadth sweep")
-    return ap.parse_args(argv)
+    ap.add_argument("--profile", metavar="DIR", default=None,
+                    help="trace one configuration with jax.profiler into DIR/plugins/profile "
+                    "(TensorBoard / XProf: tensorboard --logdir DIR)")
+    ap.add_argument("--profile-point", metavar="SWEEP:VALUE", default=None,
+                    help="the configuration --profile traces, e.g. depth:64 or breadth:16 "
+                    "(default: the first point measured)")
+    args = ap.parse_args(argv)
+    if args.profile_point and (args.profile_point.partition(":")[0]
+                               not in ("depth", "batch", "breadth")
+                               or not args.profile_point.partition(":")[2].isdigit()):
+        ap.error(f"--profile-point must be depth|batch|breadth:VALUE, got {args.profile_point!r}")
+    args.profiled = None
+    return args
 
 
 def main(argv=None) -> dict:
@@ -230,8 +285,10 @@ def main(argv=None) -> dict:
     info = bm.machine_info()
     print(f"iteration scaling on {bm.describe_machine(info)}", flush=True)
     n_mm = args.matmul_n or (512 if args.quick and not bm.on_accelerator() else None)
-    peak = {dt: bm.peak_matmul_tflops(dt, n_mm) for dt in args.dtypes}
-    bm.print_table(list(peak.values()), title="peak square matmul (MFU denominator)")
+    measured = {dt: bm.peak_matmul_tflops(dt, n_mm) for dt in args.dtypes}
+    bm.print_table(list(measured.values()), title="peak square matmul (measured)")
+    peak = mfu_peaks(args.dtypes, measured)
+    bm.print_table([{"dtype": dt, **v} for dt, v in peak.items()], title="MFU denominator")
     flop_rows = []
     for p in presets:
         cfg = bm.model_preset(p)
@@ -275,7 +332,10 @@ def main(argv=None) -> dict:
     suffix = "-quick" if args.quick else ""
     out = Path(args.out) if args.out else bm.default_out(f"iteration-scaling{suffix}")
     result = {"benchmark": "iteration_scaling", "quick": args.quick, "presets": presets,
-              "dtypes": args.dtypes, "machine": info, "peak_matmul": peak,
+              "dtypes": args.dtypes, "machine": info, "device_kind": info["device_kind"],
+              "peak_matmul": measured, "mfu_peak": peak,
+              "profile": ({"dir": args.profile, "point": args.profiled} if args.profile
+                          else None),
               "flops": flop_rows, "rows": rows, "bf16_over_f32": ratios, "wall_s": wall,
               "flop_formula": "eqr_jax.flops: per block mlp_t 2HN(2I_N)+2HI_N N or attention "
                               "2NH(3H)+4N^2H+2NH^2, plus channel SwiGLU 2NH(2I_H)+2NI_H H; "
@@ -283,7 +343,10 @@ def main(argv=None) -> dict:
     bm.write_json(out, result)
     print(f"\nwrote {out}")
     if args.plot != "none":
-        png = plot(rows, Path(args.plot) if args.plot else out.with_suffix(".png"))
+        den = "; ".join(f"{dt}: {v['tflops']:.4g} TFLOP/s ({v['source']})"
+                        for dt, v in peak.items())
+        png = plot(rows, Path(args.plot) if args.plot else out.with_suffix(".png"),
+                   f"device kind {info['device_kind']}; MFU denominator {den}")
         print(f"wrote {png}")
         result["plot"] = str(png)
     result["out"] = str(out)

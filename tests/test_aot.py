@@ -20,7 +20,10 @@ needs_libtpu = pytest.mark.skipif(
 
 
 def _last_lines(text: str) -> tuple[int, str]:
-    *_, peak, fits = text.strip().splitlines()
+    lines = text.strip().splitlines()
+    if lines[-1].startswith(("cheapest configuration that fits", "no configuration tried")):
+        lines = lines[:-1]  # the memory options' verdict follows the configured plan's lines
+    *_, peak, fits = lines
     m = re.fullmatch(r"peak_bytes_per_chip: (\d+)", peak)
     assert m, peak
     assert fits in ("fits: yes", "fits: no"), fits
@@ -198,3 +201,42 @@ def test_plan_lowers_the_step_train_runs():
     assert aot.train_program(cfg, mesh, 2)[1][1]["inputs"].shape[0] == 2  # capped by the total
     assert make_train_program(replace(cfg, train=replace(cfg.train, lr=1e-4)), 6,
                               mesh).step(3) is not fn
+
+
+def test_plan_tries_the_memory_switches_and_names_the_cheapest_that_fits(monkeypatch):
+    """The choice among the memory options, with the compiler replaced by memory figures per
+    switch (the real TPU compilations are docs/accelerators.md's table): each option's FLOPs
+    count rematerialisation's recomputed forwards, and the last line names the option with the
+    fewest FLOPs among those that fit."""
+    from eqr_jax import config as C, flops, target_plan
+
+    need = {(False, False): 9e9, (True, False): 6e9, (False, True): 4e9, (True, True): 3e9}
+    monkeypatch.setattr(aot, "train_program", lambda cfg, mesh, total: (cfg, ()))
+    monkeypatch.setattr(aot, "compile_program", lambda cfg, memory_limit=None, verbose=False: (
+        aot.Compiled(fits=need[cfg.model.remat_blocks, cfg.train.remat] <= memory_limit,
+                     compile_s=0.0, temporaries=int(need[cfg.model.remat_blocks,
+                                                         cfg.train.remat]))))
+    monkeypatch.setattr(target_plan, "memory_per_device", lambda target, info: int(5e9))
+    cfg = C.apply_overrides(C.preset("tiny"), ["train.grad_mode=full"])
+    rep = target_plan.run_plan(cfg, parse_target("cpu:1"), evaluate=False, stream=False)
+    rows = {r["name"]: r for r in rep["memory_options"]}
+    assert list(rows) == ["as configured", "model.remat_blocks=true", "train.remat=true",
+                          "model.remat_blocks=true train.remat=true"]
+    assert [r["fits"] for r in rows.values()] == [False, False, True, True]
+    m, G = cfg.model, cfg.data.global_batch_size
+    taped = cfg.train.unroll_steps * m.blocks_per_step  # the full gradient's tape
+    once = G * taped * flops.block_flops(m).total
+    assert rows["model.remat_blocks=true"]["extra_flops"] == once
+    assert rows["model.remat_blocks=true train.remat=true"]["extra_flops"] == 2 * once
+    assert rep["cheapest_fit"] == "train.remat=true" and not rep["fits"]
+    text = target_plan.format_report(rep)
+    assert text.splitlines()[-1].startswith(
+        f"cheapest configuration that fits at global batch {G}: train.remat=true (4,000.0 MB "
+        "per chip, +")
+    assert _last_lines(text)[1] == "fits: no"
+    # Nothing fits: the last line says so, naming what was tried.
+    monkeypatch.setattr(target_plan, "memory_per_device", lambda target, info: int(1e9))
+    rep = target_plan.run_plan(cfg, parse_target("cpu:1"), evaluate=False, stream=False)
+    assert rep["cheapest_fit"] is None
+    assert target_plan.format_report(rep).splitlines()[-1].startswith(
+        f"no configuration tried fits at global batch {G} (tried: as configured, ")

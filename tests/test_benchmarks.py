@@ -75,9 +75,16 @@ def test_iteration_scaling_quick(tmp_path):
     res = _script("iteration_scaling").main([
         "--quick", "--presets", "micro", "--dtypes", "float32", "--depths", "1", "3",
         "--batches", "1", "--breadths", "1", "2", "--matmul-n", "128",
+        "--profile", str(tmp_path / "prof"), "--profile-point", "depth:3",
         "--out", str(tmp_path / "is.json"), "--plot", str(tmp_path / "is.png")])
     data = json.loads(Path(res["out"]).read_text())
     assert data["peak_matmul"]["float32"]["tflops"] > 0
+    # On a CPU (no datasheet peak) MFU is against the measured matmul, and the JSON says so.
+    assert data["device_kind"] == jax.devices()[0].device_kind
+    assert data["mfu_peak"]["float32"]["tflops"] == data["peak_matmul"]["float32"]["tflops"]
+    assert data["mfu_peak"]["float32"]["source"].startswith("measured float32 square matmul")
+    assert (data["profile"]["point"]["sweep"], data["profile"]["point"]["depth"]) == ("depth", 3)
+    assert len(list((tmp_path / "prof").glob("plugins/profile/*/*.xplane.pb"))) == 1
     rows = [r for r in data["rows"] if r["status"] == "ok"]
     assert {r["sweep"] for r in rows} == {"depth", "batch", "breadth"}
     for r in rows:

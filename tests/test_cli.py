@@ -63,14 +63,20 @@ def test_train_final_evaluation_equals_eqr_eval(tmp_path, capsys):
         evaluated = {k: v for k, v in setting[0]["metrics"].items() if "/" in k}
         assert evaluated == {k: v for k, v in metrics.items() if "/" in k}, step
         assert evaluated["all/accuracy"] > 0 and evaluated["all/final_residual"] > 0
+        # Throughput beside the metrics (timing: not compared); no peak on a CPU, so no MFU.
+        perf = setting[0]["perf"]
+        assert perf["perf/eval_tflops_per_device"] > 0 and "perf/eval_mfu" not in perf
+        assert "puzzle-steps/s" in text and "TFLOP/s per device" in text
         if step == 6:
             assert _last(text) == trained
     # The TensorBoard scalars are the same numbers.
     tb = read_tensorboard(run)
-    for k in ("all/exact_accuracy", "all/accuracy", "all/q_halt_accuracy"):
+    for k in ("all/exact_accuracy", "all/accuracy", "all/q_halt_accuracy",
+              "perf/eval_puzzle_steps_per_s", "perf/eval_tflops_per_device"):
         assert [s for s, _ in tb[k]] == [3, 6]
-        np.testing.assert_allclose([v for _, v in tb[k]], [logged[3][k], logged[6][k]],
-                                   rtol=1e-6)
+        if not k.startswith("perf/"):
+            np.testing.assert_allclose([v for _, v in tb[k]], [logged[3][k], logged[6][k]],
+                                       rtol=1e-6)
 
 
 def test_eval_and_solve_report_bad_checkpoints(tmp_path, capsys):

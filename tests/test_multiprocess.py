@@ -1,7 +1,8 @@
 """Several processes, as on a TPU pod or a GPU cluster, on localhost: two `eqr train` processes x
 2 CPU devices (gloo collectives) train with checkpoints and evaluations inside the run; one of
 them receives SIGTERM mid-run, both save a checkpoint at the same step and exit 75; `--resume`
-(two processes again) finishes the run. Every logged loss and evaluation metric, and the final
+(two processes again, with a one-call profiler window that process 0 alone writes) finishes
+the run. Every logged loss and evaluation metric, and the final
 ``exact_accuracy:`` of both processes, match one process x 4 devices. Two processes then
 extend the run (`--resume` with a larger `train.max_steps`) and warm-start a new run from the
 one-process run (`--init-from`), whose step-0 evaluation equals that run's last.
@@ -157,9 +158,16 @@ def test_two_processes_with_preemption_and_resume_match_one_process(tmp_path):
     assert 2 <= step < STEPS
     assert str(step) in os.listdir(two / "checkpoints")
 
-    resumed = _launch([*common, "--out", str(two), "--resume"], 2, 2, tmp_path, flags=True)
+    # With a profiler window (one call from step 10): process 0 alone writes the trace, and
+    # the results below are unchanged by it.
+    resumed = _launch([*common, "--out", str(two), "--resume", "--profile", "10:1"], 2, 2,
+                      tmp_path, flags=True)
     _check(resumed, 0)
     assert f"resumed from step {step}" in resumed[0][1]
+    first = max(10, step)  # the first call boundary at or after step 10 (calls of 2 steps)
+    assert f"[eqr] profile of steps {first}-{first + 2} (1 call(s))" in resumed[0][1]
+    assert "[eqr] profile of" not in resumed[1][1]
+    assert len(list((two / "tb").glob("plugins/profile/*/*.xplane.pb"))) == 1
     finals = [_final_accuracy(out) for _, out in resumed]
     assert finals[0] == finals[1] == _final_accuracy(out_one)
 

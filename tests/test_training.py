@@ -86,10 +86,11 @@ def test_training_signals_in_tensorboard(resume_runs):
     for tag in ("train/q_halt_accuracy", "train/q_halt_precision", "train/q_halt_recall",
                 "train/min_steps", "train/max_steps", "train/steps", "train/zH_rms",
                 "train/zL_rms", "train/residual/act_step_02", "train/residual_mean",
-                "train/grad_norm", "train/lr", "train/total_loss"):
+                "train/grad_norm", "train/lr", "train/total_loss", "perf/tflops_per_device"):
         assert tag in tb and len(tb[tag]) == 2, tag          # logged at steps 3 and 6
         assert all(np.isfinite(v) for _, v in tb[tag]), tag
     assert [s for s, _ in tb["train/lr"]] == [3, 6]
+    assert "perf/mfu" not in tb  # a CPU has no peak: no MFU rather than an invented one
     # halt_max_steps 2: rows halt after 1 (q_halt > 0) or 2 steps; a histogram with two buckets.
     hist = tb["train/steps_at_halt"]
     assert [s for s, _ in hist] == [3, 6] and all(len(c) == 2 and sum(c) > 0 for _, c in hist)
@@ -199,3 +200,43 @@ def test_jacobian_regularisation_trains_the_tiny_preset_without_harming_it(tmp_p
     assert "train/jac_fro" not in r0 and r1["train/jac_fro"] > 0
     assert jac1 < 0.8 * jac0, (jac0, jac1)
     assert acc0 > 0.9 and acc1 >= acc0 - 0.05, (acc0, acc1)
+
+
+def test_profile_window_traces_one_call_logs_perf_and_changes_nothing(resume_runs, tmp_path,
+                                                                       monkeypatch):
+    """`train.profile="3:1"` on the 6-step micro run (2 calls of 3 steps): one call traced,
+    from step 3, into tb/plugins/profile where the profile plugin looks; the run's parameters
+    and metrics equal the unprofiled run's (`resume_runs`' full run: the same compiled step).
+    With a clock that advances 2 s per reading and the device kind patched to a v5e, each log
+    window's perf/tflops_per_device is FLOPs / (2 s x devices) and perf/mfu that over 197 TFLOP/s."""
+    from types import SimpleNamespace
+
+    from jax.profiler import ProfileData
+
+    from eqr_jax import perf, training
+
+    root, _, (r_full, _, _) = resume_runs
+    ticks = iter(range(0, 10_000, 2))
+    monkeypatch.setattr(training, "time", SimpleNamespace(time=lambda: float(next(ticks))))
+    monkeypatch.setattr(perf, "device_kind", lambda mesh=None: "TPU v5 lite")
+    cfg = micro_run(str(tmp_path / "prof"), max_steps=6, profile="3:1")
+    _, r = train(cfg, _loaders(cfg), progress=False, verbose=False)
+    for a, b in zip(jax.tree_util.tree_leaves(load_params(root / "full")),
+                    jax.tree_util.tree_leaves(load_params(tmp_path / "prof"))):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    for k, v in r_full.items():
+        if k.startswith("train/") and "time" not in k and "per_s" not in k:
+            assert r[k] == v, k
+    traces = sorted((tmp_path / "prof" / "tb").glob("plugins/profile/*/*.xplane.pb"))
+    assert len(traces) == 1
+    events = [e for plane in ProfileData.from_file(str(traces[0])).planes
+              for line in plane.lines for e in line.events if e.name == "train"]
+    assert len(events) == 1  # the one call's StepTraceAnnotation
+    assert dict(events[0].stats)["step_num"] == 3
+    tb = read_tensorboard(tmp_path / "prof")
+    expected = perf.train_flops_per_step(cfg) * 3 / (2.0 * jax.device_count())
+    assert [s for s, _ in tb["perf/tflops_per_device"]] == [3, 6]
+    for (_, tflops), (_, mfu) in zip(tb["perf/tflops_per_device"], tb["perf/mfu"]):
+        assert tflops == pytest.approx(expected / 1e12, rel=1e-6)  # float32 event values
+        assert mfu == pytest.approx(expected / 197e12, rel=1e-6)
+    assert r["perf/mfu"] == pytest.approx(expected / 197e12)

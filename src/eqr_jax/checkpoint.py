@@ -44,6 +44,7 @@ RESUME_IGNORED_KEYS = frozenset({
     "preset", "data.path", "data.prefetch", "data.eval_batch_size", "train.out_dir",
     "train.log_every", "train.eval_every", "train.checkpoint_every", "train.keep_checkpoints",
     "train.steps_per_call", "train.init_from", "train.init_step", "train.init_weights",
+    "train.profile", "train.profile_all_processes",
 }) | frozenset(f"data.build_{k}" for k in ("kind", "source", "size", "train", "test", "num_aug",
                                             "difficulty", "seed"))
 # Keys that set how long a run is: a resume may change them to extend (or shorten) the run;

@@ -94,15 +94,26 @@ def forward_flops(cfg: ModelConfig, steps: int, batch: int = 1, breadth: int = 1
     return rows * (steps * step_flops(cfg) + (readout_flops(cfg) if readout else 0))
 
 
-def train_step_flops(cfg: ModelConfig, batch: int, grad_blocks: int, fwd_steps: int = 1) -> int:
+def train_step_flops(cfg: ModelConfig, batch: int, grad_blocks: int, fwd_steps: int = 1,
+                     recompute_blocks: int = 0) -> int:
     """Approximate FLOPs of one loss+gradient evaluation.
 
     ``fwd_steps`` reasoning steps run forward; ``grad_blocks`` block applications are on the
     gradient tape, each costing 2x its forward FLOPs in the backward pass (gradients with respect
     to activations and to weights). With the reference's truncated gradient and one step,
-    ``grad_blocks = (L_cycles + 1) L_layers``.
+    ``grad_blocks = (L_cycles + 1) L_layers``. ``recompute_blocks`` block forwards are run a
+    second time in the backward pass (rematerialisation: `remat_recompute_blocks`), 1x each.
     """
     per_block = block_flops(cfg).total
     fwd = fwd_steps * step_flops(cfg) + readout_flops(cfg)
     bwd = 2 * grad_blocks * per_block + 2 * readout_flops(cfg)
-    return batch * (fwd + bwd)
+    return batch * (fwd + bwd + recompute_blocks * per_block)
+
+
+def remat_recompute_blocks(grad_blocks: int, *, remat_blocks: bool, remat_steps: bool) -> int:
+    """Block forwards rematerialisation recomputes in one backward pass over ``grad_blocks``
+    taped block applications: each block once under per-block remat (``model.remat_blocks``),
+    and once more when whole steps are rematerialised too (``train.remat``, full gradient:
+    the step's recomputation then runs the blocks without their residuals, and each block's
+    backward recomputes its own)."""
+    return grad_blocks * (int(remat_blocks) + int(remat_steps))

@@ -19,8 +19,11 @@ from eqr_jax.sharding import check_divisible, make_mesh
 from eqr_jax.training import total_steps
 
 
-def _flops_per_step(cfg: RunConfig) -> tuple[int, str]:
-    """Matmul FLOPs of one optimiser step (loss + gradient over the global batch) and a note."""
+def flops_per_step(cfg: RunConfig) -> tuple[int, str]:
+    """Matmul FLOPs of one optimiser step (loss + gradient over the global batch) and a note.
+
+    Rematerialisation (``model.remat_blocks``; ``train.remat`` with the full gradient) adds the
+    recomputed forwards (`flops.remat_recompute_blocks`)."""
     m, tc = cfg.model, cfg.train
     per_recursion = (m.L_cycles + 1) * m.L_layers
     if m.variant == "feedforward" or tc.grad_mode in ("one_step",):
@@ -35,7 +38,12 @@ def _flops_per_step(cfg: RunConfig) -> tuple[int, str]:
         note = f" (upper bound: {tc.implicit_maxiter} solver iterations; backward solve not counted)"
     else:  # truncated: only the last latent recursion of the last step is on the tape
         fwd, grad, note = tc.unroll_steps, per_recursion if m.H_cycles > 1 else m.blocks_per_step, ""
-    return flops.train_step_flops(m, cfg.data.global_batch_size, grad, fwd), note
+    again = flops.remat_recompute_blocks(
+        grad, remat_blocks=m.remat_blocks,
+        remat_steps=tc.remat and tc.grad_mode == "full" and m.variant != "feedforward")
+    if again:
+        note += f" (with {again} block forward(s) recomputed by rematerialisation)"
+    return flops.train_step_flops(m, cfg.data.global_batch_size, grad, fwd, again), note
 
 
 def plan(cfg: RunConfig, mesh: Mesh | None = None) -> dict[str, Any]:
@@ -72,7 +80,7 @@ def plan(cfg: RunConfig, mesh: Mesh | None = None) -> dict[str, Any]:
                   "mean_puzzle_examples": out["mean_puzzle_examples"]}, G)
     total = total_steps(cfg, spe)
     n_params = num_params(jax.eval_shape(EqRModel(cfg.model).init, jax.random.PRNGKey(0)))
-    step_flops, flops_note = _flops_per_step(cfg)
+    step_flops, flops_note = flops_per_step(cfg)
     epi = tc.epochs_per_iter or tc.epochs
     evals = (total // tc.eval_every if tc.eval_every > 0 else 0)
     final_eval = total > 0 and (tc.eval_every <= 0 or total % tc.eval_every != 0)

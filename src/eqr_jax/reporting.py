@@ -246,12 +246,15 @@ class TrainLog:
             self.bar.set_postfix(loss=f"{s.get('train/total_loss', 0):.3f}",
                                  acc=f"{s.get('train/accuracy', 0):.3f}",
                                  exact=f"{s.get('train/exact_accuracy', 0):.3f}",
-                                 steps=f"{s.get('train/steps', 0):.1f}", refresh=False)
+                                 steps=f"{s.get('train/steps', 0):.1f}",
+                                 **({"mfu": f"{s['perf/mfu']:.1%}"} if "perf/mfu" in s else {}),
+                                 refresh=False)
         elif self.main and self.verbose:
             print(f"[eqr] step {at}: " + " ".join(
                 f"{k.split('/')[1]}={s[k]:.4g}" for k in
                 ("train/total_loss", "train/accuracy", "train/exact_accuracy", "train/steps",
-                 "train/lr", "train/puzzles_per_s") if k in s), flush=True)
+                 "train/lr", "train/puzzles_per_s") if k in s)
+                  + (f" mfu={s['perf/mfu']:.1%}" if "perf/mfu" in s else ""), flush=True)
 
     def close_bar(self) -> None:
         if self.bar is not None:

@@ -26,7 +26,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding
 
-from eqr_jax import dynamics, metrics as metrics_lib, optim
+from eqr_jax import dynamics, metrics as metrics_lib, optim, profiling
 from eqr_jax import sharding as sharding_lib
 from eqr_jax.act import ACTCarry, BATCH_KEYS, init_carry
 from eqr_jax.config import RunConfig
@@ -96,11 +96,14 @@ def make_train_step(model: EqRModel, cfg: RunConfig, optimizer: optax.GradientTr
         loss_and_metrics, model, adjoint=dynamics.adjoint_for(tc), unroll_steps=tc.unroll_steps,
         global_batch_size=cfg.data.global_batch_size, jac_reg=tc.jac_reg,
         jac_reg_samples=tc.jac_reg_samples), has_aux=True)
+    # Named scopes: the ACT step and the optimiser are found by name in a profile.
+    grad_fn = profiling.scoped("act_step", grad_fn)
+    update = profiling.scoped("optimizer", optimizer.update)
 
     def one(state: TrainState, batch):
         key = jax.random.fold_in(state.rng, state.step)
         (loss, (carry, metrics)), grads = grad_fn(state.params, state.carry, batch, key)
-        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        updates, opt_state = update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         ema = optim.ema_update(state.ema, params, tc.ema_rate) if state.ema is not None else None
         grad_norm = optax.tree.norm(grads).astype(jnp.float32)
@@ -147,7 +150,7 @@ def compute_key(cfg: RunConfig) -> RunConfig:
     two configs with the same key compute the same step."""
     return dataclasses.replace(cfg, preset="", train=dataclasses.replace(
         cfg.train, out_dir="", log_every=0, eval_every=0, checkpoint_every=0, init_from="",
-        init_step=0, init_weights="ema"),
+        init_step=0, init_weights="ema", profile="", profile_all_processes=False),
         data=dataclasses.replace(cfg.data, path=""))
 
 

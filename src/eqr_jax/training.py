@@ -32,7 +32,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from eqr_jax import config as config_lib
-from eqr_jax import metrics as metrics_lib
+from eqr_jax import metrics as metrics_lib, perf, profiling
 from eqr_jax import sharding as sharding_lib
 from eqr_jax.config import RunConfig
 from eqr_jax.preemption import Preempted, PreemptionWatch
@@ -101,11 +101,13 @@ class Guard:
 
 
 def window_scalars(sums: Mapping[str, Any], *, step: int, steps: int, wall_s: float,
-                   program: TrainProgram, steps_per_epoch: int) -> dict[str, float]:
+                   program: TrainProgram, steps_per_epoch: int,
+                   run_perf: perf.RunPerf | None = None) -> dict[str, float]:
     """The logged scalars of one log window: the means of its fetched metric ``sums``
     (`eqr_jax.metrics.train_scalars`), the learning rate at ``step`` (the window's last), the
-    epoch, and the speed over its ``steps`` optimiser steps and ``wall_s`` seconds of wall time.
-    Raises `NonFiniteError` when a mean is not finite."""
+    epoch, and the speed over its ``steps`` optimiser steps and ``wall_s`` seconds of wall time:
+    puzzles/s and, with ``run_perf``, ``perf/tflops_per_device`` and (where the device kind's
+    peak is known) ``perf/mfu``. Raises `NonFiniteError` when a mean is not finite."""
     G = program.cfg.data.global_batch_size
     scalars = metrics_lib.train_scalars(sums, G)
     if not all(math.isfinite(v) for v in scalars.values()):
@@ -114,6 +116,8 @@ def window_scalars(sums: Mapping[str, Any], *, step: int, steps: int, wall_s: fl
     scalars["train/epoch"] = (step - 1) // steps_per_epoch
     scalars["train/step_time_s"] = wall_s / max(steps, 1)
     scalars["train/puzzles_per_s"] = G * steps / max(wall_s, 1e-9)
+    if run_perf is not None:
+        scalars.update(run_perf.scalars(steps, wall_s))
     return scalars
 
 
@@ -137,6 +141,7 @@ class HostActions:
         self.evaluator, self.eval_batches = evaluator, eval_batches
         self.steps_per_epoch = steps_per_epoch
         self.guard = Guard(checkpointer)
+        self.perf = perf.RunPerf(program.cfg, program.mesh)  # FLOPs per step, devices, peak
         self.merge = jax.jit(metrics_lib.merge_metrics)
         self.sums = None  # device metric sums since the last log window closed
         self.window_start = (time.time(), step)
@@ -167,7 +172,8 @@ class HostActions:
         fetched = jax.device_get(w.sums)
         self.last_train = window_scalars(fetched, step=w.step, steps=w.steps, wall_s=w.wall_s,
                                          program=self.program,
-                                         steps_per_epoch=self.steps_per_epoch)
+                                         steps_per_epoch=self.steps_per_epoch,
+                                         run_perf=self.perf)
         self.log.write(self.last_train, w.step, metrics_lib.train_histograms(fetched))
         self.log.train_line(w.step, self.last_train)
 
@@ -189,6 +195,7 @@ class HostActions:
         m = res["settings"][0]["metrics"]
         self.last_eval = {k: v for k, v in m.items() if "/" in k}
         self.log.write(self.last_eval, step)
+        self.log.write(res["settings"][0].get("perf", {}), step)  # perf/eval_* throughput
         self.last_eval["eval_puzzles"] = m["num_puzzles"]
         self.log.print(f"[eqr] step {step}: eval exact {m['all/exact_accuracy']:.4f} "
                        f"token acc {m['all/accuracy']:.4f}")
@@ -289,6 +296,7 @@ def train(cfg: RunConfig, loaders: tuple[Any, Callable[[], Iterable]], mesh: Mes
     act = HostActions(program, ckpt, log, Evaluator(program.model, cfg.eval, mesh=mesh),
                       eval_batches, steps_per_epoch, step)
     limit = total if stop_after is None else min(total, step + int(stop_after))
+    window = profiling.ProfileWindow.from_config(cfg, Path(cfg.train.out_dir) / "tb")
     preemption = PreemptionWatch()
     interrupted = preempted = False
     boundary = 0  # call boundaries passed in this invocation (the preemption sync point ids)
@@ -302,8 +310,9 @@ def train(cfg: RunConfig, loaders: tuple[Any, Callable[[], Iterable]], mesh: Mes
                 if step == start.start_step:
                     check_local_rows(host, cfg.data.global_batch_size)
                 loader_state = train_loader.state() if hasattr(train_loader, "state") else None
-                state, sums = program.step(n)(state, sharding_lib.to_global(
-                    host, program.batch_sharding))
+                batch = sharding_lib.to_global(host, program.batch_sharding)
+                # Inside the --profile window's call boundaries (a no-op outside it).
+                state, sums = window.run(step, state, lambda s: program.step(n)(s, batch))
                 act.add(sums)
                 if log.bar is not None:
                     log.bar.update(n)
@@ -329,6 +338,7 @@ def train(cfg: RunConfig, loaders: tuple[Any, Callable[[], Iterable]], mesh: Mes
                    finished=not (interrupted or preempted) and step >= total,
                    may_save=not (interrupted and jax.process_count() > 1))
     finally:
+        window.close()  # a window the run ended inside
         preemption.close()
         log.close()
         ckpt.close()

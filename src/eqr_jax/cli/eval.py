@@ -34,20 +34,27 @@ from eqr_jax.config import EvalConfig
 
 def run(model, params, batches: Iterable, eval_cfg: EvalConfig, depths: Sequence[int] | None,
         breadths: Sequence[int] | None, out_dir: str | None = None, plots: bool = True,
-        progress: bool = False) -> dict[str, Any]:
+        progress: bool = False, profile_dir: str | None = None) -> dict[str, Any]:
     """Evaluate, print the tables and the ``exact_accuracy:`` line, write the files; returns
-    the results dict of `eqr_jax.evaluation.Evaluator.evaluate`."""
+    the results dict of `eqr_jax.evaluation.Evaluator.evaluate`. ``profile_dir``: trace one
+    batch into it (`eqr_jax.profiling.profile_batches`; process 0 only)."""
     from eqr_jax.evaluation import Evaluator
     from eqr_jax.reporting import eval_report, write_results
 
     import jax
 
+    if profile_dir:  # issue 27: eqr eval --profile
+        from eqr_jax.profiling import profile_batches
+        batches = profile_batches(batches, profile_dir, enabled=jax.process_index() == 0)
     results = Evaluator(model, eval_cfg).evaluate(params, batches, depths=depths,
                                                   breadths=breadths, progress=progress)
     if not results["settings"]:
         raise ValueError("the evaluation data holds no batches")
     print(eval_report(results), flush=True)
     warn_no_convergence(results, eval_cfg)
+    from eqr_jax.perf import eval_lines  # issue 27: puzzle-steps/s and TFLOP/s
+    for line in eval_lines(results):
+        print(f"[eqr eval] {line}", flush=True)
     if out_dir and jax.process_index() == 0:  # every process holds the same gathered results
         for p in write_results(results, out_dir, plots):
             print(f"wrote {p}")
@@ -85,6 +92,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="output directory (default: <checkpoint>/eval)")
     p.add_argument("--no-plots", action="store_true")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--profile", action="store_true",  # issue 27
+                   help="trace one evaluation batch (the second; the first compiles) with "
+                        "jax.profiler into OUT/tb/plugins/profile (TensorBoard's profile "
+                        "plugin / XProf); process 0 only")
     p.add_argument("--dry-run", action="store_true",
                    help="with --target: compile the evaluation programs for a target and "
                    "print their memory and estimated time (docs/accelerators.md); evaluates "
@@ -142,7 +153,8 @@ def main(argv: list[str] | None = None) -> int:
           f"{jax.device_count()} device(s)", flush=True)
     try:
         run(model, params, loader, eval_cfg, depths, breadths, out, plots=not args.no_plots,
-            progress=not args.no_progress)
+            progress=not args.no_progress,  # issue 27: --profile traces one batch
+            profile_dir=os.path.join(out, "tb") if args.profile else None)
     except ValueError as e:
         return common.fail("eqr eval", f"{data}: {e}")
     return 0

@@ -11,8 +11,13 @@ depth x breadth evaluation loop and the streaming slot pool. For each: memory pe
 (arguments, outputs, aliased, temporaries, code, total, HBM, headroom), the collectives, the
 compile time; analytic FLOPs and ESTIMATED step / run times at 30% and 50% of the chip's peak.
 ``--max-batch`` searches the largest training batch and evaluation copies per call that fit
-by compiling. The last lines are ``peak_bytes_per_chip: <int>`` and ``fits: yes|no``; a
-program that does not fit is reported (exit 0), not an error. TPU targets need libtpu
+by compiling. When the train step does not fit (or with ``--max-batch``) it is also compiled
+with each memory switch of the model (per-block rematerialisation, ``model.remat_blocks``;
+with the full gradient ``train.remat``), each reported with its memory, ``fits`` and the
+extra FLOPs the recomputation costs. The last lines are ``peak_bytes_per_chip: <int>`` and
+``fits: yes|no`` (the configuration as given), then, when options were compiled, ``cheapest
+configuration that fits at global batch G: ...``; a program that does not fit is reported
+(exit 0), not an error. TPU targets need libtpu
 (``pip install -e ".[tpu]"``); docs/accelerators.md has the numbers for the presets.
 """
 

@@ -6,6 +6,7 @@ the key)."""
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -211,6 +212,20 @@ class TrainConfig:
     init_from: str = ""
     init_step: int = 0
     init_weights: str = "ema"
+    # Profiler window (``eqr train --profile``, docs/performance.md): "START[:CALLS]" traces
+    # CALLS jitted calls (default 1) from the first call boundary at or after optimiser step
+    # START, into out_dir/tb/plugins/profile; "" off. Process 0 only unless
+    # profile_all_processes. Bookkeeping: it changes no result.
+    profile: str = ""
+    profile_all_processes: bool = False
+
+    @property
+    def profile_window(self) -> tuple[int, int] | None:
+        """``profile`` as (start step, calls), or None when off."""
+        if not self.profile:
+            return None
+        start, _, calls = self.profile.partition(":")
+        return int(start), int(calls or 1)
 
     def __post_init__(self):
         _check_choice("train.grad_mode", self.grad_mode, modes.GRAD_MODES)
@@ -234,6 +249,9 @@ class TrainConfig:
                 raise ConfigError(f"train.{name} must be in [0, 1), got {getattr(self, name)}")
         if not 0 <= self.lr_min_ratio <= 1:
             raise ConfigError(f"train.lr_min_ratio must be in [0, 1], got {self.lr_min_ratio}")
+        if self.profile and not re.fullmatch(r"\d+(:[1-9]\d*)?", self.profile.strip()):
+            raise ConfigError(f"train.profile must be START[:CALLS] (optimiser step >= 0, calls "
+                              f">= 1), e.g. 20:2; got {self.profile!r}")
         if not self.implicit_tol > 0:
             raise ConfigError(f"train.implicit_tol must be > 0, got {self.implicit_tol}")
         if not 0 < self.phantom_damping <= 1:

@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from eqr_jax import modes
+from eqr_jax import modes, perf
 from eqr_jax import sharding as sharding_lib
 from eqr_jax.config import EvalConfig
 from eqr_jax.evaluation import core
@@ -216,7 +216,8 @@ class Evaluator:
         Returns:
           ``{"settings": [one `summarize_setting` dict per (depth, breadth), breadth-major, each
           with halt / solver / noise_scale / stream; empty without batches], "eval_config",
-          "num_batches", "devices", "platform"}``.
+          "num_batches", "devices", "platform"}``; each setting's ``perf`` holds its
+          throughput (`eqr_jax.perf.eval_scalars`: puzzle-steps/s, TFLOP/s per device, MFU).
         """
         depths = [self.depth] if depths is None else [int(d) for d in depths]
         breadths = [self.cfg.breadth] if breadths is None else [int(n) for n in breadths]
@@ -251,6 +252,9 @@ class Evaluator:
         for s in settings:
             s.update(halt=self.cfg.halt, solver=self.cfg.solver, noise_scale=self.noise_scale,
                      stream=bool(self.cfg.stream))
+            # Throughput apart from the metrics: timing, not a result of the evaluation.
+            s["perf"] = perf.eval_scalars(self.model.cfg, s["metrics"], self.mesh.size,
+                                          perf.device_kind(self.mesh))
         return {"settings": settings, "eval_config": dataclasses.asdict(self.cfg),
                 "num_batches": num_batches, "devices": jax.device_count(),
                 "platform": jax.devices()[0].platform}
