@@ -16,7 +16,9 @@ Dynamics
   noise-free map, implicit gradient), `jacobian_frobenius_sq` (Hutchinson estimate of
   ||d step / d state||_F^2 per row, for Jacobian regularisation).
 Training
-  `train(cfg, loaders, mesh=None) -> (TrainState, metrics)`; `make_loaders(cfg)` opens a dataset
+  `train(cfg, loaders, mesh=None) -> (TrainState, metrics)`; `make_train_program(cfg,
+  total_steps, mesh) -> TrainProgram` (the jitted step, initial state and abstract arguments
+  that `train` runs and ``eqr plan`` compiles); `make_loaders(cfg)` opens a dataset
   folder's loaders, `ArrayTrainLoader` / `eval_batches` wrap NumPy arrays.
 Evaluation
   `Evaluator(model, eval_cfg).evaluate(params, batches, depths=..., breadths=...)` and the
@@ -59,6 +61,8 @@ _API = {
     "NoGrad": ("eqr_jax.dynamics", "NoGrad"),
     "train": ("eqr_jax.training", "train"),
     "TrainState": ("eqr_jax.training", "TrainState"),
+    "TrainProgram": ("eqr_jax.train_program", "TrainProgram"),
+    "make_train_program": ("eqr_jax.train_program", "make_train_program"),
     "make_loaders": ("eqr_jax.data.prepare", "make_loaders"),
     "ArrayTrainLoader": ("eqr_jax.data.arrays", "ArrayTrainLoader"),
     "eval_batches": ("eqr_jax.data.arrays", "eval_batches"),
