@@ -6,7 +6,8 @@ objective of one optimiser step (one ACT step of the batch, docs/training.md, "L
 
 from __future__ import annotations
 
-from typing import Mapping
+import functools
+from typing import Callable, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -95,7 +96,7 @@ def act_loss(logits: jax.Array, q_halt: jax.Array, labels: jax.Array,
 def loss_and_metrics(model: EqRModel, params, carry: ACTCarry, batch: Mapping[str, jax.Array],
                      key: jax.Array, *, adjoint: dynamics.Adjoint, unroll_steps: int = 1,
                      global_batch_size: int, training: bool = True, jac_reg: float = 0.0,
-                     jac_reg_samples: int = 1):
+                     jac_reg_samples: int = 1, backward_probe: jax.Array | None = None):
     """One ACT step and its loss (docs/training.md, "Loss").
 
     loss = sum_rows (lm_b + 0.5 * BCE(q_halt_b, exact_b)) / global_batch_size, with
@@ -104,7 +105,9 @@ def loss_and_metrics(model: EqRModel, params, carry: ACTCarry, batch: Mapping[st
     (`dynamics.jacobian_frobenius_sq`, ``jac_reg_samples`` probes) of ||df/dz||_F^2 / dim at
     the segment's output state (the fixed point for ``implicit``); its sum is the metric
     ``jac_fro``. The implicit mode adds the per-row solve's sums ``implicit_iters``,
-    ``implicit_residual``, ``implicit_converged`` and the extremum ``max_implicit_iters``.
+    ``implicit_residual``, ``implicit_converged`` and the extremum ``max_implicit_iters``;
+    ``backward_probe`` (`dynamics.backward_probe`) is handed to the implicit solve, whose
+    backward statistics arrive as its cotangent (`loss_and_grad`).
 
     Returns:
       (loss, (new carry, metrics)): float32 metric *sums* over halted rows with labels
@@ -120,7 +123,8 @@ def loss_and_metrics(model: EqRModel, params, carry: ACTCarry, batch: Mapping[st
     # exploration (drawn from `key`) exactly as they were.
     k_jac = jax.random.fold_in(key, 0x7AC0) if jac_reg > 0 else None
     new_carry, out, solve = act_step(model, params, carry, batch, key, training=training,
-                                     adjoint=adjoint, unroll_steps=unroll_steps, with_stats=True)
+                                     adjoint=adjoint, unroll_steps=unroll_steps, with_stats=True,
+                                     backward_probe=backward_probe)
     labels = new_carry.batch["labels"]
     loss, parts = act_loss(out.logits, out.q_halt, labels, global_batch_size)
     metrics = act_metrics(model.cfg.halt_max_steps, carry, new_carry, out.q_halt, parts)
@@ -139,6 +143,44 @@ def loss_and_metrics(model: EqRModel, params, carry: ACTCarry, batch: Mapping[st
         metrics["implicit_converged"] = jnp.sum(solve.converged).astype(f32)
         metrics["max_implicit_iters"] = jnp.max(solve.iterations).astype(f32)
     return loss, (new_carry, metrics)
+
+
+def loss_and_grad(model: EqRModel, *, adjoint: dynamics.Adjoint, **kw) -> Callable:
+    """``fn(params, carry, batch, key) -> ((loss, (carry, metrics)), grads)``: the value and
+    parameter gradient of `loss_and_metrics` (``kw``: its keyword arguments), like
+    ``jax.value_and_grad(..., has_aux=True)``.
+
+    Under `dynamics.Implicit` it also differentiates with respect to a zero
+    `dynamics.backward_probe`, whose cotangent is the per-row residual and iteration count of the
+    backward linear solve that produced ``grads`` (a custom VJP cannot return them otherwise),
+    and adds their sums ``implicit_backward_residual`` and ``implicit_backward_iters`` and the
+    extremum ``max_implicit_backward_residual`` to the metrics: the statistics of the very solve
+    behind the update, at no extra cost.
+    """
+    loss_fn = functools.partial(loss_and_metrics, model, adjoint=adjoint, **kw)
+    if not isinstance(adjoint, dynamics.Implicit):
+        return jax.value_and_grad(loss_fn, has_aux=True)
+
+    def with_probe(params, probe, carry, batch, key):
+        return loss_fn(params, carry, batch, key, backward_probe=probe)
+
+    grad = jax.value_and_grad(with_probe, argnums=(0, 1), has_aux=True)
+
+    def fn(params, carry, batch, key):
+        probe = dynamics.backward_probe(carry.latents.z_H.shape[0])
+        (loss, (new_carry, metrics)), (grads, stats) = grad(params, probe, carry, batch, key)
+        metrics = dict(metrics, **backward_metrics(stats))
+        return (loss, (new_carry, metrics)), grads
+    return fn
+
+
+def backward_metrics(stats: jax.Array) -> dict[str, jax.Array]:
+    """Metric sums of the backward solve's per-row statistics (batch, 2) (the probe's cotangent,
+    columns `dynamics.BACKWARD_STATS`)."""
+    residual, iters = stats[:, 0], stats[:, 1]
+    return {"implicit_backward_residual": jnp.sum(residual),
+            "implicit_backward_iters": jnp.sum(iters),
+            "max_implicit_backward_residual": jnp.max(residual)}
 
 
 def act_metrics(halt_max_steps: int, carry: ACTCarry, new_carry: ACTCarry, q_halt: jax.Array,

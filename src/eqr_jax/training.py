@@ -38,7 +38,7 @@ from eqr_jax import dynamics, metrics as metrics_lib, optim
 from eqr_jax import sharding as sharding_lib
 from eqr_jax.act import ACTCarry, BATCH_KEYS, init_carry
 from eqr_jax.config import RunConfig
-from eqr_jax.losses import loss_and_metrics
+from eqr_jax.losses import loss_and_grad
 from eqr_jax.model import EqRModel
 from eqr_jax.preemption import Preempted, PreemptionWatch
 from eqr_jax.reporting import TrainLog, train_results_table
@@ -111,10 +111,11 @@ def make_train_step(model: EqRModel, cfg: RunConfig, optimizer: optax.GradientTr
     """
     tc = cfg.train
     n_steps = int(steps_per_call or tc.steps_per_call)
-    grad_fn = jax.value_and_grad(functools.partial(
-        loss_and_metrics, model, adjoint=dynamics.adjoint_for(tc), unroll_steps=tc.unroll_steps,
+    # loss_and_grad: value_and_grad, plus the implicit backward solve's statistics as metrics.
+    grad_fn = loss_and_grad(
+        model, adjoint=dynamics.adjoint_for(tc), unroll_steps=tc.unroll_steps,
         global_batch_size=cfg.data.global_batch_size, jac_reg=tc.jac_reg,
-        jac_reg_samples=tc.jac_reg_samples), has_aux=True)
+        jac_reg_samples=tc.jac_reg_samples)
 
     def one(state: TrainState, batch):
         key = jax.random.fold_in(state.rng, state.step)
