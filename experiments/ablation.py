@@ -36,7 +36,7 @@ from eqr_jax.config import RunConfig, to_dict
 from eqr_jax.data import prepare
 from eqr_jax.data.loader import EvalLoader
 from eqr_jax.evaluation import Evaluator
-from eqr_jax.losses import loss_and_metrics, sequence_exact
+from eqr_jax.losses import implicit_gradient_check, loss_and_metrics, sequence_exact
 from eqr_jax.model import EqRModel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
@@ -300,6 +300,7 @@ def run(cfg: RunConfig, out_dir: str | Path, *, grad_modes: Sequence[str] = MODE
                 point = {"step": done, "train_wall_s": train_s,
                          **_accuracy_keys(evaluate_depths_all(run_cfg, params, depths))}
                 for k in ("train/implicit_converged", "train/implicit_iters",
+                          "train/implicit_backward_residual", "train/implicit_backward_iters",
                           "train/jac_fro", "train/step_time_s", "train/total_loss"):
                     if k in result:
                         point[k[len("train/"):]] = float(result[k])
@@ -324,7 +325,8 @@ def run(cfg: RunConfig, out_dir: str | Path, *, grad_modes: Sequence[str] = MODE
             c = step_cost(run_cfg)
             row.update(step_time_ms=1e3 * c["step_time_s"], peak_mem_MiB=c["peak_bytes"] / 2**20,
                        temp_mem_MiB=c["temp_bytes"] / 2**20)
-        for k in ("train/implicit_converged", "train/implicit_iters", "train/jac_fro"):
+        for k in ("train/implicit_converged", "train/implicit_iters", "train/jac_fro",
+                  "train/implicit_backward_residual", "train/implicit_backward_iters"):
             if k in result:
                 row[k[len("train/"):]] = float(result[k])
         if stability_rows > 0:
@@ -344,6 +346,10 @@ def run(cfg: RunConfig, out_dir: str | Path, *, grad_modes: Sequence[str] = MODE
                 if "grad_cos" not in r:
                     r["grad_cos"] = probe.cosines(cfgs[r["mode"]])
                     r["grad_cos_vs_full"] = r["grad_cos"][-1]
+                    if cfgs[r["mode"]].grad_mode == "implicit":  # issue 28: vs exact implicit
+                        r["implicit_check"] = implicit_gradient_check(
+                            probe.model, list(zip(probe.anchors, probe.carries)), probe.batch,
+                            probe.key, cfgs[r["mode"]])
         report["study_wall_s"] = time.time() - t_study
         reporting.write_json(out / "ablation.json", report)
     reporting.write_json(out / "ablation.json", report)
@@ -426,7 +432,24 @@ def study_tables(report: dict[str, Any]) -> str:
         if "grad_cos" in r:
             cos.append(f"| {r['mode']} | " + " | ".join(fmt(c, ".3f") for c in r["grad_cos"])
                        + " |")
-    return "\n".join(acc) + "\n\n" + "\n".join(dyn) + "\n\n" + "\n".join(cos) + "\n"
+    return ("\n".join(acc) + "\n\n" + "\n".join(dyn) + "\n\n" + "\n".join(cos) + "\n"
+            + implicit_table(rows, steps))
+
+
+def implicit_table(rows: Sequence[dict], steps: Sequence[int]) -> str:
+    """The implicit runs' backward solve (issue 28): training's mean backward residual and
+    iterations, and per fixed checkpoint the cosine with the exact implicit gradient
+    (`eqr_jax.losses.implicit_gradient_check`); empty when no run has them."""
+    out = [f"| {r['mode']} | {r.get('implicit_backward_residual', float('nan')):.1e} | "
+           f"{r.get('implicit_backward_iters', float('nan')):.1f} | "
+           + " | ".join(f"{c['cos_vs_exact']:.4f} (exact residual {c['exact_residual']:.0e})"
+                        for c in r.get("implicit_check", [])) + " |"
+           for r in rows if "implicit_backward_residual" in r or "implicit_check" in r]
+    if not out:
+        return ""
+    head = ("| run | backward residual (training) | backward iterations (training) | "
+            + " | ".join(f"cosine vs exact implicit at step {s}" for s in steps) + " |")
+    return "\n" + "\n".join([head, "|---" * (3 + len(steps)) + "|"] + out) + "\n"
 
 
 def plot_curves(report: dict[str, Any], path: str, x: str = "step",

@@ -6,8 +6,9 @@ objective of one optimiser step (one ACT step of the batch, docs/training.md, "L
 
 from __future__ import annotations
 
+import dataclasses
 import functools
-from typing import Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -237,3 +238,49 @@ def act_metrics(halt_max_steps: int, carry: ACTCarry, new_carry: ACTCarry, q_hal
         "q_halt_loss": jnp.sum(bce).astype(f32),
         "total_loss": total.astype(f32),
     }
+
+
+def implicit_gradient_check(model: EqRModel, points: Sequence[tuple[Any, ACTCarry]],
+                            batch: Mapping[str, Any], key: jax.Array, train_cfg, *,
+                            rows: int = 4, exact_tol: float = 1e-6,
+                            exact_iters: int = 2000) -> list[dict[str, float]]:
+    """How close a run's implicit gradient is to the exact implicit gradient, on a few rows.
+
+    At each ``(params, carry)`` of ``points``, on the first ``rows`` rows of the carry and
+    ``batch`` (leading axis), one ACT step's training loss (``train_cfg``: a `TrainConfig` with
+    ``grad_mode="implicit"``) is differentiated twice at the same forward fixed point: with the
+    run's backward settings, and with the backward solved by GMRES to ``exact_tol`` (at most
+    ``exact_iters`` Krylov vectors), the reference, since a dense Jacobian is out of reach at
+    real sizes. Returns per point ``cos_vs_exact`` and both solves' mean residual and iterations
+    per row (``backward_residual``, ``backward_iters``, ``exact_residual``, ``exact_iters``: the
+    reference is only as exact as its residual). Two compilations in all.
+    """
+    adj = dynamics.adjoint_for(train_cfg)
+    if not isinstance(adj, dynamics.Implicit):
+        raise ValueError(f"implicit_gradient_check needs grad_mode=implicit, got "
+                         f"{train_cfg.grad_mode!r}")
+    exact = dataclasses.replace(adj, backward="gmres", backward_tol=exact_tol,
+                                backward_iters=exact_iters, backward_restart=50,
+                                unconverged="implicit")
+    sub = lambda tree: jax.tree_util.tree_map(lambda a: a[:rows], tree)
+    batch = sub(dict(batch))
+    n = batch["inputs"].shape[0]
+    kw = dict(unroll_steps=train_cfg.unroll_steps, global_batch_size=n,
+              jac_reg=train_cfg.jac_reg, jac_reg_samples=train_cfg.jac_reg_samples)
+    fns = {name: jax.jit(loss_and_grad(model, adjoint=a, **kw))
+           for name, a in (("backward", adj), ("exact", exact))}
+    flat = lambda g: jnp.concatenate([jnp.ravel(x).astype(jnp.float32)
+                                      for x in jax.tree_util.tree_leaves(g)])
+    results = []
+    for params, carry in points:
+        out, grads = {}, []
+        for name, fn in fns.items():
+            (_, (_, m)), g = fn(params, sub(carry), batch, key)
+            out[f"{name}_residual"] = float(m["implicit_backward_residual"]) / n
+            out[f"{name}_iters"] = float(m["implicit_backward_iters"]) / n
+            grads.append(flat(g))
+        a, b = grads
+        out["cos_vs_exact"] = float(a @ b / jnp.maximum(jnp.linalg.norm(a) * jnp.linalg.norm(b),
+                                                        1e-30))
+        results.append(out)
+    return results
