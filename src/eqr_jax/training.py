@@ -111,7 +111,6 @@ def make_train_step(model: EqRModel, cfg: RunConfig, optimizer: optax.GradientTr
     """
     tc = cfg.train
     n_steps = int(steps_per_call or tc.steps_per_call)
-    # loss_and_grad: value_and_grad, plus the implicit backward solve's statistics as metrics.
     grad_fn = loss_and_grad(
         model, adjoint=dynamics.adjoint_for(tc), unroll_steps=tc.unroll_steps,
         global_batch_size=cfg.data.global_batch_size, jac_reg=tc.jac_reg,
