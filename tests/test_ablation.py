@@ -59,6 +59,15 @@ def test_ablate_gradients_ci_size(tmp_path, capsys):
     assert rows["implicit+jac"]["jac_fro"] > 0 and "jac_fro" not in rows["truncated"]
     assert 0.0 <= rows["implicit+jac"]["implicit_converged"] <= 1.0
     assert 1.0 <= rows["implicit+jac"]["implicit_iters"] <= 3.0
+    # ... and its backward solve (at most 3 Krylov vectors here), and per anchor the cosine of
+    # its gradient with one whose backward is solved to 1e-6 (issue 28).
+    imp = rows["implicit+jac"]
+    assert imp["implicit_backward_residual"] >= 0 and 0 < imp["implicit_backward_iters"] <= 3
+    assert len(imp["implicit_check"]) == 2 and "implicit_check" not in rows["truncated"]
+    for c in imp["implicit_check"]:
+        assert -1.0 <= c["cos_vs_exact"] <= 1.0 + 1e-6
+        assert c["exact_residual"] <= max(c["backward_residual"], 1e-6) and c["backward_iters"] <= 3
+    assert "cosine vs exact implicit at step 3" in experiment.ablation.study_tables(report)
     assert report["config"]["train"]["unroll_steps"] == 2 and report["grad_cos_steps"] == [2, 3]
     table = (out / "ablation.md").read_text()
     assert table.startswith("| mode |") and "grad_cos_vs_full" in table

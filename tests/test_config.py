@@ -52,6 +52,21 @@ def test_json_round_trip_and_unknown_keys(tmp_path):
     path.write_text(json.dumps(d))
     with pytest.raises(ConfigError, match=r"config\.json\.model: unknown key\(s\) \['extra'\]"):
         config.load(str(path))
+    # A config saved before the implicit backward's tolerance keys existed (issue 28) loads with
+    # their defaults and keeps its one-cycle GMRES budget; bad values name the key.
+    del d["model"]["extra"]
+    for k in ("implicit_backward_tol", "implicit_backward_restart", "implicit_unconverged"):
+        del d["train"][k]
+    d["train"]["implicit_backward_iters"] = 20
+    path.write_text(json.dumps(d))
+    old = config.load(str(path))
+    assert (old.train.implicit_backward_tol, old.train.implicit_backward_restart,
+            old.train.implicit_backward_iters) == (1e-4, 20, 20)
+    for bad, match in (("train.implicit_backward_tol=0", "implicit_backward_tol must be > 0"),
+                       ("train.implicit_unconverged=skip", "implicit_unconverged"),
+                       ("train.implicit_backward_restart=0", "implicit_backward_restart")):
+        with pytest.raises(ConfigError, match=match):
+            config.apply_overrides(cfg, [bad])
     path.write_text("{broken")
     with pytest.raises(ConfigError, match="not valid JSON"):
         config.load(str(path))

@@ -11,7 +11,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import STEP_BATCH as B, STEP_CFG as TINY, tree_cosine as _cos, tree_flat as _flat
+from conftest import (STEP_BATCH as B, STEP_CFG as TINY, micro_model, tree_cosine as _cos,
+                      tree_flat as _flat)
 from eqr_jax import dynamics, losses, modes
 from eqr_jax.model import EqRModel
 
@@ -111,6 +112,121 @@ def test_fixed_point_per_row_equals_each_row_alone_and_warm_start():
         dynamics.fixed_point(model.step, params, z0, x, method="newton")
     with pytest.raises(ValueError, match="unknown backward solve"):
         dynamics.fixed_point(model.step, params, z0, x, backward="cg")
+
+
+def _near_critical():
+    """A micro model whose step map has spectral radius ~0.99 at its fixed points (the L level's
+    weights x 0.43; 0.985-0.988 on these rows), where a short backward solve is inaccurate."""
+    cfg = micro_model(H_cycles=1, L_cycles=2, noise_scale=0.0)
+    model = EqRModel(cfg)
+    params = model.init(jax.random.PRNGKey(0))
+    params = dict(params, L_level=jax.tree_util.tree_map(lambda a: 0.43 * a, params["L_level"]))
+    rows = 2
+    inputs = jax.random.randint(jax.random.PRNGKey(1), (rows, cfg.seq_len), 1, cfg.vocab_size)
+    labels = jax.random.randint(jax.random.PRNGKey(2), (rows, cfg.seq_len), 2, cfg.vocab_size)
+    return model, params, inputs, labels, model.init_latents(jax.random.PRNGKey(3), rows)
+
+
+def test_implicit_gradient_equals_dense_ift_and_vmapped_jaxopt():
+    jaxopt = pytest.importorskip("jaxopt")
+    from eqr_jax.dynamics.solve import _flatten_rows, _unflatten_rows
+
+    model, params, inputs, labels, z0 = _near_critical()
+    rows = inputs.shape[0]
+    one = jax.tree_util.tree_map(lambda a: a[:1], z0)
+
+    def f(p, z_row, x_row):  # the step map of one flattened row
+        out = model.step(p, _unflatten_rows(z_row[None], one), x_row[None], None, truncate=False)
+        return _flatten_rows(out)[0]
+
+    def loss_at(p, state):
+        return losses.stablemax_cross_entropy(model.readout(p, state).logits, labels).mean()
+
+    def ours(p, probe):
+        # Forward solved tightly (the comparison is about the gradient); backward at defaults.
+        res = dynamics.fixed_point(model.step, p, z0, model.embed(p, inputs), tol=1e-6,
+                                   maxiter=400, probe=probe)
+        return loss_at(p, res.state), res
+
+    def theirs(p):
+        # Plain iteration: jaxopt's Anderson, with its fixed absolute ridge, needs over 1,000
+        # iterations here. jaxopt's tol bounds the absolute ||f(z) - z||.
+        solver = jaxopt.FixedPointIteration(fixed_point_fun=lambda z, p, xr: f(p, z, xr),
+                                            maxiter=1000, tol=1e-5)
+        x = model.embed(p, inputs)
+        sol = jax.vmap(lambda z, xr: solver.run(z, p, xr).params)(_flatten_rows(z0), x)
+        return loss_at(p, _unflatten_rows(sol, z0)), sol
+
+    (_, res), (g_ours, stats) = jax.jit(jax.value_and_grad(ours, argnums=(0, 1), has_aux=True))(
+        params, dynamics.backward_probe(rows))
+    (_, sol_jaxopt), g_jaxopt = jax.jit(jax.value_and_grad(theirs, has_aux=True))(params)
+    assert bool(jnp.all(res.converged)), res.residual
+    # The backward solve reports what it achieved through the probe: the default tolerance.
+    assert float(stats[:, 0].max()) <= dynamics.Implicit().backward_tol
+    assert np.all((stats[:, 1] >= 20) & (stats[:, 1] <= dynamics.Implicit().backward_iters))
+
+    # Exact reference: a dense (I - J)^T u = g solve per row in float64 at our fixed point.
+    z_star = _flatten_rows(res.state)
+    g_z = jax.grad(lambda z: loss_at(params, _unflatten_rows(z, z0)))(z_star)
+    x = model.embed(params, inputs)
+    jac = np.asarray(jax.jit(jax.vmap(jax.jacfwd(f, argnums=1), in_axes=(None, 0, 0)))(
+        params, z_star, x), np.float64)
+    radius = np.abs(np.linalg.eigvals(jac)).max(axis=1)
+    assert np.all((radius > 0.98) & (radius < 1.0)), radius
+    eye = np.eye(jac.shape[1])
+    u = np.stack([np.linalg.solve(eye - j.T, gz) for j, gz in zip(jac, np.asarray(g_z))])
+    _, vjp = jax.vjp(lambda p: jax.vmap(f, in_axes=(None, 0, 0))(p, z_star,
+                                                                  model.embed(p, inputs)), params)
+    exact = jax.tree_util.tree_map(jnp.add, jax.grad(loss_at)(params, res.state),
+                                   vjp(jnp.asarray(u, jnp.float32))[0])
+    assert _cos(g_ours, exact) >= 0.9999
+    rel = float(jnp.linalg.norm(_flat(g_ours) - _flat(exact)) / jnp.linalg.norm(_flat(exact)))
+    assert rel < 2e-3, rel
+    # Vmapped jaxopt (per-row stopping, implicit differentiation): same point, same gradient.
+    np.testing.assert_allclose(sol_jaxopt, z_star, atol=2e-3)
+    assert _cos(g_ours, g_jaxopt) >= 0.9999
+
+
+def test_backward_solve_stops_at_its_tolerance_or_cap():
+    model, params, inputs, labels, z0 = _near_critical()
+
+    def grad(**kw):
+        def loss(p, probe):
+            res = dynamics.fixed_point(model.step, p, z0, model.embed(p, inputs), tol=1e-4,
+                                       maxiter=300, probe=probe, **kw)
+            return losses.stablemax_cross_entropy(model.readout(p, res.state).logits,
+                                                  labels).mean()
+        return jax.jit(jax.grad(loss, argnums=(0, 1)))(params, dynamics.backward_probe(2))
+
+    g_ref, stats_ref = grad()
+    g_cap, stats = grad(backward_iters=20)  # the pre-tolerance default: one GMRES(20) cycle
+    assert float(stats_ref[:, 0].max()) <= 1e-4 and float(stats_ref[:, 1].min()) > 20
+    # Capped: the budget is spent and the residual left is reported, above the tolerance.
+    np.testing.assert_array_equal(stats[:, 1], 20.0)
+    assert float(stats[:, 0].min()) > 1e-3
+    assert _cos(g_cap, g_ref) < 0.9999
+    # A row whose forward solve did not converge can take the one-step gradient instead.
+    def unconverged(rule):
+        def loss(p):
+            res = dynamics.fixed_point(model.step, p, z0, model.embed(p, inputs), maxiter=2,
+                                       unconverged=rule)
+            return losses.stablemax_cross_entropy(model.readout(p, res.state).logits,
+                                                  labels).mean()
+        return jax.jit(jax.grad(loss))(params)
+
+    def one_step(p):
+        res = dynamics.fixed_point(model.step, p, z0, model.embed(p, inputs), maxiter=2,
+                                   implicit_diff=False)
+        z = model.step(p, res.state, model.embed(p, inputs), None, truncate=False)
+        # f(z*) with the gradient of one step equals z* with u = g in value and gradient.
+        z = jax.tree_util.tree_map(lambda a, b: b + a - jax.lax.stop_gradient(a), z, res.state)
+        return losses.stablemax_cross_entropy(model.readout(p, z).logits, labels).mean()
+    np.testing.assert_allclose(_flat(unconverged("one_step")), _flat(jax.grad(one_step)(params)),
+                               rtol=1e-4, atol=1e-6)
+    assert _cos(unconverged("implicit"), unconverged("one_step")) < 0.9999
+    with pytest.raises(ValueError, match="unknown rule for unconverged rows"):
+        dynamics.fixed_point(model.step, params, z0, model.embed(params, inputs),
+                             unconverged="skip")
 
 
 def test_phantom_matches_hand_unrolled_reference(step_setup):

@@ -147,3 +147,32 @@ def test_step_metrics_definitions():
     # no halted row: the per-halted-row keys are dropped, not divided by zero
     out0 = train_scalars(dict(m, count=0.0, num_steps=1.0), B)
     assert "train/min_steps" not in out0 and "train/q_halt_recall" not in out0
+
+
+def test_loss_and_grad_reports_the_implicit_backward(step_setup):
+    """`loss_and_grad` is value_and_grad of `loss_and_metrics` (same loss and gradient) and,
+    under the implicit adjoint, adds the backward solve's statistics read from the probe: here
+    the one-cycle cap of 3 Krylov vectors binds, so every row reports 3 and a residual left."""
+    from eqr_jax import dynamics
+    from eqr_jax.act import init_carry
+
+    model, params, inputs, labels = step_setup
+    batch = {"inputs": inputs, "labels": labels,
+             "puzzle_identifiers": jnp.zeros((inputs.shape[0],), jnp.int32)}
+    carry, key = init_carry(model, batch), jax.random.PRNGKey(0)
+    adjoint = dynamics.Implicit(maxiter=3, backward_iters=3)
+    kw = dict(adjoint=adjoint, global_batch_size=inputs.shape[0])
+    (loss, (_, m)), grads = jax.jit(losses.loss_and_grad(model, **kw))(params, carry, batch, key)
+    (loss_ref, _), grads_ref = jax.jit(jax.value_and_grad(
+        lambda p: losses.loss_and_metrics(model, p, carry, batch, key, **kw), has_aux=True))(
+        params)
+    assert float(loss) == pytest.approx(float(loss_ref), rel=1e-6)
+    flat = lambda t: jnp.concatenate([a.ravel() for a in jax.tree_util.tree_leaves(t)])
+    np.testing.assert_allclose(flat(grads), flat(grads_ref), rtol=1e-4, atol=1e-7)
+    rows = inputs.shape[0]
+    assert float(m["implicit_backward_iters"]) == 3 * rows
+    assert 0 < float(m["implicit_backward_residual"]) <= rows * float(
+        m["max_implicit_backward_residual"])
+    out = train_scalars(dict({k: np.asarray(v) for k, v in m.items()}, num_steps=1.0), rows)
+    assert out["train/implicit_backward_iters"] == 3.0
+    assert out["train/max_implicit_backward_residual"] > 0

@@ -38,8 +38,11 @@ from eqr_jax.config import RunConfig, to_dict
 from eqr_jax.data import prepare
 from eqr_jax.data.loader import EvalLoader
 from eqr_jax.evaluation import Evaluator
-from eqr_jax.losses import loss_and_metrics, sequence_exact
+from eqr_jax.losses import implicit_gradient_check, loss_and_metrics, sequence_exact
 from eqr_jax.model import EqRModel
+# The study's tables and plots (re-exported: experiments/ablate_gradients.py, the tests).
+from eqr_jax.ablation_report import (implicit_table, markdown_table, plot_curves,  # noqa: F401
+                                     study_tables)
 
 
 MODES = modes.GRAD_MODES
@@ -259,6 +262,7 @@ def _train_spec(run_cfg: RunConfig, run_dir: Path, init_params, depths: Sequence
             point = {"step": done, "train_wall_s": train_s,
                      **_accuracy_keys(evaluate_depths_all(run_cfg, params, depths))}
             for k in ("train/implicit_converged", "train/implicit_iters",
+                      "train/implicit_backward_residual", "train/implicit_backward_iters",
                       "train/jac_fro", "train/step_time_s", "train/total_loss"):
                 if k in result:
                     point[k[len("train/"):]] = float(result[k])
@@ -332,7 +336,8 @@ def run(cfg: RunConfig, out_dir: str | Path, *, grad_modes: Sequence[str] = MODE
             c = step_cost(run_cfg)
             row.update(step_time_ms=1e3 * c["step_time_s"], peak_mem_MiB=c["peak_bytes"] / 2**20,
                        temp_mem_MiB=c["temp_bytes"] / 2**20)
-        for k in ("train/implicit_converged", "train/implicit_iters", "train/jac_fro"):
+        for k in ("train/implicit_converged", "train/implicit_iters", "train/jac_fro",
+                  "train/implicit_backward_residual", "train/implicit_backward_iters"):
             if k in result:
                 row[k[len("train/"):]] = float(result[k])
         if stability_rows > 0:
@@ -352,6 +357,10 @@ def run(cfg: RunConfig, out_dir: str | Path, *, grad_modes: Sequence[str] = MODE
                 if "grad_cos" not in r:
                     r["grad_cos"] = probe.cosines(cfgs[r["mode"]])
                     r["grad_cos_vs_full"] = r["grad_cos"][-1]
+                    if cfgs[r["mode"]].grad_mode == "implicit":  # issue 28: vs exact implicit
+                        r["implicit_check"] = implicit_gradient_check(
+                            probe.model, list(zip(probe.anchors, probe.carries)), probe.batch,
+                            probe.key, cfgs[r["mode"]])
         report["study_wall_s"] = time.time() - t_study
         reporting.write_json(out / "ablation.json", report)
     reporting.write_json(out / "ablation.json", report)
@@ -392,72 +401,6 @@ def _accuracy_keys(ev: dict[int, dict]) -> dict[str, float]:
     out = {f"exact@D{d}": m["exact_accuracy"] for d, m in ev.items()}
     out.update({f"token@D{d}": m["accuracy"] for d, m in ev.items()})
     return out
-
-
-def markdown_table(rows: list[dict[str, Any]]) -> str:
-    """The per-run table (scalars only; curves and per-anchor cosines stay in the JSON)."""
-    flat = [{k: v for k, v in r.items() if not isinstance(v, (list, dict))} for r in rows]
-    return reporting.format_table(flat, markdown=True)
-
-
-def study_tables(report: dict[str, Any]) -> str:
-    """The markdown tables of docs/ablation.md from a report: accuracy and cost per run, the
-    solve and the end states per run, and the gradient cosines at the fixed checkpoints."""
-    depths, rows = report["depths"], report["rows"]
-    fmt = lambda v, spec=".3f": "n/a" if v is None or (isinstance(v, float) and v != v) \
-        else format(v, spec)
-    acc = ["| run | " + " | ".join(f"exact@{d}" for d in depths) + " | "
-           + " | ".join(f"token@{d}" for d in depths)
-           + " | final train loss | step time (ms) | compiled peak (MiB) | run wall (s) |",
-           "|---" * (5 + 2 * len(depths)) + "|"]
-    for r in rows:
-        acc.append(f"| {r['mode']} | " + " | ".join(fmt(r.get(f"exact@D{d}")) for d in depths)
-                   + " | " + " | ".join(fmt(r.get(f"token@D{d}")) for d in depths)
-                   + f" | {fmt(r['final_train_loss'])} | {fmt(r.get('step_time_ms'), '.0f')} | "
-                   f"{fmt(r.get('peak_mem_MiB'), '.0f')} | {fmt(r['train_wall_s'], '.0f')} |")
-    dyn = ["| run | implicit solve converged (training, last chunk) | mean solver iterations "
-           "(training) | converged from fresh latents (end) | "
-           "jac_fro: Frobenius^2 / dim (training) | "
-           "depth-64 end states correct: n, radius median, radius < 1 | wrong: n, median, < 1 |",
-           "|---|---|---|---|---|---|---|"]
-    for r in rows:
-        ends = [f"{r.get(f'radius_{k}_n', 0)}, {fmt(r.get(f'radius_{k}_median'), '.2f')}, "
-                f"{fmt(r.get(f'radius_{k}_lt1'), '.2f')}" for k in ("correct", "wrong")]
-        dyn.append(f"| {r['mode']} | {fmt(r.get('implicit_converged'))} | "
-                   f"{fmt(r.get('implicit_iters'), '.2f')} | "
-                   f"{fmt(r.get('implicit_converged_frac'))} | {fmt(r.get('jac_fro'), '.4f')} | "
-                   f"{ends[0]} | {ends[1]} |")
-    steps = report.get("grad_cos_steps", [])
-    cos = ["| run | " + " | ".join(f"cosine at step {s}" for s in steps) + " |",
-           "|---" * (1 + len(steps)) + "|"]
-    for r in rows:
-        if "grad_cos" in r:
-            cos.append(f"| {r['mode']} | " + " | ".join(fmt(c, ".3f") for c in r["grad_cos"])
-                       + " |")
-    return "\n".join(acc) + "\n\n" + "\n".join(dyn) + "\n\n" + "\n".join(cos) + "\n"
-
-
-def plot_curves(report: dict[str, Any], path: str, x: str = "step",
-                metric: str = "exact") -> str:
-    """Test accuracy (``metric``: ``exact`` or ``token``) at each depth (one panel per depth)
-    over ``x`` (``step`` or ``train_wall_s``), one line per run; written to ``path`` (PNG)."""
-    from eqr_jax.analysis.plots import pyplot, save_figure
-
-    plt = pyplot()
-    depths = report["depths"]
-    fig, axes = plt.subplots(1, len(depths), figsize=(4.2 * len(depths), 3.4), sharey=True)
-    axes = np.atleast_1d(axes)
-    for ax, d in zip(axes, depths):
-        for row in report["rows"]:
-            pts = [p for p in row.get("curve") or [] if f"{metric}@D{d}" in p]
-            if pts:
-                ax.plot([p[x] for p in pts], [p[f"{metric}@D{d}"] for p in pts],
-                        marker=".", label=row["mode"])
-        ax.set_title(f"test {metric} accuracy, depth {d}")
-        ax.set_xlabel("optimiser steps" if x == "step" else "training wall-clock (s)")
-        ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=7)
-    return save_figure(fig, path)
 
 
 def load_report(path: str | Path) -> dict[str, Any]:

@@ -88,7 +88,8 @@ def halting(steps: jax.Array, q_halt: jax.Array, key: jax.Array | None, *, halt_
 
 def act_step(model: EqRModel, params, carry: ACTCarry, batch: Mapping[str, Any], key: jax.Array,
              *, training: bool, adjoint: dynamics.Adjoint = dynamics.Truncated(),
-             unroll_steps: int = 1, with_stats: bool = False):
+             unroll_steps: int = 1, with_stats: bool = False,
+             backward_probe: jax.Array | None = None):
     """One ACT step of the whole batch (pure; jit/scan/grad friendly).
 
     Args:
@@ -104,6 +105,8 @@ def act_step(model: EqRModel, params, carry: ACTCarry, batch: Mapping[str, Any],
       unroll_steps: step-map applications per ACT step for the unrolled adjoints.
       with_stats: also return the implicit solve's per-row `dynamics.FixedPointResult` (None
         for the unrolled adjoints).
+      backward_probe: implicit only: the zero probe (`dynamics.backward_probe`) whose cotangent
+        is the backward solve's per-row statistics.
     Returns:
       (new carry with stop-gradient latents, `Readout` of the new state), and the solve's
       result third when ``with_stats``.
@@ -114,7 +117,7 @@ def act_step(model: EqRModel, params, carry: ACTCarry, batch: Mapping[str, Any],
     # The carried latents are the implicit solve's initial guess: a warm start for rows that
     # continue, a fresh draw for rows just reset.
     state, solve = dynamics.segment(model.step, params, carry.latents, x, k_noise, unroll_steps,
-                                    adjoint)
+                                    adjoint, probe=backward_probe)
     out = model.readout(params, state)
     steps = carry.steps + 1
     halted = halting(steps, jax.lax.stop_gradient(out.q_halt), k_halt,

@@ -6,7 +6,9 @@ objective of one optimiser step (one ACT step of the batch, docs/training.md, "L
 
 from __future__ import annotations
 
-from typing import Mapping
+import dataclasses
+import functools
+from typing import Any, Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -95,7 +97,7 @@ def act_loss(logits: jax.Array, q_halt: jax.Array, labels: jax.Array,
 def loss_and_metrics(model: EqRModel, params, carry: ACTCarry, batch: Mapping[str, jax.Array],
                      key: jax.Array, *, adjoint: dynamics.Adjoint, unroll_steps: int = 1,
                      global_batch_size: int, training: bool = True, jac_reg: float = 0.0,
-                     jac_reg_samples: int = 1):
+                     jac_reg_samples: int = 1, backward_probe: jax.Array | None = None):
     """One ACT step and its loss (docs/training.md, "Loss").
 
     loss = sum_rows (lm_b + 0.5 * BCE(q_halt_b, exact_b)) / global_batch_size, with
@@ -104,7 +106,9 @@ def loss_and_metrics(model: EqRModel, params, carry: ACTCarry, batch: Mapping[st
     (`dynamics.jacobian_frobenius_sq`, ``jac_reg_samples`` probes) of ||df/dz||_F^2 / dim at
     the segment's output state (the fixed point for ``implicit``); its sum is the metric
     ``jac_fro``. The implicit mode adds the per-row solve's sums ``implicit_iters``,
-    ``implicit_residual``, ``implicit_converged`` and the extremum ``max_implicit_iters``.
+    ``implicit_residual``, ``implicit_converged`` and the extremum ``max_implicit_iters``;
+    ``backward_probe`` (`dynamics.backward_probe`) is handed to the implicit solve, whose
+    backward statistics arrive as its cotangent (`loss_and_grad`).
 
     Returns:
       (loss, (new carry, metrics)): float32 metric *sums* over halted rows with labels
@@ -120,7 +124,8 @@ def loss_and_metrics(model: EqRModel, params, carry: ACTCarry, batch: Mapping[st
     # exploration (drawn from `key`) exactly as they were.
     k_jac = jax.random.fold_in(key, 0x7AC0) if jac_reg > 0 else None
     new_carry, out, solve = act_step(model, params, carry, batch, key, training=training,
-                                     adjoint=adjoint, unroll_steps=unroll_steps, with_stats=True)
+                                     adjoint=adjoint, unroll_steps=unroll_steps, with_stats=True,
+                                     backward_probe=backward_probe)
     labels = new_carry.batch["labels"]
     loss, parts = act_loss(out.logits, out.q_halt, labels, global_batch_size)
     metrics = act_metrics(model.cfg.halt_max_steps, carry, new_carry, out.q_halt, parts)
@@ -139,6 +144,44 @@ def loss_and_metrics(model: EqRModel, params, carry: ACTCarry, batch: Mapping[st
         metrics["implicit_converged"] = jnp.sum(solve.converged).astype(f32)
         metrics["max_implicit_iters"] = jnp.max(solve.iterations).astype(f32)
     return loss, (new_carry, metrics)
+
+
+def loss_and_grad(model: EqRModel, *, adjoint: dynamics.Adjoint, **kw) -> Callable:
+    """``fn(params, carry, batch, key) -> ((loss, (carry, metrics)), grads)``: the value and
+    parameter gradient of `loss_and_metrics` (``kw``: its keyword arguments), like
+    ``jax.value_and_grad(..., has_aux=True)``.
+
+    Under `dynamics.Implicit` it also differentiates with respect to a zero
+    `dynamics.backward_probe`, whose cotangent is the per-row residual and iteration count of the
+    backward linear solve that produced ``grads`` (a custom VJP cannot return them otherwise),
+    and adds their sums ``implicit_backward_residual`` and ``implicit_backward_iters`` and the
+    extremum ``max_implicit_backward_residual`` to the metrics: the statistics of the very solve
+    behind the update, at no extra cost.
+    """
+    loss_fn = functools.partial(loss_and_metrics, model, adjoint=adjoint, **kw)
+    if not isinstance(adjoint, dynamics.Implicit):
+        return jax.value_and_grad(loss_fn, has_aux=True)
+
+    def with_probe(params, probe, carry, batch, key):
+        return loss_fn(params, carry, batch, key, backward_probe=probe)
+
+    grad = jax.value_and_grad(with_probe, argnums=(0, 1), has_aux=True)
+
+    def fn(params, carry, batch, key):
+        probe = dynamics.backward_probe(carry.latents.z_H.shape[0])
+        (loss, (new_carry, metrics)), (grads, stats) = grad(params, probe, carry, batch, key)
+        metrics = dict(metrics, **backward_metrics(stats))
+        return (loss, (new_carry, metrics)), grads
+    return fn
+
+
+def backward_metrics(stats: jax.Array) -> dict[str, jax.Array]:
+    """Metric sums of the backward solve's per-row statistics (batch, 2) (the probe's cotangent,
+    columns `dynamics.BACKWARD_STATS`)."""
+    residual, iters = stats[:, 0], stats[:, 1]
+    return {"implicit_backward_residual": jnp.sum(residual),
+            "implicit_backward_iters": jnp.sum(iters),
+            "max_implicit_backward_residual": jnp.max(residual)}
 
 
 def act_metrics(halt_max_steps: int, carry: ACTCarry, new_carry: ACTCarry, q_halt: jax.Array,
@@ -195,3 +238,49 @@ def act_metrics(halt_max_steps: int, carry: ACTCarry, new_carry: ACTCarry, q_hal
         "q_halt_loss": jnp.sum(bce).astype(f32),
         "total_loss": total.astype(f32),
     }
+
+
+def implicit_gradient_check(model: EqRModel, points: Sequence[tuple[Any, ACTCarry]],
+                            batch: Mapping[str, Any], key: jax.Array, train_cfg, *,
+                            rows: int = 4, exact_tol: float = 1e-6,
+                            exact_iters: int = 2000) -> list[dict[str, float]]:
+    """How close a run's implicit gradient is to the exact implicit gradient, on a few rows.
+
+    At each ``(params, carry)`` of ``points``, on the first ``rows`` rows of the carry and
+    ``batch`` (leading axis), one ACT step's training loss (``train_cfg``: a `TrainConfig` with
+    ``grad_mode="implicit"``) is differentiated twice at the same forward fixed point: with the
+    run's backward settings, and with the backward solved by GMRES to ``exact_tol`` (at most
+    ``exact_iters`` Krylov vectors), the reference, since a dense Jacobian is out of reach at
+    real sizes. Returns per point ``cos_vs_exact`` and both solves' mean residual and iterations
+    per row (``backward_residual``, ``backward_iters``, ``exact_residual``, ``exact_iters``: the
+    reference is only as exact as its residual). Two compilations in all.
+    """
+    adj = dynamics.adjoint_for(train_cfg)
+    if not isinstance(adj, dynamics.Implicit):
+        raise ValueError(f"implicit_gradient_check needs grad_mode=implicit, got "
+                         f"{train_cfg.grad_mode!r}")
+    exact = dataclasses.replace(adj, backward="gmres", backward_tol=exact_tol,
+                                backward_iters=exact_iters, backward_restart=50,
+                                unconverged="implicit")
+    sub = lambda tree: jax.tree_util.tree_map(lambda a: a[:rows], tree)
+    batch = sub(dict(batch))
+    n = batch["inputs"].shape[0]
+    kw = dict(unroll_steps=train_cfg.unroll_steps, global_batch_size=n,
+              jac_reg=train_cfg.jac_reg, jac_reg_samples=train_cfg.jac_reg_samples)
+    fns = {name: jax.jit(loss_and_grad(model, adjoint=a, **kw))
+           for name, a in (("backward", adj), ("exact", exact))}
+    flat = lambda g: jnp.concatenate([jnp.ravel(x).astype(jnp.float32)
+                                      for x in jax.tree_util.tree_leaves(g)])
+    results = []
+    for params, carry in points:
+        out, grads = {}, []
+        for name, fn in fns.items():
+            (_, (_, m)), g = fn(params, sub(carry), batch, key)
+            out[f"{name}_residual"] = float(m["implicit_backward_residual"]) / n
+            out[f"{name}_iters"] = float(m["implicit_backward_iters"]) / n
+            grads.append(flat(g))
+        a, b = grads
+        out["cos_vs_exact"] = float(a @ b / jnp.maximum(jnp.linalg.norm(a) * jnp.linalg.norm(b),
+                                                        1e-30))
+        results.append(out)
+    return results

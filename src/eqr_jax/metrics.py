@@ -18,7 +18,8 @@ LOSS_KEYS = ("lm_loss", "q_halt_loss", "total_loss")
 LATENT_KEYS = ("zH_rms", "zL_rms")
 # Present only with train.jac_reg > 0 (jac_fro) or grad_mode=implicit (implicit_*): sums over
 # all rows, logged as per-row means like the losses.
-SOLVER_KEYS = ("jac_fro", "implicit_iters", "implicit_residual", "implicit_converged")
+SOLVER_KEYS = ("jac_fro", "implicit_iters", "implicit_residual", "implicit_converged",
+               "implicit_backward_residual", "implicit_backward_iters")
 
 
 def _reducer(key: str) -> Callable:
@@ -58,7 +59,9 @@ def train_scalars(sums: Mapping[str, Any], global_batch_size: int) -> dict[str, 
     precision/recall and mean steps by ``count`` (halted rows), and dropped when no row halted;
     ``min_steps``/``max_steps`` are the extrema; `SOLVER_KEYS` are per-row means like the
     losses (``train/implicit_converged``: the fraction of rows whose implicit solve converged)
-    and ``max_implicit_iters`` the extremum; ``train/residual/act_step_{s}`` is the mean change
+    (``train/implicit_backward_residual`` / ``_iters``: the backward linear solve's mean relative
+    residual and iterations per row) and ``max_implicit_iters`` /
+    ``max_implicit_backward_residual`` the extrema; ``train/residual/act_step_{s}`` is the mean change
     norm of [z_H; z_L] at ACT step s (rows that continued into step s), ``train/residual_mean``
     its mean over all binned rows; ``grad_norm`` is the mean over steps.
     """
@@ -67,8 +70,9 @@ def train_scalars(sums: Mapping[str, Any], global_batch_size: int) -> dict[str, 
     denom = global_batch_size * n
     out = {f"train/{k}": float(s[k]) / denom for k in LOSS_KEYS + LATENT_KEYS + SOLVER_KEYS
            if k in s}
-    if "max_implicit_iters" in s:
-        out["train/max_implicit_iters"] = float(s["max_implicit_iters"])
+    for k in ("max_implicit_iters", "max_implicit_backward_residual"):
+        if k in s:
+            out[f"train/{k}"] = float(s[k])
     count = float(s.get("count", 0.0))
     if count > 0:
         for k in SUM_KEYS:

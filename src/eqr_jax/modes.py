@@ -21,6 +21,9 @@ GRAD_MODES = ("truncated", "full", "one_step", "phantom", "implicit")
 # The implicit mode's forward solvers and backward linear solves (eqr_jax.dynamics).
 IMPLICIT_SOLVERS = ("anderson", "iteration")
 IMPLICIT_BACKWARDS = ("gmres", "iteration")
+# The backward of a row whose forward solve did not converge: the implicit gradient at its
+# returned iterate, or the one-step (Jacobian-free) gradient.
+IMPLICIT_UNCONVERGED = ("implicit", "one_step")
 # Inference: the same iteration with no gradient at all.
 NO_GRAD = "none"
 

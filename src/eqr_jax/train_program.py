@@ -30,7 +30,7 @@ from eqr_jax import dynamics, metrics as metrics_lib, optim, profiling
 from eqr_jax import sharding as sharding_lib
 from eqr_jax.act import ACTCarry, BATCH_KEYS, init_carry
 from eqr_jax.config import RunConfig
-from eqr_jax.losses import loss_and_metrics
+from eqr_jax.losses import loss_and_grad
 from eqr_jax.model import EqRModel
 
 # Bit flags of the quantities the non-finite guard watches (``nonfinite_what``).
@@ -92,10 +92,10 @@ def make_train_step(model: EqRModel, cfg: RunConfig, optimizer: optax.GradientTr
     """
     tc = cfg.train
     n_steps = int(steps_per_call or tc.steps_per_call)
-    grad_fn = jax.value_and_grad(functools.partial(
-        loss_and_metrics, model, adjoint=dynamics.adjoint_for(tc), unroll_steps=tc.unroll_steps,
+    grad_fn = loss_and_grad(
+        model, adjoint=dynamics.adjoint_for(tc), unroll_steps=tc.unroll_steps,
         global_batch_size=cfg.data.global_batch_size, jac_reg=tc.jac_reg,
-        jac_reg_samples=tc.jac_reg_samples), has_aux=True)
+        jac_reg_samples=tc.jac_reg_samples)
     # Named scopes: the ACT step and the optimiser are found by name in a profile.
     grad_fn = profiling.scoped("act_step", grad_fn)
     update = profiling.scoped("optimizer", optimizer.update)

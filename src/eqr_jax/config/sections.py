@@ -186,12 +186,19 @@ class TrainConfig:
     implicit_maxiter: int = 30
     # Implicit mode (docs/training.md, "Implicit gradients"): a row stops once its relative
     # residual ||f(z) - z|| / ||z|| is at most implicit_tol; Anderson mixes each row's last
-    # implicit_history iterates; the backward linear solve costs implicit_backward_iters VJPs.
+    # implicit_history iterates. The backward linear solve runs per row until its relative
+    # residual is at most implicit_backward_tol or implicit_backward_iters VJPs (GMRES restarts
+    # every implicit_backward_restart); a row whose forward solve did not converge gets the
+    # implicit gradient at its returned iterate ("implicit") or the one-step gradient
+    # ("one_step"). docs/implicit-gradients.md has the defaults' accuracy and cost.
     implicit_tol: float = 1e-3
     implicit_method: str = "anderson"
     implicit_history: int = 5
     implicit_backward: str = "gmres"
-    implicit_backward_iters: int = 20
+    implicit_backward_iters: int = 200
+    implicit_backward_tol: float = 1e-4
+    implicit_backward_restart: int = 20
+    implicit_unconverged: str = "implicit"
     # grad_mode=phantom: phantom_k damped steps z <- (1 - d) z + d f(z) carry the gradient.
     phantom_k: int = 2
     phantom_damping: float = 0.5
@@ -234,13 +241,16 @@ class TrainConfig:
         _check_choice("train.implicit_method", self.implicit_method, modes.IMPLICIT_SOLVERS)
         _check_choice("train.implicit_backward", self.implicit_backward,
                       modes.IMPLICIT_BACKWARDS)
+        _check_choice("train.implicit_unconverged", self.implicit_unconverged,
+                      modes.IMPLICIT_UNCONVERGED)
         for name in ("epochs", "max_steps", "epochs_per_iter", "init_step", "lr", "lr_warmup_steps",
                      "weight_decay", "grad_clip_norm", "log_every", "eval_every",
                      "checkpoint_every", "jac_reg"):
             if not getattr(self, name) >= 0:
                 raise ConfigError(f"train.{name} must be >= 0, got {getattr(self, name)}")
         for name in ("steps_per_call", "unroll_steps", "keep_checkpoints", "implicit_maxiter",
-                     "implicit_history", "implicit_backward_iters", "phantom_k",
+                     "implicit_history", "implicit_backward_iters", "implicit_backward_restart",
+                     "phantom_k",
                      "jac_reg_samples"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"train.{name} must be >= 1, got {getattr(self, name)}")
@@ -252,8 +262,9 @@ class TrainConfig:
         if self.profile and not re.fullmatch(r"\d+(:[1-9]\d*)?", self.profile.strip()):
             raise ConfigError(f"train.profile must be START[:CALLS] (optimiser step >= 0, calls "
                               f">= 1), e.g. 20:2; got {self.profile!r}")
-        if not self.implicit_tol > 0:
-            raise ConfigError(f"train.implicit_tol must be > 0, got {self.implicit_tol}")
+        for name in ("implicit_tol", "implicit_backward_tol"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"train.{name} must be > 0, got {getattr(self, name)}")
         if not 0 < self.phantom_damping <= 1:
             raise ConfigError(f"train.phantom_damping must be in (0, 1], got "
                               f"{self.phantom_damping}")
