@@ -282,6 +282,7 @@ def _coordination_client():
 
 
 _exchange_ids = iter(range(1 << 62))
+_barrier_ids = iter(range(1 << 62))
 
 
 def exchange(value: str, what: str, timeout_s: float | None = None) -> list[str]:
@@ -322,7 +323,9 @@ def barrier(name: str, timeout_s: float | None = None) -> None:
         return
     timeout = distributed_timeout(timeout_s)
     try:
-        _coordination_client().wait_at_barrier(f"eqr/{name}", int(timeout * 1000))
+        # Numbered: every process passes the same barriers in the same order.
+        _coordination_client().wait_at_barrier(f"eqr/{name}/{next(_barrier_ids)}",
+                                               int(timeout * 1000))
     except Exception as e:
         raise PeerTimeoutError(
             f"not every one of the {jax.process_count()} processes reached {name} within "
