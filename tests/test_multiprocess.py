@@ -290,3 +290,19 @@ def test_shared_storage_verdict_on_data_and_init_from(tmp_path):
     assert one == "directory with checkpoint steps 4" != _fingerprint_source(tmp_path / "run")
     assert "--init-from r differs between process 0 (directory with checkpoint steps 4)" in \
         verdict([view(fa, one), view(fa, _fingerprint_source(tmp_path / "run"))], "o", "d", "r")
+
+
+def test_distributed_timeout_setting(monkeypatch):
+    """The flag's value, else EQR_DISTRIBUTED_TIMEOUT, else 300 s; a bad value is one error."""
+    from eqr_jax import sharding
+
+    monkeypatch.setattr(sharding, "_timeout_s", None)
+    monkeypatch.delenv("EQR_DISTRIBUTED_TIMEOUT", raising=False)
+    assert sharding.distributed_timeout() == 300
+    monkeypatch.setenv("EQR_DISTRIBUTED_TIMEOUT", "45")
+    assert (sharding.distributed_timeout(), sharding.distributed_timeout("2.5")) == (45, 2.5)
+    with pytest.raises(sharding.ConfigError, match="--distributed-timeout must be a positive"):
+        sharding.distributed_timeout("0")
+    monkeypatch.setenv("EQR_DISTRIBUTED_TIMEOUT", "soon")
+    with pytest.raises(sharding.ConfigError, match="EQR_DISTRIBUTED_TIMEOUT must be a positive"):
+        sharding.distributed_timeout()

@@ -180,23 +180,26 @@ def initialize_distributed(coordinator: str | None = None, num_processes: int | 
 # Seconds a process waits for its peers: to join, at the project's barriers and exchanges.
 DISTRIBUTED_TIMEOUT_ENV = "EQR_DISTRIBUTED_TIMEOUT"
 DEFAULT_DISTRIBUTED_TIMEOUT_S = 300  # JAX's own initialization_timeout
-_timeout_s: float = DEFAULT_DISTRIBUTED_TIMEOUT_S
+_timeout_s: float | None = None  # settled by initialize_distributed
 
 
-def distributed_timeout(value: float | None = None) -> float:
-    """The multi-process timeout in seconds: ``value`` (``--distributed-timeout``), else
-    ``EQR_DISTRIBUTED_TIMEOUT``, else the one `initialize_distributed` set (default 300).
-    Raises `ConfigError` for a value that is not a positive number."""
+def distributed_timeout(value: float | str | None = None) -> float:
+    """The multi-process timeout in seconds: ``value`` (``--distributed-timeout``), else the
+    one `initialize_distributed` settled on, else ``EQR_DISTRIBUTED_TIMEOUT``, else
+    `DEFAULT_DISTRIBUTED_TIMEOUT_S`. Raises `ConfigError` for a value that is not a positive
+    number."""
     where = "--distributed-timeout"
+    if value is None and _timeout_s is not None:
+        return _timeout_s
     if value is None and os.environ.get(DISTRIBUTED_TIMEOUT_ENV, "").strip():
         value, where = os.environ[DISTRIBUTED_TIMEOUT_ENV].strip(), DISTRIBUTED_TIMEOUT_ENV
     if value is None:
-        return _timeout_s
+        return float(DEFAULT_DISTRIBUTED_TIMEOUT_S)
     try:
         seconds = float(value)
     except ValueError:
         seconds = float("nan")
-    if not seconds > 0 or seconds == float("inf"):
+    if not 0 < seconds < float("inf"):
         raise ConfigError(f"{where} must be a positive number of seconds, got {value!r}")
     return seconds
 
