@@ -162,6 +162,7 @@ def initialize_distributed(coordinator: str | None = None, num_processes: int | 
     except (AttributeError, ValueError):  # a JAX without the option: its default
         pass
     global _timeout_s
+    _timeout_s = None  # this call's setting, not an earlier one's
     _timeout_s = distributed_timeout(timeout_s)
     joined = _join_watchdog(_timeout_s, coordinator, num_processes, process_id, prog)
     try:
