@@ -117,7 +117,7 @@ def check_shared_storage(out_dir: str | os.PathLike, data: str | os.PathLike | N
     from eqr_jax.sharding import exchange
 
     out = Path(out_dir)
-    pi, pc = jax.process_index(), jax.process_count()
+    pi = jax.process_index()
     nonce = problem = ""
     if pi == 0:
         try:
