@@ -28,8 +28,10 @@ import pytest
 from conftest import EVAL_MODEL_OVERRIDES, read_tensorboard, write_array_dataset
 from eqr_jax.data.arrays import make_puzzles
 
-TIMEOUT_S = 150  # per launch; a healthy one takes ~10-30 s on a 2-core CI box
-GRACE_S = 30  # for the other processes once one has exited
+TIMEOUT_S = 300  # per launch; a healthy one takes ~10-30 s on a quiet 2-core CI box
+GRACE_S = 60  # for the other processes once one has exited
+# The processes' own timeouts (join, barriers, heartbeat), generous for a loaded machine.
+DISTRIBUTED_TIMEOUT_S = 600
 
 # `eqr train` as the command line runs it; on the process given EQR_TEST_SIGTERM_AT, the
 # training loader sends SIGTERM to its own process when that batch is drawn, then draws slowly
@@ -74,12 +76,14 @@ def _free_port() -> int:
 
 
 def _launch(args: list[str], processes: int, devices: int, tmp, *, flags: bool = False,
-            sigterm_at: dict[int, int] = {}) -> list[tuple[int, str]]:
+            sigterm_at: dict[int, int] = {}, cwds: list | None = None,
+            timeout_s: float = TIMEOUT_S) -> list[tuple[int, str]]:
     """Run `eqr train ARGS` as ``processes`` processes x ``devices`` CPU devices; returns each
     process's (exit status, output). The coordinator comes from the JAX_* environment, or from
-    the --coordinator/--num-processes/--process-id flags when ``flags``. Once one process has
-    exited the others get `GRACE_S` to follow (a peer that died leaves them waiting in a
-    collective); all are killed at `TIMEOUT_S`."""
+    the --coordinator/--num-processes/--process-id flags when ``flags``; ``cwds``: each
+    process's working directory. Once one process has exited the others get `GRACE_S` to
+    follow (a peer that died leaves them waiting in a collective); all are killed at
+    ``timeout_s``."""
     port = _free_port()
     procs, logs = [], []
     for i in range(processes):
@@ -87,7 +91,8 @@ def _launch(args: list[str], processes: int, devices: int, tmp, *, flags: bool =
         # runs; every launch uses it, so the comparisons are like for like.
         env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=(
             f"--xla_force_host_platform_device_count={devices} "
-            "--xla_backend_optimization_level=0"))
+            "--xla_backend_optimization_level=0"),
+            EQR_DISTRIBUTED_TIMEOUT=str(DISTRIBUTED_TIMEOUT_S))
         for k in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID",
                   "EQR_TEST_SIGTERM_AT"):
             env.pop(k, None)
@@ -104,8 +109,9 @@ def _launch(args: list[str], processes: int, devices: int, tmp, *, flags: bool =
         with open(logs[-1], "w") as log:
             procs.append(subprocess.Popen(
                 [sys.executable, "-c", _LAUNCH, "train", *args, *extra], env=env, text=True,
-                stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
-    deadline = time.monotonic() + TIMEOUT_S
+                stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                cwd=cwds[i] if cwds else None))
+    deadline = time.monotonic() + timeout_s
     try:
         while any(p.poll() is None for p in procs) and time.monotonic() < deadline:
             if any(p.poll() is not None for p in procs):
@@ -203,3 +209,100 @@ def test_two_processes_with_preemption_and_resume_match_one_process(tmp_path):
     tb_warm = read_tensorboard(tmp_path / "warm")
     for tag in ("all/exact_accuracy", "all/accuracy", "all/final_residual"):
         assert dict(tb_warm[tag])[0] == pytest.approx(dict(tb_one[tag])[STEPS], rel=1e-5), tag
+
+
+def _error_lines(out: str) -> list[str]:
+    return [line for line in out.splitlines() if line.startswith("eqr train: ")]
+
+
+def test_separate_disks_stop_every_process_before_training(tmp_path):
+    """Two processes whose working directories differ ("hosts" with their own disks) and the
+    same relative ``--out``: both stop within a minute with the same one line, exit 2, before
+    anything is trained or checkpointed, and the check's token is gone."""
+    data = write_array_dataset(tmp_path / "data", make_puzzles(64, 0, blanks=(2, 5)),
+                               make_puzzles(8, 1, blanks=(2, 5)))
+    disks = [tmp_path / "host0", tmp_path / "host1"]
+    for d in disks:
+        d.mkdir()
+    start = time.monotonic()
+    results = _launch(["--preset", "tiny", "--data", str(data), "--out", "runs/x",
+                       "--no-progress", "data.global_batch_size=16", "train.max_steps=4",
+                       "train.checkpoint_every=2"], 2, 2, tmp_path, cwds=disks, timeout_s=60)
+    assert time.monotonic() - start < 60
+    _check(results, 2)
+    lines = [_error_lines(out) for _, out in results]
+    assert all(len(ls) == 1 for ls in lines), [out[-2000:] for _, out in results]
+    assert lines[0] == lines[1], lines
+    assert ("process 1 of 2 does not see the run directory --out runs/x" in lines[0][0]
+            and "a bucket or a shared mount" in lines[0][0]), lines[0]
+    for (_, out), d in zip(results, disks):
+        assert "Traceback" not in out and "step 1" not in out, out[-2000:]
+        run = d / "runs" / "x"
+        assert not (run / "checkpoints").exists() and not (run / ".eqr-shared-storage-check"
+                                                           ).exists(), list(run.iterdir())
+
+
+def test_a_peer_that_never_joins_is_one_line(tmp_path):
+    """Process 0 of 2 alone, with a 3 s distributed timeout: one line naming process 1, exit 2,
+    soon after the timeout (JAX alone would abort with a C++ stack trace)."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu", EQR_DISTRIBUTED_TIMEOUT="1000")
+    for k in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"):
+        env.pop(k, None)
+    start = time.monotonic()
+    proc = subprocess.run(
+        [sys.executable, "-m", "eqr_jax.cli", "train", "--preset", "tiny", "--out",
+         str(tmp_path / "run"), "--coordinator", f"127.0.0.1:{_free_port()}",
+         "--num-processes", "2", "--process-id", "0", "--distributed-timeout", "3"],
+        env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert time.monotonic() - start < 40
+    assert proc.stderr.strip().splitlines() == [
+        "eqr train: process 1 of 2 did not join within 3 s (the coordinator at "
+        f"{proc.args[proc.args.index('--coordinator') + 1]}, this is process 0); start every "
+        "process with the same --coordinator and --num-processes and its own --process-id, or "
+        "wait longer with --distributed-timeout SECONDS / EQR_DISTRIBUTED_TIMEOUT"], proc.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_shared_storage_verdict_on_data_and_init_from(tmp_path):
+    """The start-up check's decision from the processes' views: identical per-host copies of a
+    dataset pass, a copy missing on one process or holding other data is named, and so is an
+    ``--init-from`` run with other checkpoint steps."""
+    from eqr_jax.shared_storage import _fingerprint_data, _fingerprint_source, verdict
+
+    a = write_array_dataset(tmp_path / "a", make_puzzles(16, 0), make_puzzles(4, 1))
+    b = write_array_dataset(tmp_path / "b", make_puzzles(16, 0), make_puzzles(4, 1))
+    c = write_array_dataset(tmp_path / "c", make_puzzles(32, 0), make_puzzles(4, 1))
+    fa, fb, fc = (_fingerprint_data(p) for p in (a, b, c))
+    assert fa == fb != fc and _fingerprint_data(tmp_path / "none") == ""
+    view = lambda data, init="": {"out": True, "data": data, "init": init}
+    assert verdict([view(fa), view(fb)], "o", "d") is None
+    assert verdict([view(fa), {**view(fa), "out": False}, {**view(fa), "out": False}], "o"
+                   ).startswith("processes 1, 2 of 3 do not see the run directory --out o")
+    assert verdict([view(fa), view("")], "o", "d").startswith(
+        "--data d is missing on process 1 of 2 but present on process 0:")
+    assert verdict([view(fa), view(fc)], "o", "d").startswith(
+        f"--data d differs between process 0 ({fa}) and process 1 ({fc}):")
+    run = tmp_path / "run" / "checkpoints"
+    (run / "4").mkdir(parents=True)
+    one = _fingerprint_source(tmp_path / "run")
+    (run / "8").mkdir()
+    assert one == "directory with checkpoint steps 4" != _fingerprint_source(tmp_path / "run")
+    assert "--init-from r differs between process 0 (directory with checkpoint steps 4)" in \
+        verdict([view(fa, one), view(fa, _fingerprint_source(tmp_path / "run"))], "o", "d", "r")
+
+
+def test_distributed_timeout_setting(monkeypatch):
+    """The flag's value, else EQR_DISTRIBUTED_TIMEOUT, else 300 s; a bad value is one error."""
+    from eqr_jax import sharding
+
+    monkeypatch.setattr(sharding, "_timeout_s", None)
+    monkeypatch.delenv("EQR_DISTRIBUTED_TIMEOUT", raising=False)
+    assert sharding.distributed_timeout() == 300
+    monkeypatch.setenv("EQR_DISTRIBUTED_TIMEOUT", "45")
+    assert (sharding.distributed_timeout(), sharding.distributed_timeout("2.5")) == (45, 2.5)
+    with pytest.raises(sharding.ConfigError, match="--distributed-timeout must be a positive"):
+        sharding.distributed_timeout("0")
+    monkeypatch.setenv("EQR_DISTRIBUTED_TIMEOUT", "soon")
+    with pytest.raises(sharding.ConfigError, match="EQR_DISTRIBUTED_TIMEOUT must be a positive"):
+        sharding.distributed_timeout()

@@ -109,6 +109,7 @@ def test_initialize_distributed_reads_flags_then_environment(monkeypatch):
     gloo collectives on CPU; without any setting nothing is initialised; malformed settings are
     `ConfigError`s naming the setting."""
     calls, updates = [], []
+    monkeypatch.setattr(sharding, "_timeout_s", None)  # restored after the test
     monkeypatch.setattr(jax.distributed, "initialize", lambda **kw: calls.append(kw))
     monkeypatch.setattr(jax.distributed, "is_initialized", lambda: False)
     monkeypatch.setattr(jax.config, "update", lambda k, v: updates.append((k, v)))
@@ -140,3 +141,23 @@ def test_initialize_distributed_reads_flags_then_environment(monkeypatch):
     monkeypatch.setenv("SLURM_PROCID", "3")
     assert sharding.initialize_distributed() is True
     assert calls[-1] == {"coordinator_address": None, "num_processes": None, "process_id": None}
+
+
+def test_initialize_distributed_passes_the_timeouts_this_jax_has(monkeypatch):
+    """--distributed-timeout reaches `jax.distributed.initialize` as the arguments it has: the
+    join deadline later than the watchdog's (which reports a missing peer in one line), the
+    heartbeat and shutdown timeouts never below JAX's defaults; the barriers then use it."""
+    calls = []
+
+    def initialize(coordinator_address=None, num_processes=None, process_id=None,
+                   initialization_timeout=300, heartbeat_timeout_seconds=100):
+        calls.append((initialization_timeout, heartbeat_timeout_seconds))
+
+    monkeypatch.setattr(sharding, "_timeout_s", None)
+    monkeypatch.setattr(jax.distributed, "initialize", initialize)
+    monkeypatch.setattr(jax.distributed, "is_initialized", lambda: False)
+    monkeypatch.setenv("EQR_DISTRIBUTED_TIMEOUT", "45")
+    assert sharding.initialize_distributed("h:9", 2, 1, timeout_s="600") is True
+    assert calls == [(2 * 600 + 30, 600)] and sharding.distributed_timeout() == 600
+    assert sharding.initialize_distributed("h:9", 2, 1) is True
+    assert calls[-1] == (2 * 45 + 30, 100) and sharding.distributed_timeout() == 45

@@ -179,14 +179,21 @@ def add_distributed_options(p: argparse.ArgumentParser) -> None:
                    help="processes in the run (default: $JAX_NUM_PROCESSES)")
     g.add_argument("--process-id", type=int, metavar="I",
                    help="this process, 0..N-1 (default: $JAX_PROCESS_ID)")
+    g.add_argument("--distributed-timeout", metavar="SECONDS",
+                   help="how long a process waits for the others: to join, at start-up checks "
+                        "and barriers; also the heartbeat and shutdown timeouts when longer "
+                        "than JAX's (default: $EQR_DISTRIBUTED_TIMEOUT, else 300)")
 
 
-def init_distributed(args: argparse.Namespace) -> bool:
+def init_distributed(args: argparse.Namespace, prog: str = "eqr") -> bool:
     """Join the multi-process run the flags / environment describe (before JAX touches a
-    device); see `eqr_jax.sharding.initialize_distributed`."""
+    device); see `eqr_jax.sharding.initialize_distributed`. A peer that does not join within
+    the timeout ends this process with one line ``PROG: ...`` and status 2."""
     from eqr_jax.sharding import initialize_distributed
 
-    return initialize_distributed(args.coordinator, args.num_processes, args.process_id)
+    return initialize_distributed(args.coordinator, args.num_processes, args.process_id,
+                                  timeout_s=getattr(args, "distributed_timeout", None),
+                                  prog=prog)
 
 
 def exact_accuracy_line(value: float) -> str:

@@ -119,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
                                f"{getattr(args, name)}")
     if args.dry_run or args.target or args.preset:
         return _dry_run(args, sys.argv[1:] if argv is None else argv)
-    common.init_distributed(args)
+    common.init_distributed(args, "eqr eval")
     common.enable_compile_cache(args)
     cfg, model, params = common.load_model(args)
     eval_cfg = common.eval_config_from_args(cfg.eval, args)

@@ -117,9 +117,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.target:
         from eqr_jax.cli.plan import prepare_target, run_target_plan
         target = prepare_target(sys.argv[1:] if argv is None else argv)
-    common.init_distributed(args)
+    common.init_distributed(args, PROG)
     import jax
 
+    if jax.process_count() > 1 and not args.dry_run:
+        from eqr_jax.shared_storage import check_shared_storage
+
+        # Before anything below reads or writes them: separate disks would otherwise hang the
+        # run at its first checkpoint, or split it on which data exists.
+        check_shared_storage(cfg.train.out_dir, cfg.data.path, cfg.train.init_from)
     from eqr_jax.data import prepare
     from eqr_jax.preemption import Preempted
     from eqr_jax.training import train

@@ -72,14 +72,15 @@ def ensure_dataset(cfg: RunConfig, progress: bool = True, process_index: int = 0
         if process_index == 0:
             _build_atomically(cfg, path, progress)
     if process_count > 1:
-        from eqr_jax.sharding import sync
+        from eqr_jax.shared_storage import check_all_see
+        from eqr_jax.sharding import barrier, distributed_timeout
 
-        sync(f"eqr-data-ready:{path}")
-        if not path.exists():
-            raise DataFormatError(
-                f"{path}: not found on process {process_index} after process 0 built it; every "
-                "process must see the same storage (or build the data on every host first with "
-                f"`{data_build_command(cfg)}`)")
+        # Through the coordination service, not a device collective: a build takes minutes to
+        # hours, far beyond gloo's fixed 30 s rendezvous.
+        barrier(f"data-ready:{path}", timeout_s=max(distributed_timeout(), 24 * 3600.0))
+        # Every process stops with the same line when one of them cannot see the build.
+        check_all_see(path, "the dataset",
+                      f"build it on every host first with `{data_build_command(cfg)}`")
 
 
 def _build_atomically(cfg: RunConfig, path: Path, progress: bool) -> None:

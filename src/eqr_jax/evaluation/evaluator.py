@@ -81,6 +81,7 @@ class Evaluator:
         self.model = with_eval_noise(model, cfg.noise_scale)
         self.mesh = sharding_lib.make_mesh() if mesh is None else mesh
         self.depth = cfg.depth_for(model.cfg.halt_max_steps)
+        self._compiled: set = set()  # evaluation programs compiled ahead (several processes)
 
     @property
     def noise_scale(self) -> float:
@@ -154,14 +155,22 @@ class Evaluator:
         for start in range(0, breadth, chunk):
             ids = jnp.arange(start, start + chunk, dtype=jnp.int32)  # the last may overrun
             if c.solver == "unroll":
-                out = core.evaluate_copies(self.model, params, inputs, labels, mask, seed, first,
-                                           ids, breadth, depth, stop,
-                                           window=int(c.convergence_window),
-                                           trace_points=int(c.trace_points))
+                fn, args = core.evaluate_copies, (self.model, params, inputs, labels, mask, seed,
+                                                  first, ids, breadth, depth, stop)
+                kw = dict(window=int(c.convergence_window), trace_points=int(c.trace_points))
             else:
-                out = core.solve_copies(self.model, params, inputs, labels, mask, seed, first,
-                                        ids, solver=c.solver, depth=depth,
-                                        tol=float(c.convergence_tol))
+                fn, args = core.solve_copies, (self.model, params, inputs, labels, mask, seed,
+                                               first, ids)
+                kw = dict(solver=c.solver, depth=depth, tol=float(c.convergence_tol))
+            if jax.process_count() > 1:
+                key = (fn.__name__, depth, breadth, chunk, inputs.shape)
+                if key not in self._compiled:
+                    self._compiled.add(key)
+                    # Every process compiles before any enters the call's collectives (gloo
+                    # waits a fixed 30 s for a peer; see `eqr_jax.training.compile_together`).
+                    fn.lower(*args, **kw).compile()
+                    sharding_lib.barrier(f"compiled:{fn.__name__}")
+            out = fn(*args, **kw)
             outs.append(sharding_lib.fetch(out))
         host_mask, host_labels = sharding_lib.fetch((mask, labels))
         cat = lambda name: np.concatenate([getattr(o, name) for o in outs], axis=0)[:breadth]
