@@ -234,7 +234,7 @@ def test_separate_disks_stop_every_process_before_training(tmp_path):
     assert all(len(ls) == 1 for ls in lines), [out[-2000:] for _, out in results]
     assert lines[0] == lines[1], lines
     assert ("process 1 of 2 does not see the run directory --out runs/x" in lines[0][0]
-            and "a bucket or a shared mount" in lines[0][0]), lines[0]
+            and "a shared mount (NFS" in lines[0][0]), lines[0]
     for (_, out), d in zip(results, disks):
         assert "Traceback" not in out and "step 1" not in out, out[-2000:]
         run = d / "runs" / "x"

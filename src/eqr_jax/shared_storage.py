@@ -2,7 +2,7 @@
 
 Every process of a run writes and reads its run directory (Orbax checkpoints are written by all
 of them together and committed by process 0; a resume reads them everywhere). On a pod slice
-without a bucket or a shared mount each host has its own local disk, and such a run used to
+without a shared mount each host has its own local disk, and such a run used to
 hang at its first checkpoint. `check_shared_storage` finds that out before anything is built,
 loaded or trained: process 0 writes a fresh random token into the run directory, every process
 reads it back, and the processes exchange what they saw (and what they see of ``--data`` and
@@ -35,8 +35,8 @@ import jax
 from eqr_jax.config import ConfigError
 
 TOKEN_NAME = ".eqr-shared-storage-check"
-FIX = ("put it on storage every process sees: a bucket or a shared mount (NFS, Filestore, "
-       "gcsfuse)")
+FIX = ("put it on storage every process sees: a shared mount (NFS, Filestore, or a bucket "
+       "mounted with gcsfuse)")
 
 
 class SharedStorageError(ConfigError):

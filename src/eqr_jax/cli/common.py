@@ -132,6 +132,23 @@ def _quiet_closed_loop(hook):
     return quiet
 
 
+def _first_url(argv: list[str]) -> str | None:
+    """The one-line refusal of the first argument that is a URL (``--out gs://b/run``,
+    ``train.out_dir=gs://b/run``), or None: every path of a run is a file-system path."""
+    for i, arg in enumerate(argv):
+        value = arg.split("=", 1)[1] if "=" in arg else arg
+        scheme = config_lib.url_scheme(value)
+        if scheme:
+            if "=" in arg:  # --out=URL, or a key=value override
+                what = arg.replace("=", " ", 1) if arg.startswith("-") else arg
+            else:
+                what = f"{argv[i - 1]} {arg}" if i and argv[i - 1].startswith("-") else arg
+            return (f"{what}: {scheme}:// URLs are not supported (yet); give a local "
+                    "path, or mount the bucket as a file system (gcsfuse; docs/training.md, "
+                    "\"Several hosts\")")
+    return None
+
+
 def guarded(prog: str):
     """Decorator for a sub-command's ``main(argv)``: user errors (`error_status` 2) and the run's
     own failures become ``prog: message`` on stderr and their exit status; Ctrl-C exits 130;
@@ -149,6 +166,9 @@ def guarded(prog: str):
                 # one-line report names the checkpoint already.
                 logging.getLogger("asyncio").setLevel(logging.CRITICAL)
                 sys.unraisablehook = _quiet_closed_loop(sys.unraisablehook)
+            url = _first_url(argv)
+            if url is not None:  # before anything could create a local "gs:" folder
+                return fail(prog, url, 2)
             try:
                 return int(main(argv) or 0)
             except KeyboardInterrupt:

@@ -138,6 +138,7 @@ class DataConfig:
     build_seed: int = 0
 
     def __post_init__(self):
+        check_local_path("data.path", self.path)
         _check_choice("data.build_kind", self.build_kind, ("sudoku", "maze"))
         _check_choice("data.build_source", self.build_source, ("generate", "hub"))
         if self.global_batch_size < 1:
@@ -235,6 +236,8 @@ class TrainConfig:
         return int(start), int(calls or 1)
 
     def __post_init__(self):
+        check_local_path("train.out_dir", self.out_dir)
+        check_local_path("train.init_from", self.init_from)
         _check_choice("train.grad_mode", self.grad_mode, modes.GRAD_MODES)
         _check_choice("train.optimizer", self.optimizer, ("adam_atan2", "adamw"))
         _check_choice("train.init_weights", self.init_weights, ("ema", "raw"))
@@ -342,6 +345,26 @@ class RunConfig:
     def eval_depth(self) -> int:
         """Evaluation depth: ``eval.depth``, or ``model.halt_max_steps`` when it is 0."""
         return self.eval.depth_for(self.model.halt_max_steps)
+
+
+# A URL scheme (gs://, s3://, http://): pathlib would turn "gs://b/run" into a local folder
+# "gs:/b/run" and write the run there.
+_URL = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*)://")
+
+
+def url_scheme(value: str) -> str | None:
+    """The scheme of ``value`` when it is a URL (``gs`` for ``gs://bucket/run``), else None."""
+    m = _URL.match(str(value).strip())
+    return m.group(1).lower() if m else None
+
+
+def check_local_path(name: str, value: str) -> None:
+    """Refuse a URL where a file-system path is needed (`ConfigError` naming ``name``)."""
+    scheme = url_scheme(value)
+    if scheme:
+        raise ConfigError(
+            f"{name}={value}: {scheme}:// URLs are not supported (yet); give a local path, or "
+            "mount the bucket as a file system (gcsfuse; docs/training.md, \"Several hosts\")")
 
 
 def _check_choice(name: str, value: Any, choices: Sequence[Any]) -> None:
