@@ -8,7 +8,8 @@
     python experiments/ablate_gradients.py --preset sudoku --data data/sudoku-extreme-1k-aug-1000 \
         --modes study --steps 5000 --curve-every 500 --depths 4,16,64   # on an accelerator
 
-``--modes`` takes specs ``mode[+jac][@seed]`` (``implicit+jac``, ``truncated@1``) or ``study``
+``--modes`` takes specs ``mode[+jac[=W]][@seed]`` (``implicit+jac``, ``implicit+jac=0.05``,
+``truncated@1``) or ``study``
 (`ablation.STUDY`). Writes ``ablation.json`` and ``ablation.md`` under ``--out`` (and, with
 ``--plots PREFIX``, ``PREFIX_{exact,token}_{steps,wallclock}.png``).
 """
@@ -34,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--curve-every", type=int, default=0,
                    help="evaluate every N steps for the accuracy curves (0: only at the end)")
     p.add_argument("--jac-reg", type=float, default=1.0,
-                   help="train.jac_reg of the '+jac' specs")
+                   help="train.jac_reg of the '+jac' specs ('+jac=W' gives its own)")
     p.add_argument("--anchors", type=int, default=3,
                    help="fixed checkpoints of the anchor run for the gradient cosines (0: none)")
     p.add_argument("--no-cost", action="store_true",

@@ -110,3 +110,13 @@ def test_parse_spec():
         ablation.parse_spec("backprop+jac")
     with pytest.raises(ValueError, match="must be an integer"):
         ablation.parse_spec("truncated@x")
+    weak = ablation.parse_spec("implicit+jac=0.05@1")
+    assert weak == ablation.Spec("implicit+jac=0.05@1", "implicit", True, 1, 0.05)
+    from eqr_jax import config as C
+    cfg = C.preset("tiny")
+    assert ablation.spec_config(cfg, weak, "o", 0.5).train.jac_reg == 0.05  # its own weight
+    assert ablation.spec_config(cfg, ablation.parse_spec("implicit+jac"), "o",
+                                0.5).train.jac_reg == 0.5  # the study's
+    for bad in ("implicit+jac=", "implicit+jac=-1", "implicit+jacx"):
+        with pytest.raises(ValueError, match="positive weight"):
+            ablation.parse_spec(bad)

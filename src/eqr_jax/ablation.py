@@ -52,32 +52,44 @@ STUDY = ("truncated", "one_step", "phantom", "full", "implicit", "implicit+jac",
 
 @dataclasses.dataclass(frozen=True)
 class Spec:
-    """One run of the ablation: ``name`` as given (``mode[+jac][@seed]``)."""
+    """One run of the ablation: ``name`` as given (``mode[+jac[=WEIGHT]][@seed]``);
+    ``jac_weight`` None: the study's ``jac_reg``."""
 
     name: str
     grad_mode: str
     jac: bool = False
     seed: int | None = None
+    jac_weight: float | None = None
 
 
 def parse_spec(text: str) -> Spec:
-    """``truncated``, ``implicit+jac``, ``one_step@1`` ... -> `Spec` (ValueError naming it)."""
+    """``truncated``, ``implicit+jac``, ``implicit+jac=0.05``, ``one_step@1`` ... -> `Spec`
+    (ValueError naming it)."""
     rest, seed = text, None
     if "@" in rest:
         rest, s = rest.split("@", 1)
         if not s.isdigit():
             raise ValueError(f"spec {text!r}: the seed after '@' must be an integer")
         seed = int(s)
-    jac = rest.endswith("+jac")
-    mode = rest[:-len("+jac")] if jac else rest
+    mode, jac, weight = rest, "+jac" in rest, None
+    if jac:
+        mode, w = rest.split("+jac", 1)
+        if w:
+            try:
+                weight = float(w[1:]) if w.startswith("=") else float("nan")
+            except ValueError:
+                weight = float("nan")
+            if not weight > 0:
+                raise ValueError(f"spec {text!r}: '+jac=W' needs a positive weight W")
     modes.check("gradient mode", mode, MODES)
-    return Spec(text, mode, jac, seed)
+    return Spec(text, mode, jac, seed, weight)
 
 
 def spec_config(cfg: RunConfig, spec: Spec, out_dir: str, jac_reg: float) -> RunConfig:
     """``cfg`` with the spec's gradient mode, regularisation, seed and run directory."""
     tc = dataclasses.replace(cfg.train, grad_mode=spec.grad_mode, out_dir=out_dir,
-                             jac_reg=jac_reg if spec.jac else 0.0,
+                             jac_reg=(jac_reg if spec.jac_weight is None else spec.jac_weight)
+                             if spec.jac else 0.0,
                              seed=cfg.train.seed if spec.seed is None else spec.seed)
     return dataclasses.replace(cfg, train=tc)
 
