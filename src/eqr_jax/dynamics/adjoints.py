@@ -67,8 +67,8 @@ class Implicit:
     solved per row by ``backward`` (``gmres`` restarted every ``backward_restart`` Krylov vectors,
     or ``iteration``) until ||g - (I - J^T) u|| / ||g|| <= ``backward_tol`` or
     ``backward_iters`` vector-Jacobian products; a row whose forward solve did not converge gets
-    the implicit gradient at its returned iterate (``unconverged="implicit"``) or the one-step
-    gradient u = g (``"one_step"``) (docs/implicit-gradients.md).
+    the one-step gradient u = g (``unconverged="one_step"``, the default) or the implicit
+    gradient at its returned iterate (``"implicit"``) (docs/implicit-gradients.md).
     """
 
     maxiter: int = 30
@@ -79,7 +79,7 @@ class Implicit:
     backward_iters: int = 200
     backward_tol: float = 1e-4
     backward_restart: int = 20
-    unconverged: str = "implicit"
+    unconverged: str = "one_step"
     name: ClassVar[str] = "implicit"
 
     def __post_init__(self):

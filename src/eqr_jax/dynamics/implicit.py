@@ -50,7 +50,7 @@ class Backward(NamedTuple):
     tol: float = 1e-4
     max_iters: int = 200
     restart: int = 20
-    unconverged: str = "implicit"
+    unconverged: str = "one_step"
 
 
 def backward_probe(batch: int) -> jax.Array:
@@ -175,7 +175,7 @@ def fixed_point(step: StepFn, params, state: LatentState, x: jax.Array, *,
                 maxiter: int = 30, implicit_diff: bool = True, history_size: int = 5,
                 ridge: float = 1e-4, beta: float = 1.0, backward: str = "gmres",
                 backward_iters: int = 200, backward_tol: float = 1e-4,
-                backward_restart: int = 20, unconverged: str = "implicit",
+                backward_restart: int = 20, unconverged: str = "one_step",
                 probe: jax.Array | None = None) -> FixedPointResult:
     """Solve z* = step(params, z*, x) (noise off) per row; gradient by implicit differentiation.
 
