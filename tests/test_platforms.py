@@ -35,6 +35,9 @@ def test_tpu_chip_detection(tmp_path, monkeypatch):
     plain = _fake_pci(tmp_path / "a", ["0x8086", "0x1af4"])
     assert not platforms.tpu_chips_attached(plain)
     assert platforms.tpu_chips_attached(_fake_pci(tmp_path / "b", ["0x8086", "0x1ae0"]))
+    (tmp_path / "accel0").write_text("")  # a TPU device file, seen without the PCI bus
+    assert platforms.tpu_chips_attached(plain, device_globs=(str(tmp_path / "accel*"),))
+    assert not platforms.tpu_chips_attached(plain, device_globs=(str(tmp_path / "vfio*"),))
     monkeypatch.setenv("TPU_ACCELERATOR_TYPE", "v5litepod-8")  # a TPU VM's environment
     assert platforms.tpu_chips_attached(plain)
 

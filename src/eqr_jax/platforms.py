@@ -25,9 +25,18 @@ GOOGLE_PCI_VENDOR = "0x1ae0"
 TPU_ENV_VARS = ("TPU_ACCELERATOR_TYPE", "TPU_NAME", "TPU_WORKER_HOSTNAMES", "JAX_FORCE_TPU_INIT")
 
 
-def tpu_chips_attached(pci_root: str = "/sys/bus/pci/devices") -> bool:
-    """True when a Google (TPU) device is on the PCI bus or the TPU environment is set."""
+# TPU device files (v2-v4: /dev/accel*, v5e and later: VFIO groups): a container may see them
+# without /sys/bus/pci.
+TPU_DEVICE_GLOBS = ("/dev/accel*", "/dev/vfio/[0-9]*")
+
+
+def tpu_chips_attached(pci_root: str = "/sys/bus/pci/devices",
+                       device_globs: tuple[str, ...] = TPU_DEVICE_GLOBS) -> bool:
+    """True when a Google (TPU) device is on the PCI bus, a TPU device file exists, or the TPU
+    environment is set: then JAX is left to choose."""
     if any(v in os.environ for v in TPU_ENV_VARS):
+        return True
+    if any(glob.glob(pattern) for pattern in device_globs):
         return True
     for path in glob.glob(os.path.join(pci_root, "*", "vendor")):
         try:
