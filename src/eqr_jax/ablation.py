@@ -369,7 +369,7 @@ def run(cfg: RunConfig, out_dir: str | Path, *, grad_modes: Sequence[str] = MODE
                 if "grad_cos" not in r:
                     r["grad_cos"] = probe.cosines(cfgs[r["mode"]])
                     r["grad_cos_vs_full"] = r["grad_cos"][-1]
-                    if cfgs[r["mode"]].grad_mode == "implicit":  # issue 28: vs exact implicit
+                    if cfgs[r["mode"]].grad_mode == "implicit":  # and against the exact implicit
                         r["implicit_check"] = implicit_gradient_check(
                             probe.model, list(zip(probe.anchors, probe.carries)), probe.batch,
                             probe.key, cfgs[r["mode"]])

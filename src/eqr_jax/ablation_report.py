@@ -55,7 +55,7 @@ def study_tables(report: dict[str, Any]) -> str:
 
 
 def implicit_table(rows: Sequence[dict], steps: Sequence[int]) -> str:
-    """The implicit runs' backward solve (issue 28): training's mean backward residual and
+    """The implicit runs' backward solve: training's mean backward residual and
     iterations, and per fixed checkpoint the cosine with the exact implicit gradient
     (`eqr_jax.losses.implicit_gradient_check`); empty when no run has them."""
     out = [f"| {r['mode']} | {r.get('implicit_backward_residual', float('nan')):.1e} | "

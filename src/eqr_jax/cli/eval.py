@@ -43,7 +43,7 @@ def run(model, params, batches: Iterable, eval_cfg: EvalConfig, depths: Sequence
 
     import jax
 
-    if profile_dir:  # issue 27: eqr eval --profile
+    if profile_dir:
         from eqr_jax.profiling import profile_batches
         batches = profile_batches(batches, profile_dir, enabled=jax.process_index() == 0)
     results = Evaluator(model, eval_cfg).evaluate(params, batches, depths=depths,
@@ -52,7 +52,7 @@ def run(model, params, batches: Iterable, eval_cfg: EvalConfig, depths: Sequence
         raise ValueError("the evaluation data holds no batches")
     print(eval_report(results), flush=True)
     warn_no_convergence(results, eval_cfg)
-    from eqr_jax.perf import eval_lines  # issue 27: puzzle-steps/s and TFLOP/s
+    from eqr_jax.perf import eval_lines  # puzzle-steps/s and TFLOP/s per setting
     for line in eval_lines(results):
         print(f"[eqr eval] {line}", flush=True)
     if out_dir and jax.process_index() == 0:  # every process holds the same gathered results
@@ -92,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="output directory (default: <checkpoint>/eval)")
     p.add_argument("--no-plots", action="store_true")
     p.add_argument("--no-progress", action="store_true")
-    p.add_argument("--profile", action="store_true",  # issue 27
+    p.add_argument("--profile", action="store_true",
                    help="trace one evaluation batch (the second; the first compiles) with "
                         "jax.profiler into OUT/tb/plugins/profile (TensorBoard's profile "
                         "plugin / XProf); process 0 only")
@@ -153,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{jax.device_count()} device(s)", flush=True)
     try:
         run(model, params, loader, eval_cfg, depths, breadths, out, plots=not args.no_plots,
-            progress=not args.no_progress,  # issue 27: --profile traces one batch
+            progress=not args.no_progress,
             profile_dir=os.path.join(out, "tb") if args.profile else None)
     except ValueError as e:
         return common.fail("eqr eval", f"{data}: {e}")

@@ -58,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--init-weights", choices=("ema", "raw"),
                    help="with --init-from: start from the EMA (default) or the raw weights")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    # issue 27: the profiler window (train.profile, train.profile_all_processes)
+    # The profiler window (train.profile, train.profile_all_processes).
     p.add_argument("--profile", metavar="START[:CALLS]",
                    help="trace CALLS jitted calls (default 1) from optimiser step START with "
                         "jax.profiler into OUT/tb/plugins/profile (TensorBoard's profile "
@@ -102,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
         # Absolute, so that config.json records where the run started from wherever it is read.
         "train.init_from": args.init_from and str(Path(args.init_from).absolute()),
         "train.init_step": args.init_step, "train.init_weights": args.init_weights,
-        "train.profile": args.profile,  # issue 27
+        "train.profile": args.profile,
         "train.profile_all_processes": args.profile_all_processes or None})
     if (args.init_step is not None or args.init_weights) and not cfg.train.init_from:
         raise config_lib.ConfigError("--init-step and --init-weights apply to --init-from")
