@@ -318,6 +318,19 @@ def exchange(value: str, what: str, timeout_s: float | None = None) -> list[str]
     return out
 
 
+def compile_together(fn, args: tuple, name: str, **kwargs) -> None:
+    """With several processes, compile the jitted ``fn`` for ``args`` / ``kwargs`` ahead of its
+    first call (the call then finds the executable in jit's cache) and wait at a
+    coordination-service `barrier` until every process has: the first call's collectives then
+    start together. Gloo (CPU) gives a peer a fixed 30 s to show up at a collective, and one
+    process's compilation may take that much longer than another's on a loaded machine; the
+    barrier's timeout is the configurable `distributed_timeout`. Nothing with one process."""
+    if jax.process_count() == 1:
+        return
+    fn.lower(*args, **kwargs).compile()
+    barrier(f"compiled:{name}")
+
+
 def barrier(name: str, timeout_s: float | None = None) -> None:
     """Wait until every process has reached the barrier ``name`` (unique per occasion), at
     most ``timeout_s`` (default: `distributed_timeout`), through the coordination service: no

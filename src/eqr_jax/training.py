@@ -59,19 +59,6 @@ def check_local_rows(host: Mapping[str, np.ndarray], global_batch: int) -> None:
             "process (give the loader process_index / process_count)")
 
 
-def compile_together(fn, args: tuple, name: str) -> None:
-    """With several processes, compile the jitted ``fn`` for ``args`` ahead of its first call
-    (its call then finds the executable in jit's cache) and wait at a coordination-service
-    barrier until every process has: the first call's collectives then start together. Gloo
-    (CPU) gives a peer a fixed 30 s to show up at a collective, and one process's compilation
-    may take that much longer than another's on a loaded machine; the barrier's timeout is the
-    configurable `eqr_jax.sharding.distributed_timeout`. Nothing with one process."""
-    if jax.process_count() == 1:
-        return
-    fn.lower(*args).compile()
-    sharding_lib.barrier(f"compiled:{name}")
-
-
 def crossed(every: int, before: int, after: int) -> bool:
     """Whether a multiple of ``every`` (0: never) lies in ``(before, after]``."""
     return every > 0 and after // every > before // every
@@ -327,7 +314,8 @@ def train(cfg: RunConfig, loaders: tuple[Any, Callable[[], Iterable]], mesh: Mes
                 batch = sharding_lib.to_global(host, program.batch_sharding)
                 if n not in compiled:
                     compiled.add(n)
-                    compile_together(program.step(n), (state, batch), f"train-step-{n}")
+                    sharding_lib.compile_together(program.step(n), (state, batch),
+                                                  f"train-step-{n}")
                 # Inside the --profile window's call boundaries (a no-op outside it).
                 state, sums = window.run(step, state, lambda s: program.step(n)(s, batch))
                 act.add(sums)

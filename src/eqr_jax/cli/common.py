@@ -136,16 +136,15 @@ def _first_url(argv: list[str]) -> str | None:
     """The one-line refusal of the first argument that is a URL (``--out gs://b/run``,
     ``train.out_dir=gs://b/run``), or None: every path of a run is a file-system path."""
     for i, arg in enumerate(argv):
-        value = arg.split("=", 1)[1] if "=" in arg else arg
-        scheme = config_lib.url_scheme(value)
-        if scheme:
-            if "=" in arg:  # --out=URL, or a key=value override
-                what = arg.replace("=", " ", 1) if arg.startswith("-") else arg
-            else:
-                what = f"{argv[i - 1]} {arg}" if i and argv[i - 1].startswith("-") else arg
-            return (f"{what}: {scheme}:// URLs are not supported (yet); give a local "
-                    "path, or mount the bucket as a file system (gcsfuse; docs/training.md, "
-                    "\"Several hosts\")")
+        if "=" in arg:  # --out=URL, or a key=value override
+            key, value = arg.split("=", 1)
+            where = f"{key} " if arg.startswith("-") else f"{key}="
+        else:
+            value = arg
+            where = f"{argv[i - 1]} " if i and argv[i - 1].startswith("-") else ""
+        message = config_lib.url_refusal(where, value)
+        if message:
+            return message
     return None
 
 

@@ -361,13 +361,21 @@ def url_scheme(value: str) -> str | None:
     return m.group(1).lower() if m else None
 
 
+def url_refusal(where: str, value: str) -> str | None:
+    """The message refusing ``value`` as a path when it is a URL (``where`` names it: a key
+    ``train.out_dir=``, a flag ``--out``), else None."""
+    scheme = url_scheme(value)
+    if not scheme:
+        return None
+    return (f"{where}{value}: {scheme}:// URLs are not supported (yet); give a local path, or "
+            "mount the bucket as a file system (gcsfuse; docs/training.md, \"Several hosts\")")
+
+
 def check_local_path(name: str, value: str) -> None:
     """Refuse a URL where a file-system path is needed (`ConfigError` naming ``name``)."""
-    scheme = url_scheme(value)
-    if scheme:
-        raise ConfigError(
-            f"{name}={value}: {scheme}:// URLs are not supported (yet); give a local path, or "
-            "mount the bucket as a file system (gcsfuse; docs/training.md, \"Several hosts\")")
+    message = url_refusal(f"{name}=", value)
+    if message:
+        raise ConfigError(message)
 
 
 def _check_choice(name: str, value: Any, choices: Sequence[Any]) -> None:

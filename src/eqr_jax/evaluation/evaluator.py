@@ -166,10 +166,7 @@ class Evaluator:
                 key = (fn.__name__, depth, breadth, chunk, inputs.shape)
                 if key not in self._compiled:
                     self._compiled.add(key)
-                    # Every process compiles before any enters the call's collectives (gloo
-                    # waits a fixed 30 s for a peer; see `eqr_jax.training.compile_together`).
-                    fn.lower(*args, **kw).compile()
-                    sharding_lib.barrier(f"compiled:{fn.__name__}")
+                    sharding_lib.compile_together(fn, args, fn.__name__, **kw)
             out = fn(*args, **kw)
             outs.append(sharding_lib.fetch(out))
         host_mask, host_labels = sharding_lib.fetch((mask, labels))
