@@ -258,14 +258,16 @@ class Bucket:
     (gcsfs, TensorStore) at the emulator, set in ``os.environ`` for the session's processes."""
 
     def __init__(self, endpoint: str, name: str):
+        self.endpoint, self.name = endpoint, name
+        self.env = {"STORAGE_EMULATOR_HOST": endpoint, "TENSORSTORE_GCS_HTTP_URL": endpoint,
+                    # The emulator does not answer gcsfs's gRPC bucket probe (a 60 s stall per
+                    # bucket); gcsfs reads this when it is first imported.
+                    "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false"}
+        os.environ.update(self.env)
         import gcsfs
 
-        self.endpoint, self.name = endpoint, name
         self.fs = gcsfs.GCSFileSystem(token="anon", endpoint_url=endpoint,
                                       use_listings_cache=False)
-        self.env = {"STORAGE_EMULATOR_HOST": endpoint, "TENSORSTORE_GCS_HTTP_URL": endpoint,
-                    # the emulator does not answer gcsfs's gRPC bucket probe (a 60 s stall)
-                    "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false"}
         self._n = 0
 
     def url(self, name: str) -> str:
@@ -290,7 +292,6 @@ def gcs_bucket():
     server.start()
     try:
         bucket = Bucket(server.url, "eqr-test")
-        os.environ.update(bucket.env)
         bucket.fs.mkdir(bucket.name)
         yield bucket
     finally:

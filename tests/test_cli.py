@@ -191,18 +191,18 @@ def test_train_user_errors_are_one_line_with_status_2(tmp_path, capsys, resume_r
         (["--data", str(data), "--out", trained, "--resume"],
          "was written with a different config ("),
         (["--data", str(data), "--out", run, "--resume-step", "0"], "--resume-step must be >= 1"),
-        # A bucket URL went through pathlib into a local "gs:/..." folder (issue 25).
-        (["--data", str(data), "--out", "gs://my-bucket/run1"],
-         "--out gs://my-bucket/run1: gs:// URLs are not supported (yet)"),
-        (["--data", str(data), "--out", run, "train.init_from=s3://b/r"],
-         "train.init_from=s3://b/r: s3:// URLs are not supported (yet)"),
+        # A URL went through pathlib into a local "s3:/..." folder; gs:// is supported.
+        (["--data", str(data), "--out", "s3://my-bucket/run1"],
+         "--out s3://my-bucket/run1: s3:// is not supported"),
+        (["--data", str(data), "--out", run, "train.init_from=http://b/r"],
+         "train.init_from=http://b/r: http:// is not supported"),
     ]
     for extra, expected in probes:
         assert cli.main([*base, *extra]) == 2, extra
         line = _one_line_error(capsys, "train")
         assert expected in line, (extra, line)
     assert not (tmp_path / "run" / "checkpoints").exists()
-    assert not Path("gs:").exists()
+    assert not Path("s3:").exists()
     # --debug: the traceback instead
     from eqr_jax.config import ConfigError
     with pytest.raises(ConfigError, match="does not exist"):
@@ -223,8 +223,8 @@ def test_eval_user_errors_are_one_line_with_status_2(tmp_path, capsys):
     assert cli.main(["eval", "--checkpoint", str(run), "--data", str(board6)]) == 2
     assert "six/test holds 6x6 boards, seq_len 36, vocab 6, but the model takes 4x4 boards" \
         in _one_line_error(capsys, "eval")
-    assert cli.main(["eval", "--checkpoint", "gs://b/run"]) == 2
-    assert "--checkpoint gs://b/run: gs:// URLs are not supported" in _one_line_error(capsys, "eval")
+    assert cli.main(["eval", "--checkpoint", "s3://b/run"]) == 2
+    assert "--checkpoint s3://b/run: s3:// is not supported" in _one_line_error(capsys, "eval")
     assert cli.main(["eval", "--checkpoint", str(run), "--batch-size", "-4"]) == 2
     assert "--batch-size must be >= 1, got -4" in _one_line_error(capsys, "eval")
     step = Checkpointer(run / "checkpoints", read_only=True).latest_step()

@@ -35,9 +35,9 @@ import tempfile
 from pathlib import Path
 from typing import Iterator, Union
 
-from eqr_jax.config import ConfigError, url_scheme
+from eqr_jax.config import URL_SCHEMES, ConfigError, url_refusal, url_scheme
 
-SCHEMES = ("gs",)
+SCHEMES = URL_SCHEMES
 CACHE_ENV = "EQR_CACHE_DIR"
 _COPY_CHUNK = 16 << 20
 
@@ -53,19 +53,9 @@ def is_remote(value) -> bool:
     return url_scheme(str(value)) in SCHEMES
 
 
-def refusal(where: str, value) -> str | None:
-    """The one-line refusal of ``value`` as a path when its URL scheme is not supported
-    (``where`` names it: ``--out ``, ``train.out_dir=``), else None."""
-    scheme = url_scheme(str(value))
-    if scheme is None or scheme in SCHEMES:
-        return None
-    return (f"{where}{value}: {scheme}:// is not supported; give a local path or a Cloud "
-            "Storage URL gs://bucket/... (or mount the storage as a file system)")
-
-
 def check(name: str, value) -> None:
     """Raise `StorageError` naming ``name`` unless ``value`` is a local path or a gs:// URL."""
-    message = refusal(f"{name}=", value)
+    message = url_refusal(f"{name}=", str(value))
     if message:
         raise StorageError(message)
 

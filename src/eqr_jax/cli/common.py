@@ -133,8 +133,8 @@ def _quiet_closed_loop(hook):
 
 
 def _first_url(argv: list[str]) -> str | None:
-    """The one-line refusal of the first argument that is a URL (``--out gs://b/run``,
-    ``train.out_dir=gs://b/run``), or None: every path of a run is a file-system path."""
+    """The one-line refusal of the first argument that is a URL of an unsupported scheme
+    (``--out s3://b/run``, ``train.out_dir=s3://b/run``), or None: a path is local or gs://."""
     for i, arg in enumerate(argv):
         if "=" in arg:  # --out=URL, or a key=value override
             key, value = arg.split("=", 1)
@@ -166,7 +166,7 @@ def guarded(prog: str):
                 logging.getLogger("asyncio").setLevel(logging.CRITICAL)
                 sys.unraisablehook = _quiet_closed_loop(sys.unraisablehook)
             url = _first_url(argv)
-            if url is not None:  # before anything could create a local "gs:" folder
+            if url is not None:  # before anything could create a local "s3:" folder
                 return fail(prog, url, 2)
             try:
                 return int(main(argv) or 0)

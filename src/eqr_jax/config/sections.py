@@ -138,7 +138,7 @@ class DataConfig:
     build_seed: int = 0
 
     def __post_init__(self):
-        check_local_path("data.path", self.path)
+        check_path("data.path", self.path)
         _check_choice("data.build_kind", self.build_kind, ("sudoku", "maze"))
         _check_choice("data.build_source", self.build_source, ("generate", "hub"))
         if self.global_batch_size < 1:
@@ -239,8 +239,8 @@ class TrainConfig:
         return int(start), int(calls or 1)
 
     def __post_init__(self):
-        check_local_path("train.out_dir", self.out_dir)
-        check_local_path("train.init_from", self.init_from)
+        check_path("train.out_dir", self.out_dir)
+        check_path("train.init_from", self.init_from)
         _check_choice("train.grad_mode", self.grad_mode, modes.GRAD_MODES)
         _check_choice("train.optimizer", self.optimizer, ("adam_atan2", "adamw"))
         _check_choice("train.init_weights", self.init_weights, ("ema", "raw"))
@@ -351,8 +351,9 @@ class RunConfig:
 
 
 # A URL scheme (gs://, s3://, http://): pathlib would turn "gs://b/run" into a local folder
-# "gs:/b/run" and write the run there.
+# "gs:/b/run" and write the run there. gs:// goes through `eqr_jax.storage`; others are refused.
 _URL = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*)://")
+URL_SCHEMES = ("gs",)
 
 
 def url_scheme(value: str) -> str | None:
@@ -362,17 +363,17 @@ def url_scheme(value: str) -> str | None:
 
 
 def url_refusal(where: str, value: str) -> str | None:
-    """The message refusing ``value`` as a path when it is a URL (``where`` names it: a key
-    ``train.out_dir=``, a flag ``--out``), else None."""
+    """The message refusing ``value`` as a path when it is a URL of a scheme other than gs://
+    (``where`` names it: a key ``train.out_dir=``, a flag ``--out ``), else None."""
     scheme = url_scheme(value)
-    if not scheme:
+    if not scheme or scheme in URL_SCHEMES:
         return None
-    return (f"{where}{value}: {scheme}:// URLs are not supported (yet); give a local path, or "
-            "mount the bucket as a file system (gcsfuse; docs/training.md, \"Several hosts\")")
+    return (f"{where}{value}: {scheme}:// is not supported; give a local path or a Cloud "
+            "Storage URL gs://bucket/... (or mount the storage as a file system)")
 
 
-def check_local_path(name: str, value: str) -> None:
-    """Refuse a URL where a file-system path is needed (`ConfigError` naming ``name``)."""
+def check_path(name: str, value: str) -> None:
+    """Refuse a URL of an unsupported scheme (`ConfigError` naming ``name``)."""
     message = url_refusal(f"{name}=", value)
     if message:
         raise ConfigError(message)

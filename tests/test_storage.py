@@ -1,0 +1,46 @@
+"""The path layer (`eqr_jax.storage`): the same calls on local paths and on a bucket (the
+emulator of `gcs_bucket`), atomic writes, copies both ways, and one-line refusals."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from eqr_jax import storage
+
+
+def test_local_paths_stay_pathlib_and_other_schemes_are_refused(tmp_path):
+    p = storage.path(str(tmp_path / "a"))
+    assert isinstance(p, Path)
+    storage.write_text(p / "x.json", "{}")
+    assert storage.read_text(p / "x.json") == "{}"
+    assert [f.name for f in p.iterdir()] == ["x.json"]  # no temporary file left beside it
+    for url in ("s3://b/run", "http://host/run"):
+        with pytest.raises(storage.StorageError, match=r"--out=.*:// is not supported"):
+            storage.path(url, name="--out")
+
+
+def test_bucket_round_trip_and_tree_copies(gcs_bucket, tmp_path):
+    url = gcs_bucket.url("storage")
+    root = storage.path(url)
+    assert storage.is_remote(root) and str(root) == url
+    storage.write_text(root / "a" / "x.txt", "hello")
+    storage.write_bytes(root / "b.bin", b"\x00\x01")
+    assert storage.read_text(root / "a" / "x.txt") == "hello"
+    assert (root / "a").is_dir() and not (root / "nope").exists()
+    assert storage.files(root) == ["a/x.txt", "b.bin"]
+    local = tmp_path / "copy"
+    assert storage.copy_tree(root, local) == ["a/x.txt", "b.bin"]
+    assert (local / "b.bin").read_bytes() == b"\x00\x01"
+    # upload only what changed since the last call
+    seen: dict = {}
+    assert storage.upload_tree(local, root / "up", only_changed=seen) == ["a/x.txt", "b.bin"]
+    assert storage.upload_tree(local, root / "up", only_changed=seen) == []
+    (local / "b.bin").write_bytes(b"\x02" * 3)
+    assert storage.upload_tree(local, root / "up", only_changed=seen) == ["b.bin"]
+    assert gcs_bucket.objects(url + "/up") == ["a/x.txt", "b.bin"]
+    with storage.local_file(root / "plot.png") as f:
+        f.write_bytes(b"png")
+    assert storage.read_text(root / "plot.png") == "png"
+    assert storage.cache_dir_for(url + "/data", "data").name.startswith("data-")
