@@ -217,3 +217,62 @@ def test_resume_without_checkpoint_starts_fresh_with_a_warning_and_fresh_run_ref
                                               r"--resume"):
         train(cfg, _loaders(cfg), progress=False, verbose=False)
     assert (tmp_path / "new" / "config.json").read_text() == before
+
+
+# ----------------------------------------------------------------------------------------------
+# Object storage: a step is finished when Orbax's commit marker is there
+
+
+@pytest.mark.parametrize("where", ["bucket", "gcsfuse"])
+def test_an_interrupted_save_is_never_taken_for_the_newest_step(where, request, tmp_path):
+    """Steps 1 and 2 saved, then a save of step 3 interrupted after its arrays were written
+    (every object but Orbax's ``commit_success.txt``): on a bucket (gs://, marker mode by
+    itself) and on a local path written in marker mode (a gcsfuse mount), readers list steps 1
+    and 2 only, `locate` and a resume take step 2, and the next save of step 3 completes."""
+    from typing import Any, NamedTuple
+
+    from conftest import micro_run
+    from eqr_jax import storage
+    from eqr_jax.checkpoint import COMMIT_MARKER, commit_mode, locate
+
+    class State(NamedTuple):
+        params: Any
+        opt_state: Any
+        ema: Any
+        step: Any
+        rng: Any
+        carry: Any
+
+    if where == "bucket":
+        root = storage.path(request.getfixturevalue("gcs_bucket").url("ckpt"))
+        commit = "auto"
+    else:
+        root, commit = tmp_path / "mount", "marker"
+    cfg = micro_run(str(root))
+    state = lambda s: State({"w": np.full(3, s, np.float32)}, {"m": np.zeros(3, np.float32)},
+                            None, np.int32(s), np.zeros(2, np.uint32),
+                            {"z": np.zeros(2, np.float32)})
+    ck = Checkpointer(root / "checkpoints", keep=5, commit=commit)
+    assert ck.commit == "marker"
+    for s in (1, 2):
+        ck.save(s, state(s), loader_state={"epoch": s}, cfg=cfg)
+    ck.close()
+    storage.copy_tree(root / "checkpoints" / "2", root / "checkpoints" / "3")
+    (root / "checkpoints" / "3" / COMMIT_MARKER).unlink()
+    assert (root / "checkpoints" / "3" / "params").is_dir()
+
+    assert commit_mode(root / "checkpoints") == "marker"  # detected from the markers
+    reader = Checkpointer(root, read_only=True)
+    assert reader.all_steps() == [1, 2]
+    reader.close()
+    assert locate(root)[1] == 2
+    ck = Checkpointer(root / "checkpoints", keep=5)
+    dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    abstract = jax.tree_util.tree_map(
+        lambda a: jax.ShapeDtypeStruct(np.shape(a), np.asarray(a).dtype, sharding=dev), state(0))
+    restored, loader_state, meta = ck.restore(abstract, cfg)
+    assert int(restored.step) == 2 and meta["step"] == 2 and loader_state == {"epoch": 2}
+    np.testing.assert_array_equal(restored.params["w"], np.full(3, 2, np.float32))
+    ck.save(3, state(3), loader_state={"epoch": 3}, cfg=cfg)
+    assert ck.all_steps() == [1, 2, 3]
+    ck.close()

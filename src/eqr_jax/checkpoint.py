@@ -8,6 +8,14 @@ items
   ``meta``: step and eval metrics (JSON); Orbax's own ``metrics`` item holds the eval metrics
   its retention policy ranks.
 
+The run directory may be local or a Cloud Storage URL (``gs://bucket/run``, `eqr_jax.storage`).
+A step is finished in one of Orbax's two ways (``train.checkpoint_commit``, `commit_mode`):
+*rename* (a local disk: written under a temporary name, renamed when complete) or *marker* (an
+object store has no atomic rename: written in place, finished when its ``commit_success.txt``
+appears; also what a bucket mounted with gcsfuse needs, whose rename is a copy). A reader
+detects the marker mode from the markers themselves, so an unfinished step is never taken as
+the newest.
+
 Retention is Orbax's preservation policy, applied inside ``save`` by every process: the newest
 ``keep`` checkpoints plus the best one by ``all/exact_accuracy`` (the evaluator's metric, which
 ``eqr eval`` on the checkpoint reproduces; docs/evaluation.md). Every method that touches
@@ -28,13 +36,13 @@ import math
 import os
 import re
 import sys
-from pathlib import Path
 from typing import Any, Callable, Mapping
 
 import jax
 import orbax.checkpoint as ocp
 
 from eqr_jax import config as config_lib
+from eqr_jax import storage
 from eqr_jax import sharding as sharding_lib
 from eqr_jax.config import ConfigError, RunConfig
 
@@ -44,7 +52,7 @@ RESUME_IGNORED_KEYS = frozenset({
     "preset", "data.path", "data.prefetch", "data.eval_batch_size", "train.out_dir",
     "train.log_every", "train.eval_every", "train.checkpoint_every", "train.keep_checkpoints",
     "train.steps_per_call", "train.init_from", "train.init_step", "train.init_weights",
-    "train.profile", "train.profile_all_processes",
+    "train.profile", "train.profile_all_processes", "train.checkpoint_commit",
 }) | frozenset(f"data.build_{k}" for k in ("kind", "source", "size", "train", "test", "num_aug",
                                             "difficulty", "seed"))
 # Keys that set how long a run is: a resume may change them to extend (or shorten) the run;
@@ -52,6 +60,8 @@ RESUME_IGNORED_KEYS = frozenset({
 RESUME_LENGTH_KEYS = ("train.epochs", "train.max_steps")
 _ARRAY_ITEMS = ("params", "ema", "opt_state", "misc")
 _JSON_ITEMS = ("loader", "config", "meta")
+COMMIT_MODES = ("auto", "rename", "marker")
+COMMIT_MARKER = "commit_success.txt"  # Orbax's mark of a finished step in marker mode
 
 
 class ConfigMismatchError(ConfigError):
@@ -82,12 +92,34 @@ def config_differences(saved: RunConfig | Mapping, current: RunConfig | Mapping,
             if k not in ignore and a.get(k) != b.get(k)}
 
 
-def resolve_dir(path: str | os.PathLike) -> Path:
-    """Accept a run directory (with ``checkpoints/``) or the checkpoints directory itself."""
-    p = Path(path).absolute()
+def resolve_dir(path) -> storage.AnyPath:
+    """Accept a run directory (with ``checkpoints/``) or the checkpoints directory itself (a
+    local path or a gs:// URL)."""
+    p = storage.absolute(path)
     if (p / "checkpoints").is_dir():
         return p / "checkpoints"
     return p
+
+
+def commit_mode(directory, setting: str = "auto") -> str:
+    """How the steps of checkpoints ``directory`` are finished: ``rename`` or ``marker``.
+
+    ``setting`` ``auto``: marker on a bucket (gs://); on a local path, marker when a step there
+    already carries Orbax's commit marker (a run written in marker mode, e.g. on a gcsfuse
+    mount), else rename."""
+    if setting not in COMMIT_MODES:
+        raise ConfigError(f"train.checkpoint_commit={setting!r} is not one of "
+                          f"{list(COMMIT_MODES)}")
+    if setting != "auto":
+        return setting
+    d = storage.absolute(directory)
+    if storage.is_remote(d):
+        return "marker"
+    try:
+        steps = [p for p in d.iterdir() if p.name.isdigit()]
+    except OSError:
+        return "rename"
+    return "marker" if any((p / COMMIT_MARKER).exists() for p in steps) else "rename"
 
 
 def _best_value(metrics: Mapping[str, Any] | None) -> float:
@@ -116,9 +148,11 @@ def _warn(message: str) -> None:
 class Checkpointer:
     """Thin wrapper over `ocp.CheckpointManager` for `eqr_jax.training.TrainState`-like trees."""
 
-    def __init__(self, directory: str | os.PathLike, keep: int = 3, *, read_only: bool = False):
-        self.directory = Path(directory).absolute()
+    def __init__(self, directory: str | os.PathLike, keep: int = 3, *, read_only: bool = False,
+                 commit: str = "auto"):
+        self.directory = storage.absolute(directory)
         self.keep = max(1, int(keep))
+        self.commit = commit_mode(self.directory, commit)
         # The newest `keep` plus the best by BEST_METRIC (latest among ties). best_fn makes Orbax
         # store the metrics beside each step, where the policy reads them back on every process.
         policy = ocp.checkpoint_managers.AnyPreservationPolicy([
@@ -128,18 +162,29 @@ class Checkpointer:
         options = ocp.CheckpointManagerOptions(
             create=not read_only, enable_async_checkpointing=False, read_only=read_only,
             best_fn=_best_value, best_mode="max",
-            preservation_policy=None if read_only else policy)
-        self.manager = ocp.CheckpointManager(self.directory, options=options)
+            preservation_policy=None if read_only else policy,
+            temporary_path_class=(ocp.path.atomicity.CommitFileTemporaryPath
+                                  if self.commit == "marker" else None))
+        self.manager = ocp.CheckpointManager(self.epath(self.directory), options=options)
 
-    # -- queries (local file reads: no collective) ---------------------------------------------
+    @staticmethod
+    def epath(p):
+        """``p`` as the `etils.epath.Path` Orbax takes (a URL stays a URL)."""
+        from etils import epath
+
+        return epath.Path(str(p))
+
+    # -- queries (file reads on this process: no collective) ------------------------------------
     def all_steps(self) -> list[int]:
+        """The finished steps (an unfinished one, under its temporary name or without its
+        commit marker, is not listed)."""
         return sorted(self.manager.all_steps())
 
     def latest_step(self) -> int | None:
         steps = self.all_steps()
         return steps[-1] if steps else None
 
-    def step_dir(self, step: int) -> Path:
+    def step_dir(self, step: int):
         return self.directory / str(int(step))
 
     def read_item_json(self, step: int, name: str) -> Any:
@@ -295,21 +340,24 @@ class Checkpointer:
         self.manager.close()
 
 
-def locate(ckpt_dir: str | os.PathLike, step: int | None = None) -> tuple[Path, int]:
+def locate(ckpt_dir, step: int | None = None, commit: str = "auto"):
     """``(checkpoints directory, step)`` of a run directory, its ``checkpoints/`` or one step
-    directory ``.../checkpoints/<step>`` (which fixes the step); ``step`` None: the newest.
+    directory ``.../checkpoints/<step>`` (which fixes the step); ``step`` None: the newest
+    finished one. Local or gs:// (the directory is a `pathlib.Path` or an `etils.epath.Path`).
 
     Raises FileNotFoundError (no such directory) or `CheckpointError` (no checkpoint, or none
     at ``step``: the message lists the steps there are)."""
-    path = Path(ckpt_dir).absolute()
+    path = storage.absolute(ckpt_dir, name="--checkpoint")
     if path.name.isdigit() and (path / "config").exists():
         step, path = int(path.name), path.parent
     path = resolve_dir(path)
     if not path.is_dir():
         raise FileNotFoundError(f"checkpoint directory {path} does not exist")
-    # Orbax writes a step under a temporary name and renames it when complete, so the
-    # digit-named directories are the finished steps (what its all_steps lists too).
-    steps = sorted(int(p.name) for p in path.iterdir() if p.name.isdigit() and p.is_dir())
+    # The finished steps as Orbax lists them: a step still being written (under a temporary
+    # name, or without its commit marker) is not one.
+    ck = Checkpointer(path, read_only=True, commit=commit)
+    steps = ck.all_steps()
+    ck.close()
     if not steps:
         raise CheckpointError(f"no checkpoint in {path}")
     step = steps[-1] if step is None else int(step)

@@ -190,9 +190,10 @@ def load_reference_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
       `eqr_jax.pth.PthError` (truncated / corrupt / not a torch file); `CheckpointMismatchError`
       (a readable file that holds neither a checkpoint nor a state dict).
     """
-    from eqr_jax import pth
+    from eqr_jax import pth, storage
 
-    path = os.fspath(path)
+    remote = storage.path(path, name="--reference")
+    path = os.fspath(storage.cached_file(remote, "reference"))  # the reader needs a local file
     ckpt = pth.load(path)
     is_array = lambda v: isinstance(v, np.ndarray)
     if isinstance(ckpt, Mapping) and isinstance(ckpt.get("model"), Mapping):
@@ -347,9 +348,10 @@ def convert_reference_checkpoint(path: str | os.PathLike, out_dir: str | os.Path
     import orbax.checkpoint as ocp
 
     from eqr_jax import config as config_lib
+    from eqr_jax import storage
     from eqr_jax.checkpoint import Checkpointer
 
-    src = os.path.abspath(os.fspath(path))
+    src = str(storage.absolute(path, name="--reference"))
     ckpt = load_reference_checkpoint(src)
     cfg = run_config_from_reference(ckpt, data=data, seq_len=seq_len, vocab_size=vocab_size)
     params = params_from_reference(ckpt["state_dict"], cfg.model)
@@ -357,9 +359,9 @@ def convert_reference_checkpoint(path: str | os.PathLike, out_dir: str | os.Path
     if ckpt["ema_state_dict"] is not None:
         ema = params_from_reference(ckpt["ema_state_dict"], cfg.model)
     step = int(ckpt["step"]) if isinstance(ckpt["step"], (int, np.integer)) else 0
-    out = os.path.abspath(os.fspath(out_dir))
-    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, out_dir=out))
-    ck = Checkpointer(os.path.join(out, "checkpoints"))
+    out = storage.absolute(out_dir, name="--out")
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, out_dir=str(out)))
+    ck = Checkpointer(out / "checkpoints")
     try:
         existing = ck.all_steps()
         if existing and not overwrite:
@@ -377,5 +379,5 @@ def convert_reference_checkpoint(path: str | os.PathLike, out_dir: str | os.Path
         ck.manager.wait_until_finished()
     finally:
         ck.close()
-    config_lib.save(cfg, os.path.join(out, "config.json"))
-    return os.path.join(out, "checkpoints", str(step))
+    config_lib.save(cfg, out / "config.json")
+    return str(out / "checkpoints" / str(step))

@@ -32,6 +32,7 @@ from pathlib import Path
 
 import jax
 
+from eqr_jax import storage
 from eqr_jax.config import ConfigError
 
 TOKEN_NAME = ".eqr-shared-storage-check"
@@ -62,11 +63,16 @@ def _fingerprint_data(path: Path) -> str:
     return "dataset " + h.hexdigest()[:16]
 
 
-def _fingerprint_source(path: Path) -> str:
-    """What identifies an ``--init-from`` source cheaply: a file's size, a run directory's
-    checkpoint steps ("" when absent)."""
+def _size(path) -> int:
+    st = path.stat()
+    return int(getattr(st, "st_size", getattr(st, "length", 0)))
+
+
+def _fingerprint_source(path) -> str:
+    """What identifies an ``--init-from`` source (local or gs://) cheaply: a file's size, a run
+    directory's checkpoint steps ("" when absent)."""
     if path.is_file():
-        return f"file of {path.stat().st_size} bytes"
+        return f"file of {_size(path)} bytes"
     if not path.is_dir():
         return ""
     steps = sorted({p.name for d in (path, path / "checkpoints") if d.is_dir()
@@ -74,22 +80,20 @@ def _fingerprint_source(path: Path) -> str:
     return "directory" + (f" with checkpoint steps {','.join(steps)}" if steps else "")
 
 
-def _write_token(out_dir: Path) -> str:
+def _write_token(out_dir) -> str:
     nonce = secrets.token_hex(16)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir / f"{TOKEN_NAME}.{nonce[:8]}.tmp"
-    tmp.write_text(nonce)
-    os.replace(tmp, out_dir / TOKEN_NAME)  # readers see the whole nonce or none
+    storage.makedirs(out_dir)
+    storage.write_text(out_dir / TOKEN_NAME, nonce)  # readers see the whole nonce or none
     return nonce
 
 
-def _sees_token(out_dir: Path, nonce: str, wait_s: float = 5.0) -> bool:
+def _sees_token(out_dir, nonce: str, wait_s: float = 5.0) -> bool:
     """Whether ``out_dir`` holds process 0's token (retried briefly: a network file system
     may show a new file to other hosts a moment later)."""
     deadline = time.monotonic() + wait_s
     while True:
         try:
-            if (out_dir / TOKEN_NAME).read_text() == nonce:
+            if storage.read_text(out_dir / TOKEN_NAME) == nonce:
                 return True
         except OSError:
             pass
@@ -116,7 +120,7 @@ def check_shared_storage(out_dir: str | os.PathLike, data: str | os.PathLike | N
         return
     from eqr_jax.sharding import exchange
 
-    out = Path(out_dir)
+    out = storage.path(out_dir, name="--out")
     pi = jax.process_index()
     nonce = problem = ""
     if pi == 0:
@@ -129,7 +133,8 @@ def check_shared_storage(out_dir: str | os.PathLike, data: str | os.PathLike | N
         raise SharedStorageError(nonce[1:])
     view = {"out": pi == 0 or _sees_token(out, nonce),
             "data": _fingerprint_data(Path(data)) if data else "",
-            "init": _fingerprint_source(Path(init_from)) if init_from else ""}
+            "init": (_fingerprint_source(storage.path(init_from, name="--init-from"))
+                     if init_from else "")}
     views = [json.loads(v) for v in exchange(json.dumps(view), "the shared-storage check")]
     if pi == 0:  # every process has read it by now
         (out / TOKEN_NAME).unlink(missing_ok=True)

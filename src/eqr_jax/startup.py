@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import dataclasses
 import sys
-from pathlib import Path
 from typing import Any, Mapping, NamedTuple
 
 import jax
 
 from eqr_jax import config as config_lib
-from eqr_jax import optim
+from eqr_jax import optim, storage
 from eqr_jax.config import RunConfig
 from eqr_jax.train_program import TrainProgram, TrainState, make_train_program
 from eqr_jax.warm_start import API_SOURCE, WarmStart, fit_to_model
@@ -137,7 +136,7 @@ def start_run(cfg: RunConfig, program: TrainProgram, checkpointer, loader, *,
                       flush=True)
     # Written once the run is known to be this config's (a refused resume leaves it alone).
     if main:
-        config_lib.save(cfg, str(Path(cfg.train.out_dir) / "config.json"))
+        config_lib.save(cfg, storage.path(cfg.train.out_dir) / "config.json")
     # A resume may change the length (the schedule is re-planned over the new total).
     program = make_train_program(cfg, total_steps(cfg, steps_per_epoch), program.mesh)
     return RunStart(state, cfg, program, loader_state, warm_from, int(jax.device_get(state.step)))

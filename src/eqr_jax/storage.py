@@ -33,7 +33,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Iterator, Union
+from typing import TYPE_CHECKING, Iterator, Union
 
 from eqr_jax.config import URL_SCHEMES, ConfigError, url_refusal, url_scheme
 
@@ -41,7 +41,10 @@ SCHEMES = URL_SCHEMES
 CACHE_ENV = "EQR_CACHE_DIR"
 _COPY_CHUNK = 16 << 20
 
-AnyPath = Union[Path, "epath.Path"]  # noqa: F821
+if TYPE_CHECKING:
+    from etils import epath
+
+AnyPath = Union[Path, "epath.Path"]
 
 
 class StorageError(ConfigError):
@@ -211,6 +214,19 @@ def cache_dir_for(url: AnyPath, kind: str) -> Path:
     text = str(url).rstrip("/")
     digest = hashlib.sha256(text.encode()).hexdigest()[:12]
     return cache_root() / kind / f"{text.rsplit('/', 1)[-1] or 'root'}-{digest}"
+
+
+def cached_file(p: AnyPath, kind: str) -> Path:
+    """A local copy of file ``p`` for readers that need one (the ``.pth`` reader): ``p`` itself
+    when local; for a bucket object, this host's cached copy (`cache_dir_for`), downloaded when
+    absent or of another size than the object."""
+    if not is_remote(p):
+        return Path(p)
+    local = cache_dir_for(p, kind) / p.name
+    size = p.stat().length
+    if not (local.is_file() and local.stat().st_size == size):
+        copy_file(p, local)
+    return local
 
 
 @contextlib.contextmanager

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import math
 import time
-from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, NamedTuple
 
 import jax
@@ -34,6 +33,7 @@ from jax.sharding import Mesh
 from eqr_jax import config as config_lib
 from eqr_jax import metrics as metrics_lib, perf, profiling
 from eqr_jax import sharding as sharding_lib
+from eqr_jax import storage
 from eqr_jax.config import RunConfig
 from eqr_jax.preemption import Preempted, PreemptionWatch
 from eqr_jax.reporting import TrainLog, train_results_table
@@ -284,19 +284,21 @@ def train(cfg: RunConfig, loaders: tuple[Any, Callable[[], Iterable]], mesh: Mes
     t_start = time.time()
     train_loader, eval_batches = loaders
     mesh = _run_mesh(cfg, mesh)
-    Path(cfg.train.out_dir).mkdir(parents=True, exist_ok=True)
+    out = storage.path(cfg.train.out_dir, name="train.out_dir")
+    storage.makedirs(out)
     steps_per_epoch = int(getattr(train_loader, "steps_per_epoch", 1) or 1)
-    ckpt = Checkpointer(Path(cfg.train.out_dir) / "checkpoints", keep=cfg.train.keep_checkpoints)
+    ckpt = Checkpointer(out / "checkpoints", keep=cfg.train.keep_checkpoints,
+                        commit=cfg.train.checkpoint_commit)
     start = start_run(cfg, make_train_program(cfg, total_steps(cfg, steps_per_epoch), mesh), ckpt,
                       train_loader, resume=resume, resume_step=resume_step,
                       init_params=init_params)
     program, state, loader_state = start.program, start.state, start.loader_state
     cfg, total, step = program.cfg, program.total_steps, start.start_step
-    log = TrainLog(cfg, Path(cfg.train.out_dir), total, step, progress, verbose)
+    log = TrainLog(cfg, out, total, step, progress, verbose)
     act = HostActions(program, ckpt, log, Evaluator(program.model, cfg.eval, mesh=mesh),
                       eval_batches, steps_per_epoch, step)
     limit = total if stop_after is None else min(total, step + int(stop_after))
-    window = profiling.ProfileWindow.from_config(cfg, Path(cfg.train.out_dir) / "tb")
+    window = profiling.ProfileWindow.from_config(cfg, out / "tb")
     preemption = PreemptionWatch()
     interrupted = preempted = False
     boundary = 0  # call boundaries passed in this invocation (the preemption sync point ids)

@@ -13,13 +13,13 @@ at another depth or noise needs. Continuing a run (same optimiser state, same st
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Any, NamedTuple
 
 import jax
 import numpy as np
 from flax.traverse_util import flatten_dict
 
+from eqr_jax import storage
 from eqr_jax.config import ConfigError, RunConfig
 
 # What `train` records in ``train.init_from`` for weights handed over as ``init_params``.
@@ -35,9 +35,10 @@ class WarmStart(NamedTuple):
 
 
 def is_reference_file(source: str | os.PathLike) -> bool:
-    """Whether ``source`` names an official PyTorch checkpoint rather than a run directory."""
-    p = Path(source)
-    return p.suffix == ".pth" or p.is_file()
+    """Whether ``source`` (local or gs://) names an official PyTorch checkpoint rather than a
+    run directory."""
+    p = storage.path(source, name="--init-from")
+    return p.name.endswith(".pth") or p.is_file()
 
 
 def load_init_weights(cfg: RunConfig) -> tuple[Any, str]:
@@ -59,7 +60,7 @@ def load_init_weights(cfg: RunConfig) -> tuple[Any, str]:
     tc = cfg.train
     if not tc.init_from:
         raise ConfigError("train.init_from is empty: nothing to start from")
-    source = os.path.abspath(tc.init_from)
+    source = str(storage.absolute(tc.init_from, name="--init-from"))
     use_ema = tc.init_weights == "ema"
     if is_reference_file(source):
         from eqr_jax import interop

@@ -82,21 +82,31 @@ def fail(prog: str, message: str, status: int = 2) -> int:
 
 def check_writable(path, flag: str = "--out"):
     """Create directory ``path`` (with parents) and check a file can be written in it, before
-    any work is done. Returns it as an absolute `pathlib.Path`; raises `ConfigError` naming
+    any work is done: a local path (returned absolute, a `pathlib.Path`) or a gs:// URL (an
+    `etils.epath.Path`; a probe object is written and removed). Raises `ConfigError` naming
     ``flag`` and the reason."""
     import os
+    import secrets
     import tempfile
-    from pathlib import Path
 
-    p = Path(path).absolute()
+    from eqr_jax import storage
+
+    p = storage.absolute(path, name=flag)
     try:
-        p.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(prefix=".eqr-write-check-", dir=p)
-        os.close(fd)
-        os.unlink(probe)
-    except OSError as e:
-        raise config_lib.ConfigError(f"{flag} {path}: cannot write there "
-                                     f"({e.strerror or e})") from None
+        if storage.is_remote(p):
+            probe = p / f".eqr-write-check-{secrets.token_hex(4)}"
+            storage.write_text(probe, "")
+            probe.unlink()
+        else:
+            p.mkdir(parents=True, exist_ok=True)
+            fd, probe = tempfile.mkstemp(prefix=".eqr-write-check-", dir=p)
+            os.close(fd)
+            os.unlink(probe)
+    except Exception as e:  # a bucket client raises many kinds (auth, HTTP, missing bucket)
+        from eqr_jax.checkpoint import short_reason
+
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else short_reason(e)
+        raise config_lib.ConfigError(f"{flag} {path}: cannot write there ({reason})") from None
     return p
 
 

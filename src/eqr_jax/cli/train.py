@@ -17,9 +17,9 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 from eqr_jax import config as config_lib
+from eqr_jax import storage
 from eqr_jax.cli import common
 
 PROG = "eqr train"
@@ -76,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _listing(directory: Path) -> list[Path]:
+def _listing(directory) -> list:
     return list(directory.iterdir()) if directory.is_dir() else []
 
 
@@ -100,7 +100,8 @@ def main(argv: list[str] | None = None) -> int:
     cfg = common.config_from_args(args, **{
         "data.path": args.data, "train.out_dir": args.out,
         # Absolute, so that config.json records where the run started from wherever it is read.
-        "train.init_from": args.init_from and str(Path(args.init_from).absolute()),
+        "train.init_from": args.init_from and str(storage.absolute(args.init_from,
+                                                                   name="--init-from")),
         "train.init_step": args.init_step, "train.init_weights": args.init_weights,
         "train.profile": args.profile,
         "train.profile_all_processes": args.profile_all_processes or None})
@@ -135,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     # Loaded before any data is built, so a missing or misfitting source is reported at once;
     # not when a --resume will restore a checkpoint instead (the source may be gone by then).
     resuming = (args.resume or args.resume_step is not None) and any(
-        p.name.isdigit() for p in _listing(Path(cfg.train.out_dir) / "checkpoints"))
+        p.name.isdigit() for p in _listing(storage.path(cfg.train.out_dir) / "checkpoints"))
     init_params = (_initial_weights(cfg) if cfg.train.init_from and not args.dry_run
                    and not resuming else None)
     if args.dry_run and args.target:

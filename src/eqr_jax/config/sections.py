@@ -215,6 +215,13 @@ class TrainConfig:
     eval_every: int = 5000
     checkpoint_every: int = 5000
     keep_checkpoints: int = 3
+    # How a checkpoint step is marked finished (docs/training.md, "Cloud TPU pod"): "rename"
+    # (written under a temporary name, renamed when complete: a local disk), "marker" (written
+    # in place, finished when Orbax's commit_success.txt appears: object stores, and a bucket
+    # mounted with gcsfuse, whose rename is not atomic), "auto" (marker for gs://, and where
+    # the directory already holds marked steps; rename otherwise).
+    checkpoint_commit: str = "auto"
+    # The run directory: a local path or a Cloud Storage URL (gs://bucket/run).
     out_dir: str = "runs/default"
     # Start a new run from existing weights (``eqr train --init-from``): a run directory, its
     # checkpoints/ or one step directory, or an official .pth; "" starts from ``seed``'s random
@@ -244,6 +251,8 @@ class TrainConfig:
         _check_choice("train.grad_mode", self.grad_mode, modes.GRAD_MODES)
         _check_choice("train.optimizer", self.optimizer, ("adam_atan2", "adamw"))
         _check_choice("train.init_weights", self.init_weights, ("ema", "raw"))
+        _check_choice("train.checkpoint_commit", self.checkpoint_commit,
+                      ("auto", "rename", "marker"))
         _check_choice("train.implicit_method", self.implicit_method, modes.IMPLICIT_SOLVERS)
         _check_choice("train.implicit_backward", self.implicit_backward,
                       modes.IMPLICIT_BACKWARDS)

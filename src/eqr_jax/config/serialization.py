@@ -108,19 +108,20 @@ def apply_overrides(cfg: RunConfig, overrides: Sequence[str]) -> RunConfig:
     return from_dict(RunConfig, d)
 
 
-def save(cfg: RunConfig, path: str) -> None:
-    """Write the resolved config as JSON (atomically: temp file + rename)."""
-    import os
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        f.write(to_json(cfg))
-    os.replace(tmp, path)
+def save(cfg: RunConfig, path) -> None:
+    """Write the resolved config as JSON to ``path`` (local or gs://), atomically."""
+    from eqr_jax import storage
+
+    storage.write_text(storage.path(path), to_json(cfg))
 
 
-def load(path: str) -> RunConfig:
-    with open(path) as f:
-        try:
-            d = json.load(f)
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{path}: not valid JSON ({e})") from None
-    return from_dict(RunConfig, d, where=path)
+def load(path) -> RunConfig:
+    """The config saved at ``path`` (local or gs://); `ConfigError` when it is not valid."""
+    from eqr_jax import storage
+
+    text = storage.read_text(storage.path(path))
+    try:
+        d = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}: not valid JSON ({e})") from None
+    return from_dict(RunConfig, d, where=str(path))
