@@ -9,7 +9,7 @@
 0.5, every copy runs the full depth; ``paper-maze``: the same with noise 0.1 (what is assumed is
 in docs/evaluation.md). It reports top-1 by convergence, convergence top-k, majority vote,
 any-correct and pass@k. Each finished chunk of puzzles is appended to ``<out>/chunks/``
-atomically; a killed run restarted with the same command continues after the last chunk and
+atomically (``--out`` may be a ``gs://`` URL); a killed run restarted with the same command continues after the last chunk and
 ends with the same table. A progress bar shows puzzles/s and the ETA. The flags after
 ``--protocol`` override its settings (a cheaper smoke run, or a variant).
 """
@@ -91,7 +91,10 @@ def main(argv: list[str] | None = None) -> int:
     from eqr_jax.evaluation.protocol import run_protocol
     from eqr_jax.reporting import format_table
 
-    model_path = os.path.abspath(args.checkpoint or args.reference)
+    from eqr_jax import storage
+
+    where = lambda p: p if storage.is_remote(p) else os.path.abspath(p)  # a URL stays a URL
+    model_path = where(args.checkpoint or args.reference)
     out = args.out or (os.path.join(args.checkpoint, args.protocol) if args.checkpoint else
                        os.path.splitext(args.reference)[0] + f"-{args.protocol}")
     manifest = {"protocol": proto.name, "model": model_path,
@@ -99,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
                 "step": args.step, "weights": "raw" if args.no_ema else "ema",
                 # The weights themselves: a checkpoint's "latest" step may move between runs.
                 "weights_sha256": weights_digest(params),
-                "data": os.path.abspath(args.data), "max_puzzles": args.max_puzzles,
+                "data": where(args.data), "max_puzzles": args.max_puzzles,
                 "batch_size": args.batch_size, "chunk_puzzles": args.chunk,
                 **{f"eval.{k}": v for k, v in dataclasses.asdict(eval_cfg).items()}}
     try:
