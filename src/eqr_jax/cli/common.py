@@ -82,12 +82,26 @@ def fail(prog: str, message: str, status: int = 2) -> int:
 
 def check_writable(path, flag: str = "--out"):
     """Create directory ``path`` (with parents) and check a file can be written in it, before
-    any work is done. Returns it as an absolute `pathlib.Path`; raises `ConfigError` naming
-    ``flag`` and the reason."""
+    any work is done. Returns it as an absolute `pathlib.Path` (an `etils.epath.Path` for a
+    ``gs://`` URL, where a probe object is written and deleted instead); raises `ConfigError`
+    naming ``flag`` and the reason."""
     import os
     import tempfile
     from pathlib import Path
 
+    from eqr_jax import storage
+
+    if storage.is_remote(path):
+        p = storage.path(path, name=flag)
+        probe = p / f".eqr-write-check-{os.getpid()}"
+        try:
+            storage.write_bytes(probe, b"")
+            probe.unlink()
+        except Exception as e:  # noqa: BLE001 (the client's errors: permissions, no bucket)
+            why = (str(e).splitlines() or [""])[0]
+            raise config_lib.ConfigError(f"{flag} {path}: cannot write there "
+                                         f"({type(e).__name__}: {why})") from None
+        return p
     p = Path(path).absolute()
     try:
         p.mkdir(parents=True, exist_ok=True)
