@@ -9,9 +9,10 @@
 0.5, every copy runs the full depth; ``paper-maze``: the same with noise 0.1 (what is assumed is
 in docs/evaluation.md). It reports top-1 by convergence, convergence top-k, majority vote,
 any-correct and pass@k. Each finished chunk of puzzles is appended to ``<out>/chunks/``
-atomically (``--out`` may be a ``gs://`` URL); a killed run restarted with the same command continues after the last chunk and
-ends with the same table. A progress bar shows puzzles/s and the ETA. The flags after
-``--protocol`` override its settings (a cheaper smoke run, or a variant).
+atomically; a killed run restarted with the same command continues after the last chunk and
+ends with the same table. ``--out`` may be a ``gs://`` URL (chunks, manifest and results are
+then objects). A progress bar shows puzzles/s and the ETA. The flags after ``--protocol``
+override its settings (a cheaper smoke run, or a variant).
 """
 
 from __future__ import annotations
@@ -45,8 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chunk", type=int, default=1024,
                    help="puzzles per appended chunk file, a multiple of --batch-size (1024)")
     p.add_argument("--max-puzzles", type=int, help="only the first N puzzles (a smoke run)")
-    p.add_argument("--out", help="output directory (default: <checkpoint>/<protocol>, or "
-                   "<name>-<protocol> beside a --reference file)")
+    p.add_argument("--out", help="output directory or gs:// URL (default: "
+                   "<checkpoint>/<protocol>, or <name>-<protocol> beside a --reference file)")
     p.add_argument("--no-progress", action="store_true")
     common.add_compile_cache_option(p)
     return p
