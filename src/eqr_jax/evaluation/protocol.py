@@ -129,7 +129,8 @@ class ChunkStore:
     def __init__(self, out_dir: str):
         self.dir = os.path.join(out_dir, "chunks")
         self.remote = storage.is_remote(self.dir)
-        storage.makedirs(storage.path(self.dir, name="--out"))
+        if not self.remote:  # a bucket has no folders to create
+            os.makedirs(self.dir, exist_ok=True)
 
     def clean_partial(self) -> list[str]:
         """Remove temporary files of writes a kill interrupted; returns their names (none in a
@@ -182,8 +183,7 @@ class ChunkStore:
         """Every complete chunk's results in one `SettingAccumulator`, in puzzle order."""
         acc = SettingAccumulator()
         for _, _, path in self.chunks():
-            with np.load(io.BytesIO(storage.path(path).read_bytes()) if self.remote
-                         else path) as z:
+            with np.load(io.BytesIO(_read_bytes(path)) if self.remote else path) as z:
                 for name in _FIELDS + ("n_valid",):
                     acc.parts.setdefault(name, []).append(z[name])
                 if "votes" in z:
@@ -192,8 +192,19 @@ class ChunkStore:
         return acc
 
 
+def _exists(path: str) -> bool:
+    return storage.path(path).exists() if storage.is_remote(path) else os.path.exists(path)
+
+
+def _read_bytes(path: str) -> bytes:
+    if storage.is_remote(path):
+        return storage.path(path).read_bytes()
+    with open(path, "rb") as f:
+        return f.read()
+
+
 def _check_manifest(path: str, manifest: Mapping[str, Any]) -> None:
-    old = json.loads(storage.read_text(storage.path(path)))
+    old = json.loads(_read_bytes(path))
     diff = sorted(k for k in set(old) | set(manifest) if old.get(k) != manifest.get(k))
     if diff:
         detail = "; ".join(f"{k}: {old.get(k)!r} there, {manifest.get(k)!r} now" for k in diff)
@@ -265,10 +276,12 @@ def run_protocol(evaluator, params, data: str, out_dir: str, manifest: Mapping[s
 def _open_store(out_dir: str, manifest: Mapping[str, Any], main: bool) -> ChunkStore:
     """The run's chunk store, its manifest written (first start) or compared (restart), and
     the partial writes of an interrupted run removed."""
-    storage.makedirs(storage.path(out_dir, name="--out"))
+    storage.check("--out", out_dir)
+    if not storage.is_remote(out_dir):
+        os.makedirs(out_dir, exist_ok=True)
     store = ChunkStore(out_dir)
     manifest_path = os.path.join(out_dir, "manifest.json")
-    if storage.path(manifest_path).exists():
+    if _exists(manifest_path):
         _check_manifest(manifest_path, manifest)
     elif main:
         if store.chunks():
