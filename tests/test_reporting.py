@@ -113,3 +113,27 @@ def test_train_log_local_writes_tb_directly(tmp_path):
     assert log.flush() == []
     log.close()
     assert read_tensorboard(tmp_path / "run") == {"train/loss": [(1, 1.0)]}
+
+
+def test_train_log_upload_failure_is_a_warning_then_retried(gcs_bucket, tmp_path, monkeypatch,
+                                                           capsys):
+    monkeypatch.chdir(tmp_path)
+    url = gcs_bucket.url("flaky")
+    real, calls = reporting.storage.upload_tree, []
+
+    def flaky(*args, **kw):
+        calls.append(1)
+        if len(calls) == 1:
+            raise OSError("503 Service Unavailable\nretry later")
+        return real(*args, **kw)
+
+    monkeypatch.setattr(reporting.storage, "upload_tree", flaky)
+    log = reporting.TrainLog(None, url, total=4, step=0, progress=False, verbose=False)
+    log.write({"train/loss": 1.0}, 1)  # the upload fails: training goes on
+    err = capsys.readouterr().err.strip()
+    assert err == (f"[eqr] warning: uploading TensorBoard events to {url}/tb failed (OSError: "
+                   "503 Service Unavailable); trying again at the next flush")
+    assert gcs_bucket.objects(url) == []
+    log.write({"train/loss": 0.5}, 2)
+    assert read_tensorboard(url) == {"train/loss": [(1, 1.0), (2, 0.5)]}
+    log.close()

@@ -5,9 +5,8 @@ A restarted or preempted run compiles the same programs again; with the cache it
 from disk instead. The directory is ``--compile-cache DIR``, else ``$EQR_COMPILE_CACHE``, else
 ``$XDG_CACHE_HOME/eqr-jax/xla`` (``~/.cache/eqr-jax/xla``); ``off`` switches it off. A
 ``gs://`` URL keeps the cache in a bucket, shared by every host of a pod (JAX reads and writes
-it through etils epath). Programs
-that compile in under JAX's threshold (``jax_persistent_cache_min_compile_time_secs``, 1 s by
-default) are not written.
+it through etils epath). Programs that compile in under JAX's threshold
+(``jax_persistent_cache_min_compile_time_secs``, 1 s by default) are not written.
 """
 
 from __future__ import annotations

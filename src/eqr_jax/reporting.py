@@ -280,8 +280,9 @@ class TrainLog:
         except Exception as e:  # noqa: BLE001 (any client error: the run goes on)
             then = (f"the events stay in {self.staging}" if final
                     else "trying again at the next flush")
+            why = (str(e).splitlines() or [""])[0]
             msg = (f"[eqr] warning: uploading TensorBoard events to {self.remote} failed "
-                   f"({type(e).__name__}: {e}); {then}")
+                   f"({type(e).__name__}: {why}); {then}")
             if self.bar is not None:
                 self.bar.write(msg, file=sys.stderr)
             else:
