@@ -239,8 +239,8 @@ def read_tensorboard(run_dir):
 
     tb = storage.path(str(run_dir)) / "tb"
     out = {}
-    for f in sorted((p for p in tb.iterdir() if p.name.startswith("events.")),
-                    key=lambda p: p.name):
+    names = sorted(p.name for p in tb.iterdir()) if tb.exists() else []
+    for f in (tb / n for n in names if n.startswith("events.")):
         data = f.read_bytes()
         i = 0
         while i < len(data):
