@@ -10,8 +10,9 @@
 in docs/evaluation.md). It reports top-1 by convergence, convergence top-k, majority vote,
 any-correct and pass@k. Each finished chunk of puzzles is appended to ``<out>/chunks/``
 atomically; a killed run restarted with the same command continues after the last chunk and
-ends with the same table. A progress bar shows puzzles/s and the ETA. The flags after
-``--protocol`` override its settings (a cheaper smoke run, or a variant).
+ends with the same table. ``--out`` may be a ``gs://`` URL (chunks, manifest and results are
+then objects). A progress bar shows puzzles/s and the ETA. The flags after ``--protocol``
+override its settings (a cheaper smoke run, or a variant).
 """
 
 from __future__ import annotations
@@ -45,8 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chunk", type=int, default=1024,
                    help="puzzles per appended chunk file, a multiple of --batch-size (1024)")
     p.add_argument("--max-puzzles", type=int, help="only the first N puzzles (a smoke run)")
-    p.add_argument("--out", help="output directory (default: <checkpoint>/<protocol>, or "
-                   "<name>-<protocol> beside a --reference file)")
+    p.add_argument("--out", help="output directory or gs:// URL (default: "
+                   "<checkpoint>/<protocol>, or <name>-<protocol> beside a --reference file)")
     p.add_argument("--no-progress", action="store_true")
     common.add_compile_cache_option(p)
     return p
@@ -91,7 +92,10 @@ def main(argv: list[str] | None = None) -> int:
     from eqr_jax.evaluation.protocol import run_protocol
     from eqr_jax.reporting import format_table
 
-    model_path = os.path.abspath(args.checkpoint or args.reference)
+    from eqr_jax import storage
+
+    where = lambda p: p if storage.is_remote(p) else os.path.abspath(p)  # a URL stays a URL
+    model_path = where(args.checkpoint or args.reference)
     out = args.out or (os.path.join(args.checkpoint, args.protocol) if args.checkpoint else
                        os.path.splitext(args.reference)[0] + f"-{args.protocol}")
     manifest = {"protocol": proto.name, "model": model_path,
@@ -99,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
                 "step": args.step, "weights": "raw" if args.no_ema else "ema",
                 # The weights themselves: a checkpoint's "latest" step may move between runs.
                 "weights_sha256": weights_digest(params),
-                "data": os.path.abspath(args.data), "max_puzzles": args.max_puzzles,
+                "data": where(args.data), "max_puzzles": args.max_puzzles,
                 "batch_size": args.batch_size, "chunk_puzzles": args.chunk,
                 **{f"eval.{k}": v for k, v in dataclasses.asdict(eval_cfg).items()}}
     try:

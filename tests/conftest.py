@@ -229,13 +229,18 @@ def load_params(path, use_ema: bool = False):
 
 
 def read_tensorboard(run_dir):
-    """{tag: [(step, value or histogram counts)]} from the tensorboardX event files of a run."""
+    """{tag: [(step, value or histogram counts)]} from the tensorboardX event files of a run
+    (a local folder, or a ``gs://`` URL: its ``tb/`` objects are read as they are stored)."""
     import struct
 
     from tensorboardX.proto import event_pb2
 
+    from eqr_jax import storage
+
+    tb = storage.path(str(run_dir)) / "tb"
     out = {}
-    for f in sorted(Path(run_dir, "tb").glob("events.*")):
+    names = sorted(p.name for p in tb.iterdir()) if tb.exists() else []
+    for f in (tb / n for n in names if n.startswith("events.")):
         data = f.read_bytes()
         i = 0
         while i < len(data):

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -292,7 +293,7 @@ def test_trace_reproduces_evaluation_trajectories(trained):
     np.testing.assert_array_equal(L.steps_to_halt(tr.q_halt)[0].T, qh.steps)
 
 
-def test_eqr_analyze_end_to_end(trained, tmp_path, capsys):
+def test_eqr_analyze_end_to_end(trained, tmp_path, capsys, gcs_bucket):
     from eqr_jax.cli import main
     from eqr_jax.data.format import write_split
 
@@ -331,6 +332,17 @@ def test_eqr_analyze_end_to_end(trained, tmp_path, capsys):
         assert os.path.getsize(out / f"{name}.png") > 1000
     text = capsys.readouterr().out
     assert "spectral radius at end states" in text and "census (tol 0.05)" in text
+    # What `--out gs://...` writes, from this analysis (a second one would compile again).
+    from eqr_jax.analysis import save_landscape_plots
+    from eqr_jax.reporting import write_json
+
+    url = gcs_bucket.url("analysis")
+    written = [str(write_json(url + "/analysis.json", res, machine=False))]
+    written += save_landscape_plots(res, url)
+    assert written[0] == url + "/analysis.json" and len(written) == 7
+    assert gcs_bucket.objects(url) == sorted(w[len(url) + 1:] for w in written)
+    assert json.loads(gcs_bucket.fs.cat(url + "/analysis.json")) == res
+    assert not Path("gs:").exists() and not (out / "gs:").exists()
 
 
 def test_eqr_analyze_reports_bad_input(trained, tmp_path, capsys):

@@ -46,3 +46,23 @@ def test_compiled_programs_are_written_there(tmp_path):
                        timeout=300)
     assert p.returncode == 0, p.stderr
     assert [f for f in (tmp_path / "c").rglob("*") if f.is_file()]
+
+
+def test_compiled_programs_are_written_to_a_bucket(gcs_bucket, tmp_path):
+    """JAX's cache takes the gs:// URL itself (etils epath): entries land as objects, and no
+    local ``gs:`` folder is made."""
+    url = gcs_bucket.url("xla")
+    code = ("import sys, jax, jax.numpy as jnp\n"
+            "from eqr_jax import compile_cache\n"
+            "jax.config.update('jax_persistent_cache_min_compile_time_secs', 0)\n"
+            "print(compile_cache.enable(sys.argv[1]))\n"
+            "print(jax.jit(lambda x: jnp.cos(x) * 3 - 1)(jnp.ones(3)).sum())\n")
+    p = subprocess.run([sys.executable, "-c", code, url], cwd=tmp_path,
+                       env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True, text=True,
+                       timeout=300)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.splitlines()[0] == url
+    assert [o for o in gcs_bucket.objects(url) if o.endswith("-cache")], gcs_bucket.objects(url)
+    assert not (tmp_path / "gs:").exists()
+    with pytest.raises(ConfigError, match="--compile-cache=s3://b/x: .*not supported"):
+        compile_cache.enable("s3://b/x")

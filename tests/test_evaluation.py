@@ -319,3 +319,31 @@ def test_copies_independent_reproducible_and_trajectory_follows_them(tiny):
                                         - np.asarray(a[:, 1], np.float64)), axis=(-2, -1))
                        for a in states))  # (copies, B)
     np.testing.assert_allclose(r.residual, want.T, rtol=1e-3, atol=1e-4)
+
+
+def test_eqr_eval_writes_its_results_to_a_bucket(gcs_bucket, tmp_path, monkeypatch, capsys):
+    """``eqr eval --out gs://...``: results.json/csv and the plots become objects (and no local
+    ``gs:`` folder); an --out in a bucket that does not exist is one line before any work."""
+    from pathlib import Path
+
+    from conftest import trained_checkpoint, write_array_dataset
+    from eqr_jax.cli import common, main
+    from eqr_jax.config import ConfigError
+    from eqr_jax.data.arrays import make_puzzles
+
+    monkeypatch.chdir(tmp_path)
+    data = write_array_dataset(tmp_path / "data", make_puzzles(8, 0), make_puzzles(8, 1))
+    url = gcs_bucket.url("eval")
+    assert main(["eval", "--checkpoint", trained_checkpoint(), "--data", str(data), "--depth",
+                 "2", "--breadth", "1", "--batch-size", "8", "--out", url, "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert f"[eqr eval] writing to {url}" in out and f"wrote {url}/results.json" in out
+    assert gcs_bucket.objects(url) == ["accuracy_vs_depth.png", "residual_vs_step.png",
+                                       "results.csv", "results.json", "steps_histogram.png"]
+    saved = json.loads(gcs_bucket.fs.cat(url + "/results.json"))
+    exact = saved["settings"][0]["metrics"]["all/exact_accuracy"]
+    assert out.strip().splitlines()[-1] == f"exact_accuracy: {exact:.6g}"
+    assert not Path("gs:").exists()
+    with pytest.raises(ConfigError, match=r"^--out gs://no-such-bucket/x: cannot write there "
+                                          r"\([A-Za-z]+Error: [^\n]*\)$"):
+        common.check_writable("gs://no-such-bucket/x")

@@ -4,6 +4,8 @@ TFLOP/s and MFU under an injected clock) are in test_training.py."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from conftest import micro_model, replace
@@ -113,3 +115,30 @@ def test_profile_batches_traces_the_second_batch(monkeypatch, tmp_path):
     fake.events.clear()
     assert list(profiling.profile_batches([7], tmp_path)) == [7]  # one batch: that one
     assert fake.events == ["start", "stop"]
+
+
+def test_traces_of_a_bucket_run_are_staged_and_uploaded(monkeypatch, gcs_bucket, tmp_path):
+    """The profiler writes local files only: with a gs:// log dir it traces into a local
+    staging folder, uploaded to the bucket after the window (and after an eval batch)."""
+    import jax
+
+    monkeypatch.chdir(tmp_path)
+    dirs: list = []
+    monkeypatch.setattr(jax.profiler, "start_trace", lambda d: dirs.append(d))
+
+    def stop():  # what the profiler leaves behind: <dir>/plugins/profile/<run id>/<host>...
+        trace = Path(dirs[-1], "plugins", "profile", f"run{len(dirs)}", "vm.xplane.pb")
+        trace.parent.mkdir(parents=True)
+        trace.write_bytes(b"xplane")
+
+    monkeypatch.setattr(jax.profiler, "stop_trace", stop)
+    url = gcs_bucket.url("run") + "/tb"
+    w = profiling.ProfileWindow(2, 1, 1, url)
+    for step in range(4):
+        w.run(step, None, lambda s: (s, None))
+    assert w.traced == [2] and not dirs[0].startswith("gs:") and not Path(dirs[0]).exists()
+    assert [str(p) for p in w.trace_files()] == [f"{url}/plugins/profile/run1/vm.xplane.pb"]
+    assert list(profiling.profile_batches(range(3), url)) == [0, 1, 2]
+    assert gcs_bucket.objects(url) == ["plugins/profile/run1/vm.xplane.pb",
+                                       "plugins/profile/run2/vm.xplane.pb"]
+    assert not Path("gs:").exists()

@@ -5,6 +5,7 @@ command, it ends with the table and per-puzzle results of an uninterrupted run."
 from __future__ import annotations
 
 import importlib.util
+import io
 import json
 import os
 import signal
@@ -120,3 +121,55 @@ def test_protocols_and_table_rows():
     with pytest.raises(ValueError, match="multiple of the batch size 16"):
         protocol.run_protocol(None, None, "unused", "unused", {}, depth=1, breadth=1,
                               batch_size=16, chunk_puzzles=24)
+
+
+class _Killed(BaseException):
+    """Stands for the machine going down (nothing catches it)."""
+
+
+def test_paper_eval_in_a_bucket_resumes_to_the_local_table(gcs_bucket, tmp_path, monkeypatch,
+                                                          capsys):
+    """--out gs://...: chunks, manifest and results.json are objects; a run stopped before its
+    third chunk is uploaded continues from the bucket's chunks to the results of a local run."""
+    monkeypatch.chdir(tmp_path)
+    run = trained_checkpoint()
+    data = write_array_dataset(tmp_path / "data", make_puzzles(8, 0),
+                               make_puzzles(24, 1, blanks=(3, 8)))
+    url, local = gcs_bucket.url("paper"), tmp_path / "local"
+    argv = ["--checkpoint", run, "--data", str(data), "--depth", "3", "--breadth", "2",
+            "--top-k", "2", "--batch-size", "4", "--chunk", "8", "--max-puzzles", "22",
+            "--no-progress"]
+    real, written = protocol._atomic_write, []
+
+    def dying(path, write):
+        if "/chunks/" in path and len(written) == 2:
+            raise _Killed
+        written.append(path)
+        real(path, write)
+
+    monkeypatch.setattr(protocol, "_atomic_write", dying)
+    paper_eval = _paper_eval()
+    with pytest.raises(_Killed):
+        paper_eval.main(argv + ["--out", url])
+    monkeypatch.setattr(protocol, "_atomic_write", real)
+    assert gcs_bucket.objects(url) == ["chunks/chunk-000000000-000000008.npz", "manifest.json"]
+    assert paper_eval.main(argv + ["--out", url]) == 0
+    assert "resuming: 8 of 22 puzzles already in 1 chunk(s)" in capsys.readouterr().out
+    assert paper_eval.main(argv + ["--out", str(local)]) == 0
+    assert gcs_bucket.objects(url) == sorted(
+        ["manifest.json", "results.json"] + [f"chunks/{n}" for n in os.listdir(local / "chunks")])
+    a = json.loads(gcs_bucket.fs.cat(url + "/results.json"))
+    b = json.loads((local / "results.json").read_text())
+    assert a["table"] == b["table"] and a["metrics"] == b["metrics"] and a["chunks"] == 3
+    assert a["protocol"]["model"] == b["protocol"]["model"] == os.path.abspath(run)
+    for name in os.listdir(local / "chunks"):
+        with np.load(local / "chunks" / name) as z, \
+                np.load(io.BytesIO(gcs_bucket.fs.cat(f"{url}/chunks/{name}"))) as r:
+            for k in z.files:
+                if k != "seconds":
+                    np.testing.assert_array_equal(r[k], z[k], err_msg=f"{name}:{k}")
+    # Other settings on the same bucket run are refused, as locally.
+    assert paper_eval.main([*argv[:5], "4", *argv[6:], "--out", url]) == 2
+    assert "holds a run with other settings (eval.depth: 3 there, 4 now)" in \
+        capsys.readouterr().err
+    assert not Path("gs:").exists()

@@ -4,7 +4,12 @@ evaluation, and the results files with their machine record."""
 from __future__ import annotations
 
 import json
+import time
+from pathlib import Path
 
+import numpy as np
+
+from conftest import read_tensorboard
 from eqr_jax import reporting
 
 
@@ -50,3 +55,85 @@ def test_write_results_records_the_machine(tmp_path):
     assert csv[0].startswith("depth,breadth,halt,solver,noise_scale,all/exact_accuracy")
     assert len(csv) == 5 and paths == [str(tmp_path / "results.json"),
                                        str(tmp_path / "results.csv")]
+
+
+def test_write_results_to_a_bucket(gcs_bucket, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    url = gcs_bucket.url("eval")
+    results = _results()
+    for s in results["settings"]:
+        s["metrics"]["halting/mean_steps"] = float(s["depth"])  # for the steps histogram
+    paths = reporting.write_results(results, url, plots=True)
+    assert paths == [f"{url}/{n}" for n in ("results.json", "results.csv", "accuracy_vs_depth.png",
+                                             "residual_vs_step.png", "steps_histogram.png")]
+    assert gcs_bucket.objects(url) == sorted(p.rsplit("/", 1)[1] for p in paths)
+    saved = json.loads(gcs_bucket.fs.cat(url + "/results.json"))
+    assert len(saved["settings"]) == 4 and saved["machine"]["backend"] == "cpu"
+    local = reporting.write_results(results, str(tmp_path / "local"), plots=False)
+    assert gcs_bucket.fs.cat(url + "/results.csv") == Path(local[1]).read_bytes()
+    assert gcs_bucket.fs.cat(url + "/steps_histogram.png")[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not Path("gs:").exists()
+
+
+def test_train_log_in_a_bucket_uploads_changed_event_files(gcs_bucket, tmp_path, monkeypatch):
+    """TensorBoard events of a gs:// run directory reach <run>/tb/ at every flush, only the
+    files that changed; a second (resumed) log adds its own event file."""
+    monkeypatch.chdir(tmp_path)
+    url = gcs_bucket.url("run")
+    log = reporting.TrainLog(None, url, total=4, step=0, progress=False, verbose=False)
+    staging = log.staging
+    assert staging.is_dir() and staging != tmp_path
+    log.write({"train/loss": 1.5}, 1, {"train/steps_hist": np.array([0, 2, 1])})
+    (first,) = gcs_bucket.objects(url + "/tb")
+    assert read_tensorboard(url) == {"train/loss": [(1, 1.5)],
+                                     "train/steps_hist": [(1, [0.0, 2.0, 1.0])]}
+    assert log.flush() == []  # nothing new: nothing uploaded
+    log.write({"train/loss": 0.5}, 2)
+    assert read_tensorboard(url)["train/loss"] == [(1, 1.5), (2, 0.5)]
+    log.close()
+    assert not staging.exists()
+    generation = gcs_bucket.fs.info(f"{url}/tb/{first}")["generation"]
+    time.sleep(1.1)  # tensorboardX names event files by the second
+    resumed = reporting.TrainLog(None, url, total=4, step=2, progress=False, verbose=False)
+    (second,) = resumed.flush()  # its own new event file only
+    assert second != first and resumed.flush() == []
+    resumed.write({"train/loss": 0.25}, 3)
+    assert gcs_bucket.objects(url + "/tb") == sorted([first, second])
+    assert gcs_bucket.fs.info(f"{url}/tb/{first}")["generation"] == generation  # not rewritten
+    resumed.close()
+    assert read_tensorboard(url)["train/loss"] == [(1, 1.5), (2, 0.5), (3, 0.25)]
+    assert not Path("gs:").exists()
+
+
+def test_train_log_local_writes_tb_directly(tmp_path):
+    log = reporting.TrainLog(None, tmp_path / "run", total=4, step=0, progress=False,
+                             verbose=False)
+    assert log.staging is None
+    log.write({"train/loss": 1.0}, 1)
+    assert log.flush() == []
+    log.close()
+    assert read_tensorboard(tmp_path / "run") == {"train/loss": [(1, 1.0)]}
+
+
+def test_train_log_upload_failure_is_a_warning_then_retried(gcs_bucket, tmp_path, monkeypatch,
+                                                           capsys):
+    monkeypatch.chdir(tmp_path)
+    url = gcs_bucket.url("flaky")
+    real, calls = reporting.storage.upload_tree, []
+
+    def flaky(*args, **kw):
+        calls.append(1)
+        if len(calls) == 1:
+            raise OSError("503 Service Unavailable\nretry later")
+        return real(*args, **kw)
+
+    monkeypatch.setattr(reporting.storage, "upload_tree", flaky)
+    log = reporting.TrainLog(None, url, total=4, step=0, progress=False, verbose=False)
+    log.write({"train/loss": 1.0}, 1)  # the upload fails: training goes on
+    err = capsys.readouterr().err.strip()
+    assert err == (f"[eqr] warning: uploading TensorBoard events to {url}/tb failed (OSError: "
+                   "503 Service Unavailable); trying again at the next flush")
+    assert gcs_bucket.objects(url) == []
+    log.write({"train/loss": 0.5}, 2)
+    assert read_tensorboard(url) == {"train/loss": [(1, 1.0), (2, 0.5)]}
+    log.close()

@@ -44,3 +44,23 @@ def test_bucket_round_trip_and_tree_copies(gcs_bucket, tmp_path):
         f.write_bytes(b"png")
     assert storage.read_text(root / "plot.png") == "png"
     assert storage.cache_dir_for(url + "/data", "data").name.startswith("data-")
+
+
+def test_upload_tree_tries_a_failed_file_again(tmp_path, monkeypatch):
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    src.mkdir()
+    (src / "events").write_bytes(b"abc")
+    real, calls = storage.copy_file, []
+
+    def flaky(a, b):
+        calls.append(Path(b).name)
+        if len(calls) == 1:
+            raise OSError("connection reset")
+        real(a, b)
+
+    monkeypatch.setattr(storage, "copy_file", flaky)
+    seen: dict = {}
+    with pytest.raises(OSError, match="connection reset"):
+        storage.upload_tree(src, dst, only_changed=seen)
+    assert storage.upload_tree(src, dst, only_changed=seen) == ["events"]
+    assert (dst / "events").read_bytes() == b"abc" and calls == ["events", "events"]

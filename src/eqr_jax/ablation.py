@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from eqr_jax import dynamics, modes, reporting
+from eqr_jax import dynamics, modes, reporting, storage
 from eqr_jax.analysis.stability import jacobian_spectral_radius
 from eqr_jax import training as train_lib
 from eqr_jax.measure import memory_of
@@ -303,8 +303,8 @@ def run(cfg: RunConfig, out_dir: str | Path, *, grad_modes: Sequence[str] = MODE
 
     Returns ``{"rows": [...], "config": ..., "machine": ...}``; one row per spec.
     """
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = storage.path(out_dir, name="--out")
+    storage.makedirs(out)
     specs = [parse_spec(m) for m in grad_modes]
     prepare.ensure_dataset(cfg, progress=progress)
     prepare.check_matches_model(cfg)
@@ -376,7 +376,7 @@ def run(cfg: RunConfig, out_dir: str | Path, *, grad_modes: Sequence[str] = MODE
         report["study_wall_s"] = time.time() - t_study
         reporting.write_json(out / "ablation.json", report)
     reporting.write_json(out / "ablation.json", report)
-    (out / "ablation.md").write_text(markdown_table(rows) + "\n")
+    storage.write_text(out / "ablation.md", markdown_table(rows) + "\n")
     return report
 
 
@@ -416,7 +416,7 @@ def _accuracy_keys(ev: dict[int, dict]) -> dict[str, float]:
 
 
 def load_report(path: str | Path) -> dict[str, Any]:
-    return json.loads(Path(path).read_text())
+    return json.loads(storage.read_text(storage.path(path, name="report")))
 
 
 def rescore(out_dir: str | Path, write: bool = True) -> dict[str, Any]:
@@ -425,7 +425,7 @@ def rescore(out_dir: str | Path, write: bool = True) -> dict[str, Any]:
     before the curves recorded token accuracy); rewrites ``ablation.json``. Each evaluation is
     cached in ``rescore.json``, so it can run beside a study that is still going (``write``
     False: fill the cache only) and again at its end."""
-    out = Path(out_dir)
+    out = storage.path(out_dir, name="--out")
     report = load_report(out / "ablation.json")
     depths = report["depths"]
     cache_path = out / "rescore.json"

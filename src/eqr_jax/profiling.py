@@ -9,6 +9,9 @@ trace holds exactly those calls' device work and nothing of the calls before. Th
 where TensorBoard's profile plugin (XProf) looks: ``<log_dir>/plugins/profile/<run_id>/
 <host>.xplane.pb``, with ``log_dir`` the run's ``tb/``. Only process 0 traces unless
 ``all_processes``. Tracing changes no result: the same programs run on the same values.
+When ``log_dir`` is in a bucket (``gs://``), the profiler writes into a local staging folder
+and the trace files are uploaded to ``log_dir`` once the window is stopped (outside the traced
+calls), so TensorBoard / XProf read them from the bucket as from a local run.
 
 `profile_batches` does the same for one batch of an evaluation.
 """
@@ -16,10 +19,14 @@ where TensorBoard's profile plugin (XProf) looks: ``<log_dir>/plugins/profile/<r
 from __future__ import annotations
 
 import contextlib
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 import jax
+
+from eqr_jax import storage
 
 TRACE_GLOB = "plugins/profile/*/*.xplane.pb"
 
@@ -54,7 +61,8 @@ class ProfileWindow:
                  process_index: int = 0, all_processes: bool = False):
         self.start, self.calls = int(start), int(calls)
         self.steps_per_call = max(1, int(steps_per_call))
-        self.log_dir = Path(log_dir)
+        self.log_dir = storage.path(log_dir, name="profile directory")
+        self._staging: Path | None = None
         self.enabled = self.calls > 0 and (process_index == 0 or all_processes)
         self.tracing = self.done = False
         self.traced: list[int] = []  # first step of every traced call
@@ -71,8 +79,7 @@ class ProfileWindow:
         """At the boundary before the call that starts at optimiser ``step``."""
         if self.enabled and not (self.tracing or self.done) and step >= self.start:
             jax.block_until_ready(state)  # the calls before the window stay out of the trace
-            self.log_dir.mkdir(parents=True, exist_ok=True)
-            jax.profiler.start_trace(str(self.log_dir))
+            self._staging = _start_trace(self.log_dir)
             self.tracing = True
 
     def annotate(self, step: int, name: str = "train"):
@@ -105,15 +112,17 @@ class ProfileWindow:
         if state is not None:
             jax.block_until_ready(state)  # the window's device work ends inside the trace
         jax.profiler.stop_trace()
+        _upload_trace(self._staging, self.log_dir)
+        self._staging = None
         self.tracing, self.done = False, True
         last = self.traced[-1] + self.steps_per_call if self.traced else self.start
         print(f"[eqr] profile of steps {self.traced[0] if self.traced else self.start}-{last} "
               f"({len(self.traced)} call(s)) written under {self.log_dir}/plugins/profile "
               "(TensorBoard's profile tab / XProf)", flush=True)
 
-    def trace_files(self) -> list[Path]:
+    def trace_files(self) -> list:
         """The ``.xplane.pb`` files under ``log_dir`` (every window's, oldest run id first)."""
-        return sorted(self.log_dir.glob(TRACE_GLOB))
+        return sorted(self.log_dir.glob(TRACE_GLOB), key=str)
 
 
 def profile_batches(batches: Iterable, log_dir: str | Path, *, index: int = 1,
@@ -129,27 +138,47 @@ def profile_batches(batches: Iterable, log_dir: str | Path, *, index: int = 1,
     second = next(it, None)
     todo = [first] if second is None else [first, second]
     target = min(index, len(todo) - 1)
-    tracing = None
+    tracing = staging = None
+    log_dir = storage.path(log_dir, name="profile directory")
     try:
         for i, batch in enumerate(_chain(todo, it)):
             if enabled and i == target:
-                Path(log_dir).mkdir(parents=True, exist_ok=True)
-                jax.profiler.start_trace(str(log_dir))
+                staging = _start_trace(log_dir)
                 tracing = jax.profiler.StepTraceAnnotation("eval", step_num=i)
                 tracing.__enter__()
             yield batch
             if tracing is not None:
-                _stop_eval(tracing)
+                _stop_eval(tracing, staging, log_dir)
                 tracing = None
     finally:
         if tracing is not None:
-            _stop_eval(tracing)
+            _stop_eval(tracing, staging, log_dir)
 
 
-def _stop_eval(annotation) -> None:
+def _stop_eval(annotation, staging: Path | None, log_dir) -> None:
     annotation.__exit__(None, None, None)
     jax.effects_barrier()
     jax.profiler.stop_trace()
+    _upload_trace(staging, log_dir)
+
+
+def _start_trace(log_dir) -> Path | None:
+    """Start `jax.profiler` tracing into ``log_dir``; the profiler writes local files only, so
+    for a bucket it traces into a local staging folder, which it returns (None when local)."""
+    if storage.is_remote(log_dir):
+        staging = Path(tempfile.mkdtemp(prefix="eqr-profile-"))
+        jax.profiler.start_trace(str(staging))
+        return staging
+    Path(log_dir).mkdir(parents=True, exist_ok=True)
+    jax.profiler.start_trace(str(log_dir))
+    return None
+
+
+def _upload_trace(staging: Path | None, log_dir) -> None:
+    """After the trace is stopped: copy a staging folder's files to ``log_dir`` and drop it."""
+    if staging is not None:
+        storage.upload_tree(staging, log_dir)
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def _chain(head: list, rest: Iterator) -> Iterator:

@@ -10,14 +10,18 @@ from __future__ import annotations
 
 import csv
 import datetime
+import io
 import json
 import math
 import os
 import platform
+import sys
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
+
+from eqr_jax import storage
 
 
 def machine_info() -> dict:
@@ -122,21 +126,24 @@ def depth_breadth_table(results: Mapping[str, Any], key: str = "all/exact_accura
     return table if markdown else f"{key}:\n{table}"
 
 
-def write_results(results: Mapping[str, Any], out_dir: str, plots: bool = True) -> list[str]:
+def write_results(results: Mapping[str, Any], out_dir, plots: bool = True) -> list[str]:
     """results.json (with the machine), results.csv and (optionally) the three plots of an
-    evaluation in ``out_dir``; returns the written paths."""
-    os.makedirs(out_dir, exist_ok=True)
-    paths = [os.path.join(out_dir, "results.json"), os.path.join(out_dir, "results.csv")]
+    evaluation in ``out_dir`` (a local folder or a ``gs://`` URL; each file written whole);
+    returns the written paths."""
+    root = storage.path(out_dir, name="--out")
+    storage.makedirs(root)
+    paths = [str(root / "results.json"), str(root / "results.csv")]
     write_json(paths[0], results)
     rows = results_rows(results)
     fields = list(dict.fromkeys(k for r in rows for k in r))
-    with open(paths[1], "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=fields)
-        w.writeheader()
-        w.writerows(rows)
+    text = io.StringIO(newline="")
+    w = csv.DictWriter(text, fieldnames=fields)
+    w.writeheader()
+    w.writerows(rows)
+    storage.write_text(root / "results.csv", text.getvalue())
     if plots:
         from eqr_jax.analysis import save_all_plots
-        paths += save_all_plots(results, out_dir)
+        paths += save_all_plots(results, str(root))
     return paths
 
 
@@ -179,19 +186,17 @@ def _jsonable(obj: Any) -> Any:
     return obj
 
 
-def write_json(path: str | os.PathLike, payload: Mapping[str, Any], *,
-               machine: bool = True) -> Path:
-    """Write ``payload`` (plus ``machine: machine_info()`` unless present or disabled) as JSON,
-    atomically (a temporary file renamed over the target). NaN and infinities become null,
-    NumPy scalars and arrays plain numbers and lists."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+def write_json(path, payload: Mapping[str, Any], *, machine: bool = True):
+    """Write ``payload`` (plus ``machine: machine_info()`` unless present or disabled) as JSON
+    to ``path`` (local, or a ``gs://`` URL), atomically (`eqr_jax.storage.write_text`: a
+    temporary file renamed over the target, or one object upload); returns the path (a
+    `pathlib.Path`, or an `etils.epath.Path` for a URL). NaN and infinities become null, NumPy
+    scalars and arrays plain numbers and lists."""
+    path = storage.path(path, name="output")
     data = dict(payload)
     if machine and "machine" not in data:
         data["machine"] = machine_info()
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(_jsonable(data), indent=2, allow_nan=False) + "\n")
-    os.replace(tmp, path)
+    storage.write_text(path, json.dumps(_jsonable(data), indent=2, allow_nan=False) + "\n")
     return path
 
 
@@ -201,18 +206,34 @@ def write_json(path: str | os.PathLike, payload: Mapping[str, Any], *,
 
 class TrainLog:
     """Training's TensorBoard scalars/histograms, progress bar and console lines (written by the
-    main process only)."""
+    main process only).
 
-    def __init__(self, cfg, out_dir: Path, total: int, step: int, progress: bool,
-                 verbose: bool):
+    The events go to ``<out_dir>/tb``. For a run directory in a bucket (``gs://...``) they are
+    written into a local staging folder, and every file of it that changed is uploaded to
+    ``<out_dir>/tb/`` at each flush (every `write`: the log and evaluation windows) and at
+    `close` (an object is replaced whole, so a reader sees the events up to the last flush).
+    A resumed run starts a new event file beside the old ones, as it does locally, and
+    ``tensorboard --logdir gs://...`` reads them all. A failed upload is reported and tried
+    again at the next flush; it never stops training.
+    """
+
+    def __init__(self, cfg, out_dir, total: int, step: int, progress: bool, verbose: bool):
         import jax
 
         self.main = jax.process_index() == 0
         self.verbose = verbose
         self.writer = self.bar = None
+        self.remote = self.staging = None  # the bucket's tb/ and its local staging folder
+        self._uploaded: dict = {}
         if self.main:
             from tensorboardX import SummaryWriter
-            self.writer = SummaryWriter(str(out_dir / "tb"))
+            tb = storage.path(out_dir, name="--out") / "tb"
+            if storage.is_remote(tb):
+                import tempfile
+                # tensorboardX's own gs:// writer fails (no 'buffer' attribute): write local
+                # files and copy them up.
+                self.remote, self.staging = tb, Path(tempfile.mkdtemp(prefix="eqr-tb-"))
+            self.writer = SummaryWriter(str(self.staging or tb))
         if progress and self.main:
             from tqdm import tqdm
             self.bar = tqdm(total=total, initial=step, desc=f"train {cfg.preset}",
@@ -239,7 +260,34 @@ class TrainLog:
                     sum=float((vals * counts).sum()), sum_squares=float((vals ** 2 * counts).sum()),
                     bucket_limits=(vals + 0.5).tolist(), bucket_counts=counts.tolist(),
                     global_step=at)
-        self.writer.flush()
+        self.flush()
+
+    def flush(self) -> list[str]:
+        """Write the buffered events out; for a bucket run directory, upload the event files
+        that changed since the last flush. Returns the files uploaded (relative to tb/)."""
+        if self.writer is not None:
+            if self.staging is not None:
+                _drain(self.writer)
+            self.writer.flush()
+        return self._upload() or []
+
+    def _upload(self, final: bool = False) -> list[str] | None:
+        """Upload the changed staging files; None (after a warning on stderr) if that failed."""
+        if self.staging is None:
+            return []
+        try:
+            return storage.upload_tree(self.staging, self.remote, only_changed=self._uploaded)
+        except Exception as e:  # noqa: BLE001 (any client error: the run goes on)
+            then = (f"the events stay in {self.staging}" if final
+                    else "trying again at the next flush")
+            why = (str(e).splitlines() or [""])[0]
+            msg = (f"[eqr] warning: uploading TensorBoard events to {self.remote} failed "
+                   f"({type(e).__name__}: {why}); {then}")
+            if self.bar is not None:
+                self.bar.write(msg, file=sys.stderr)
+            else:
+                print(msg, file=sys.stderr, flush=True)
+            return None
 
     def train_line(self, at: int, s: Mapping[str, float]) -> None:
         if self.bar is not None:
@@ -266,6 +314,29 @@ class TrainLog:
         if self.writer is not None:
             self.writer.close()
             self.writer = None
+        if self.staging is not None:
+            if self._upload(final=True) is not None:
+                import shutil
+                shutil.rmtree(self.staging, ignore_errors=True)
+            self.staging = None
+
+
+def _drain(writer) -> None:
+    """Wait until tensorboardX's background thread has written every event queued so far.
+
+    ``SummaryWriter.flush`` flushes the file but not the queue in front of it, so events added
+    just before would miss the upload that follows. The queue is first in, first out: stopping
+    the thread (its stop signal queued after the events) and starting a new one on the same
+    queue and file drains it. Without those internals (another tensorboardX), the events that
+    miss one upload go with the next, or at close."""
+    ew = getattr(writer.file_writer, "event_writer", None)
+    worker = getattr(ew, "_worker", None)
+    if worker is None or not all(hasattr(ew, a) for a in ("_event_queue", "_ev_writer",
+                                                          "_flush_secs")):
+        return
+    worker.stop()
+    ew._worker = type(worker)(ew._event_queue, ew._ev_writer, ew._flush_secs)
+    ew._worker.start()
 
 
 def train_results_table(cfg, r: Mapping[str, Any]) -> str:

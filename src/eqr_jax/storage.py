@@ -257,10 +257,11 @@ def upload_tree(local_dir: Path, remote: AnyPath, *, only_changed: dict | None =
         f = local_dir / rel
         st = f.stat()
         key = (st.st_size, st.st_mtime_ns)
-        if only_changed is not None:
-            if only_changed.get(rel) == key:
-                continue
-            only_changed[rel] = key
+        if only_changed is not None and only_changed.get(rel) == key:
+            continue
         copy_file(f, remote / rel)
+        if only_changed is not None:
+            # Recorded only once copied: a failed upload is tried again on the next call.
+            only_changed[rel] = key
         copied.append(rel)
     return copied

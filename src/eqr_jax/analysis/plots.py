@@ -32,11 +32,16 @@ def _plain_ticks(axis) -> None:
 
 
 def save_figure(fig, path: str, dpi: int = 90) -> str:
-    """Lay out ``fig``, write it to ``path`` (folders created) and close it; returns ``path``."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    """Lay out ``fig``, write it to ``path`` (local, folders created, or a ``gs://`` URL:
+    drawn into a local file, then uploaded whole) and close it; returns ``path``."""
+    from eqr_jax import storage
+
     fig.tight_layout()
-    fig.savefig(path, dpi=dpi)
-    pyplot().close(fig)
+    try:
+        with storage.local_file(storage.path(path, name="figure")) as local:
+            fig.savefig(local, dpi=dpi)
+    finally:
+        pyplot().close(fig)
     return path
 
 
@@ -125,7 +130,8 @@ def plot_steps_histogram(results: Mapping[str, Any], path: str) -> str:
 
 
 def save_all_plots(results: Mapping[str, Any], out_dir: str) -> list[str]:
-    """The three evaluation plots as PNGs in ``out_dir``; returns their paths."""
+    """The three evaluation plots as PNGs in ``out_dir`` (a folder or a ``gs://`` URL);
+    returns their paths."""
     return [plot_accuracy_vs_depth(results, os.path.join(out_dir, "accuracy_vs_depth.png")),
             plot_residuals(results, os.path.join(out_dir, "residual_vs_step.png")),
             plot_steps_histogram(results, os.path.join(out_dir, "steps_histogram.png"))]
@@ -436,8 +442,11 @@ def plot_pca(res, path):
 
 
 def save_landscape_plots(res: Mapping[str, Any], out_dir: str) -> list[str]:
-    """Every figure of the analysis as a PNG in ``out_dir``; returns the paths written."""
-    os.makedirs(out_dir, exist_ok=True)
+    """Every figure of the analysis as a PNG in ``out_dir`` (a folder or a ``gs://`` URL);
+    returns the paths written."""
+    from eqr_jax import storage
+
+    storage.makedirs(storage.path(out_dir, name="--out"))
     made = [plot_stability(res, os.path.join(out_dir, "spectral_radius.png")),
             plot_census(res, os.path.join(out_dir, "census_vs_depth.png")),
             plot_convergence(res, os.path.join(out_dir, "convergence_curves.png")),

@@ -5,8 +5,8 @@
 
 Writes ``analysis.json`` and the plots (spectral radius, attractor census vs depth, convergence
 curves, selection vs threshold, compute vs difficulty, PCA of latent paths) into ``--out``
-(default ``<checkpoint>/analysis``, or ``analysis`` beside a ``--reference`` file), and prints a
-short summary.
+(default ``<checkpoint>/analysis``, or ``analysis`` beside a ``--reference`` file; a ``gs://``
+URL writes each file as one object), and prints a short summary.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import sys
 
 import numpy as np
 
-from eqr_jax import modes
+from eqr_jax import modes, storage
 from eqr_jax.cli import common
 
 PROG = "eqr analyze"
@@ -49,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="inits per puzzle whose end state gets a spectral radius (0: all)")
     p.add_argument("--pca-puzzle", type=int, default=-1,
                    help="puzzle drawn in the PCA plot (default: the most mixed one)")
-    p.add_argument("--out", help="output directory")
+    p.add_argument("--out", help="output directory or gs:// URL")
     p.add_argument("--no-plots", action="store_true")
     common.add_debug_option(p)
     return p
@@ -86,7 +86,8 @@ def main(argv: list[str] | None = None) -> int:
     weights = "raw" if args.no_ema else "EMA when saved, else raw"
     source = f"{args.checkpoint or args.reference} ({weights} weights)"
     out = args.out or (os.path.join(args.checkpoint, "analysis") if args.checkpoint else
-                       os.path.join(os.path.dirname(os.path.abspath(args.reference)), "analysis"))
+                       os.path.join(os.path.dirname(args.reference if storage.is_remote(
+                           args.reference) else os.path.abspath(args.reference)), "analysis"))
     if model.cfg.seq_len != inputs.shape[1] or model.cfg.vocab_size < meta.vocab_size:
         return common.fail(PROG, f"the model (seq_len {model.cfg.seq_len}, vocab "
                            f"{model.cfg.vocab_size}) does not fit the dataset {args.data} "

@@ -8,7 +8,8 @@
 Prints a depth x breadth table of exact accuracy (and of majority vote, convergence top-k,
 any-correct and mean steps used), writes ``results.json`` and ``results.csv`` and, unless
 ``--no-plots``, ``accuracy_vs_depth.png``, ``residual_vs_step.png`` and ``steps_histogram.png``
-into ``--out`` (default ``<checkpoint>/eval``, or ``<reference>-eval`` beside a ``.pth``).
+into ``--out`` (default ``<checkpoint>/eval``, or ``<reference>-eval`` beside a ``.pth``; a
+``gs://`` URL writes each file as one object).
 ``--reference`` runs an official PyTorch checkpoint directly (read safely, without torch; see
 ``eqr convert`` to convert it once). Batches are split over all devices. ``--stream`` runs a
 pool of slots that hands a halted job's slot to the next (puzzle, copy) job at once (the same
@@ -89,7 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", help="dataset directory (default: the checkpoint's data.path)")
     p.add_argument("--batch-size", type=int, help="puzzles per batch (default: eval batch size)")
     p.add_argument("--max-batches", type=int, help="evaluate only the first N batches")
-    p.add_argument("--out", help="output directory (default: <checkpoint>/eval)")
+    p.add_argument("--out", help="output directory or gs:// URL (default: <checkpoint>/eval)")
     p.add_argument("--no-plots", action="store_true")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--profile", action="store_true",

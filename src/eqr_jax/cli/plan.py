@@ -51,7 +51,8 @@ def add_target_options(p: argparse.ArgumentParser, required: bool = False) -> No
     g.add_argument("--no-train", action="store_true", help="skip the train step")
     g.add_argument("--no-eval", action="store_true", help="skip the batched evaluation loop")
     g.add_argument("--no-stream", action="store_true", help="skip the streaming pool")
-    g.add_argument("--json", metavar="FILE", help="also write the report as JSON")
+    g.add_argument("--json", metavar="FILE",
+                   help="also write the report as JSON (a path or gs:// URL)")
 
 
 def prepare_target(argv: list[str]):
@@ -92,9 +93,10 @@ def run_target_plan(cfg, target, args, *, train: bool = True, evaluate: bool = T
                    eval_cfg=eval_cfg, depth=depth, breadth=breadth, eval_batch=args.eval_batch,
                    max_batch=args.max_batch, max_compiles=args.max_compiles,
                    verbose=args.debug)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rep, f, indent=1, default=str)
+    if args.json:  # a local file or a gs:// URL, written whole
+        from eqr_jax import storage
+        storage.write_text(storage.path(args.json, name="--json"),
+                           json.dumps(rep, indent=1, default=str))
     print(format_report(rep), flush=True)
     return 0
 

@@ -9,13 +9,16 @@ finds the chunks already written, checks that they were made with the same setti
 (``<out>/manifest.json``), and continues with the first puzzle after them. Every job (puzzle,
 copy) draws its keys from its puzzle's index in the split (`core.job_keys`), so a resumed run
 computes exactly what the uninterrupted run would have, and the final table, built from the
-chunk files alone, is the same.
+chunk files alone, is the same. ``<out>`` may be a ``gs://`` URL: each chunk, the manifest and
+``results.json`` are then single object uploads (whole or absent), and a restart lists and
+reads the chunks back from the bucket.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import glob
+import io
 import json
 import os
 import re
@@ -24,6 +27,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from eqr_jax import storage
 from eqr_jax.evaluation.aggregate import SettingAccumulator, summarize_setting
 
 
@@ -86,7 +90,14 @@ def table_rows(metrics: Mapping[str, Any], breadth: int) -> list[dict[str, Any]]
 
 def _atomic_write(path: str, write) -> None:
     """Write ``path`` through ``write(file)`` into a temporary file, fsync it, rename it over
-    ``path`` and fsync the directory: a reader sees the old file, or all of the new one."""
+    ``path`` and fsync the directory: a reader sees the old file, or all of the new one. In a
+    bucket (``gs://``), one object upload of the bytes ``write`` produced: an object appears
+    whole or not at all, so no temporary object is needed."""
+    if storage.is_remote(path):
+        buf = io.BytesIO()
+        write(buf)
+        storage.write_bytes(storage.path(path), buf.getvalue())
+        return
     tmp = f"{path}.tmp"
     with open(tmp, "wb") as f:
         write(f)
@@ -112,14 +123,20 @@ def _jsonable(v):
 
 
 class ChunkStore:
-    """The chunk files of one run: ``chunks/chunk-<first>-<count>.npz`` (puzzle indices)."""
+    """The chunk files of one run: ``chunks/chunk-<first>-<count>.npz`` (puzzle indices), in
+    a local folder or under a ``gs://`` URL."""
 
     def __init__(self, out_dir: str):
         self.dir = os.path.join(out_dir, "chunks")
-        os.makedirs(self.dir, exist_ok=True)
+        self.remote = storage.is_remote(self.dir)
+        if not self.remote:  # a bucket has no folders to create
+            os.makedirs(self.dir, exist_ok=True)
 
     def clean_partial(self) -> list[str]:
-        """Remove temporary files of writes a kill interrupted; returns their names."""
+        """Remove temporary files of writes a kill interrupted; returns their names (none in a
+        bucket, where a chunk is one upload)."""
+        if self.remote:
+            return []
         stale = sorted(glob.glob(os.path.join(self.dir, "*.tmp")))
         for p in stale:
             os.remove(p)
@@ -128,7 +145,7 @@ class ChunkStore:
     def chunks(self) -> list[tuple[int, int, str]]:
         """(first puzzle, count, path) of every complete chunk, checked to tile [0, end)."""
         found = []
-        for name in sorted(os.listdir(self.dir)):
+        for name in self._names():
             m = _CHUNK.match(name)
             if m:
                 found.append((int(m.group(1)), int(m.group(2)), os.path.join(self.dir, name)))
@@ -139,6 +156,12 @@ class ChunkStore:
                                   f"({os.path.basename(path)})")
             end = first + count
         return found
+
+    def _names(self) -> list[str]:
+        if not self.remote:
+            return sorted(os.listdir(self.dir))
+        d = storage.path(self.dir)
+        return sorted(p.name for p in d.iterdir()) if d.exists() else []
 
     def done(self) -> int:
         """Puzzles already in complete chunks (the next puzzle to evaluate)."""
@@ -160,7 +183,7 @@ class ChunkStore:
         """Every complete chunk's results in one `SettingAccumulator`, in puzzle order."""
         acc = SettingAccumulator()
         for _, _, path in self.chunks():
-            with np.load(path) as z:
+            with np.load(io.BytesIO(_read_bytes(path)) if self.remote else path) as z:
                 for name in _FIELDS + ("n_valid",):
                     acc.parts.setdefault(name, []).append(z[name])
                 if "votes" in z:
@@ -169,9 +192,19 @@ class ChunkStore:
         return acc
 
 
+def _exists(path: str) -> bool:
+    return storage.path(path).exists() if storage.is_remote(path) else os.path.exists(path)
+
+
+def _read_bytes(path: str) -> bytes:
+    if storage.is_remote(path):
+        return storage.path(path).read_bytes()
+    with open(path, "rb") as f:
+        return f.read()
+
+
 def _check_manifest(path: str, manifest: Mapping[str, Any]) -> None:
-    with open(path) as f:
-        old = json.load(f)
+    old = json.loads(_read_bytes(path))
     diff = sorted(k for k in set(old) | set(manifest) if old.get(k) != manifest.get(k))
     if diff:
         detail = "; ".join(f"{k}: {old.get(k)!r} there, {manifest.get(k)!r} now" for k in diff)
@@ -243,10 +276,12 @@ def run_protocol(evaluator, params, data: str, out_dir: str, manifest: Mapping[s
 def _open_store(out_dir: str, manifest: Mapping[str, Any], main: bool) -> ChunkStore:
     """The run's chunk store, its manifest written (first start) or compared (restart), and
     the partial writes of an interrupted run removed."""
-    os.makedirs(out_dir, exist_ok=True)
+    storage.check("--out", out_dir)
+    if not storage.is_remote(out_dir):
+        os.makedirs(out_dir, exist_ok=True)
     store = ChunkStore(out_dir)
     manifest_path = os.path.join(out_dir, "manifest.json")
-    if os.path.exists(manifest_path):
+    if _exists(manifest_path):
         _check_manifest(manifest_path, manifest)
     elif main:
         if store.chunks():
