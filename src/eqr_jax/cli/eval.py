@@ -130,7 +130,9 @@ def main(argv: list[str] | None = None) -> int:
     from eqr_jax.evaluation import with_eval_noise
 
     data = args.data or cfg.data.path
-    if not data or not os.path.isdir(data):
+    from eqr_jax.data.bucket import dataset_dir
+
+    if not data or not dataset_dir(data).is_dir():
         return common.fail("eqr eval", f"dataset directory {data!r} not found (pass --data DIR)")
     bs = args.batch_size or cfg.data.eval_batch
     if bs % jax.process_count():
