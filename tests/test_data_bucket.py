@@ -184,3 +184,18 @@ def test_shared_storage_fingerprint_of_a_bucket_dataset(gcs_bucket, tmp_path, ca
     assert _fingerprint_data(url) == _fingerprint_data(local) != ""
     fmt.write_split(local, "test", *make_puzzles(5, 1), vocab_size=6)
     assert _fingerprint_data(url) != _fingerprint_data(local)
+
+
+def test_metadata_readers_read_the_bucket_without_copying(gcs_bucket, tmp_path, cache, copies):
+    from eqr_jax.interop import reference_data_sizes
+
+    local = write_array_dataset(tmp_path / "local", make_puzzles(16, 0), make_puzzles(4, 1))
+    url = gcs_bucket.url("meta")
+    _upload(local, url)
+    copies.clear()
+    assert fmt.dataset_info(url, "test").total_samples == 4
+    # `eqr convert/solve --reference X --data gs://...`: seq_len and vocab_size from the bucket
+    assert reference_data_sizes({}, data=url) == {"seq_len": 16, "vocab_size": 6}
+    assert copies == [] and not storage.cache_dir_for(url, "data").exists()
+    with pytest.raises(ValueError, match=r"^gs://b/x: write_split writes a local folder"):
+        fmt.write_split("gs://b/x", "train", *make_puzzles(2, 0))
