@@ -199,3 +199,20 @@ def test_metadata_readers_read_the_bucket_without_copying(gcs_bucket, tmp_path, 
     assert copies == [] and not storage.cache_dir_for(url, "data").exists()
     with pytest.raises(ValueError, match=r"^gs://b/x: write_split writes a local folder"):
         fmt.write_split("gs://b/x", "train", *make_puzzles(2, 0))
+
+
+def test_processes_of_one_host_copy_once(gcs_bucket, tmp_path, cache, copies):
+    """Three openers at once (threads hold separate lock-file descriptions, as processes do):
+    one copies, the others wait and reuse its copy; no temporary folder is left."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    local = write_array_dataset(tmp_path / "local", make_puzzles(16, 0), make_puzzles(4, 1))
+    url = gcs_bucket.url("together")
+    _upload(local, url)
+    copies.clear()
+    with ThreadPoolExecutor(3) as pool:
+        got = list(pool.map(lambda _: bucket.local_dataset(url), range(3)))
+    assert got == [storage.cache_dir_for(url, "data")] * 3
+    assert len(copies) == len(storage.files(local))
+    assert sorted(p.name for p in got[0].parent.iterdir()) == [f".{got[0].name}.lock",
+                                                                got[0].name]
