@@ -58,10 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
 @common.guarded(PROG)
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    from eqr_jax.data.bucket import dataset_dir
     from eqr_jax.data.format import DataFormatError
     from eqr_jax.data.loader import EvalLoader
-
-    from eqr_jax.data.bucket import dataset_dir
 
     if not dataset_dir(args.data).is_dir():
         return common.fail(PROG, f"dataset directory {args.data!r} not found")
