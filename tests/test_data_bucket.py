@@ -171,6 +171,12 @@ def test_eqr_data_into_a_bucket(gcs_bucket, cache, capsys):
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"eqr data: {url} already holds 14 files; remove it first") and \
         "\n" not in err
+    # Generated puzzles never take Sudoku-Extreme's name, in a bucket either (nothing built).
+    named = gcs_bucket.url("my-sudoku-extreme")
+    assert data_cli.main(["sudoku", "--out", named, "--size", "4", "--train", "4", "--test", "2",
+                          "--num-aug", "1", "--no-progress"]) == 2
+    assert capsys.readouterr().err.startswith(f"eqr data: {named}: generated puzzles are not")
+    assert gcs_bucket.objects(named) == [] and list((cache / "data").glob("*sudoku*")) == []
 
 
 def test_shared_storage_fingerprint_of_a_bucket_dataset(gcs_bucket, tmp_path, cache):
