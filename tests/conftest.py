@@ -11,6 +11,7 @@ import dataclasses
 import functools
 import os
 import tempfile
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -295,6 +296,11 @@ def gcs_bucket():
 
     server = FakeGCSServer()
     server.start()
+    # The wrapper pipes the server's request log to stderr and never reads it: once the pipe
+    # (64 KiB, a few hundred requests) is full the server blocks and every client call hangs.
+    stderr = server._process.stderr
+    threading.Thread(target=lambda: [None for _ in iter(lambda: stderr.read(1 << 16), b"")],
+                     name="fake-gcs-server-log", daemon=True).start()
     try:
         bucket = Bucket(server.url, "eqr-test")
         bucket.fs.mkdir(bucket.name)

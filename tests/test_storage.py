@@ -64,3 +64,22 @@ def test_upload_tree_tries_a_failed_file_again(tmp_path, monkeypatch):
         storage.upload_tree(src, dst, only_changed=seen)
     assert storage.upload_tree(src, dst, only_changed=seen) == ["events"]
     assert (dst / "events").read_bytes() == b"abc" and calls == ["events", "events"]
+
+
+def test_listing_gives_sizes_and_versions_in_one_pass(gcs_bucket, tmp_path):
+    local = tmp_path / "d"
+    storage.write_bytes(local / "a" / "x.bin", b"123")
+    storage.write_bytes(local / "b.json", b"{}")
+    url = gcs_bucket.url("listing")
+    assert storage.listing(url) == {} and storage.listing(local / "nope") == {}
+    storage.copy_tree(local, storage.path(url))
+    for root in (local, storage.path(url)):
+        listed = storage.listing(root)
+        assert {k: v[0] for k, v in listed.items()} == {"a/x.bin": 3, "b.json": 2}
+    before = storage.listing(url)["a/x.bin"][1]
+    storage.write_bytes(storage.path(url) / "a" / "x.bin", b"456")  # same size, new content
+    size, after = storage.listing(url)["a/x.bin"]
+    assert size == 3 and after != before
+    # a sibling whose name starts with the folder's is not under it
+    storage.write_bytes(storage.path(url + "x") / "c.bin", b"0")
+    assert sorted(storage.listing(url)) == ["a/x.bin", "b.json"]

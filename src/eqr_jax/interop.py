@@ -246,10 +246,10 @@ def reference_data_sizes(state_dict: Mapping[str, Any], *, data: str | os.PathLi
     """
     sizes = {"seq_len": seq_len, "vocab_size": vocab_size}
     if data is not None:
+        from eqr_jax.data.bucket import dataset_dir
         from eqr_jax.data.format import DataFormatError, dataset_info
 
-        split = next((s for s in ("test", "train") if os.path.isdir(os.path.join(data, s))),
-                     None)
+        split = next((s for s in ("test", "train") if (dataset_dir(data) / s).is_dir()), None)
         if split is None:
             raise ConfigError(f"--data {data}: no test/ or train/ split with a dataset.json")
         try:

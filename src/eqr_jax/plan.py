@@ -3,7 +3,6 @@ writing anything (docs/training.md, "The reference recipes")."""
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any, Mapping
 
 import jax
@@ -11,6 +10,7 @@ from jax.sharding import Mesh
 
 from eqr_jax import flops
 from eqr_jax.config import RunConfig
+from eqr_jax.data.bucket import dataset_dir
 from eqr_jax.data.format import DataFormatError, dataset_info
 from eqr_jax.data.loader import steps_per_epoch
 from eqr_jax.data.prepare import check_matches_model, data_build_command
@@ -59,7 +59,7 @@ def plan(cfg: RunConfig, mesh: Mesh | None = None) -> dict[str, Any]:
     n_dev = mesh.devices.size
     check_divisible(G, mesh, "data.global_batch_size")
     out: dict[str, Any] = {"preset": cfg.preset, "data_path": d.path}
-    if Path(d.path).exists():
+    if dataset_dir(d.path).exists():
         check_matches_model(cfg)
         meta = dataset_info(d.path, "train")
         try:

@@ -15,7 +15,8 @@ What must be shared:
 * ``--data``: every process reads only its own rows of each global batch, but the batches are
   drawn from a permutation of the whole dataset, so every process needs the *same* dataset:
   one shared folder, or an identical copy per host (compared by its ``dataset.json`` files and
-  the sizes of its arrays). Present on some processes and not on others is an error; absent on
+  the sizes of its arrays); a ``gs://`` dataset is one shared folder (each host reads its own
+  checked local copy, `eqr_jax.data.bucket`). Present on some processes and not on others is an error; absent on
   all of them is left to the build (process 0 builds, `eqr_jax.data.prepare.ensure_dataset`);
 * ``--init-from``: every process loads the weights itself, so it must exist for every process
   and be the same source (the same file size, or the same checkpoint steps).
@@ -28,7 +29,6 @@ import json
 import os
 import secrets
 import time
-from pathlib import Path
 
 import jax
 
@@ -44,22 +44,23 @@ class SharedStorageError(ConfigError):
     """The processes of one run do not see the same files (the message names what and how)."""
 
 
-def _fingerprint_data(path: Path) -> str:
+def _fingerprint_data(path) -> str:
     """What identifies a dataset folder's content cheaply: its splits' ``dataset.json`` and the
-    sizes of their arrays ("" when absent)."""
-    if not path.exists():
+    sizes of their arrays ("" when absent). ``path``: a local folder or a ``gs://`` URL (one
+    listing request and two small reads)."""
+    from eqr_jax import storage
+    from eqr_jax.data.bucket import dataset_dir
+
+    root = dataset_dir(path)
+    if not root.exists():
         return ""
     h = hashlib.sha256()
-    for split in ("train", "test"):
-        d = path / split
-        if not d.is_dir():
+    for rel, (size, _) in storage.listing(root).items():
+        split, _, name = rel.partition("/")
+        if split not in ("train", "test") or "/" in name:
             continue
-        for f in sorted(d.iterdir()):
-            h.update(f.name.encode())
-            if f.name == "dataset.json":
-                h.update(f.read_bytes())
-            elif f.is_file():
-                h.update(str(f.stat().st_size).encode())
+        h.update(rel.encode())
+        h.update((root / rel).read_bytes() if name == "dataset.json" else str(size).encode())
     return "dataset " + h.hexdigest()[:16]
 
 
@@ -132,7 +133,7 @@ def check_shared_storage(out_dir: str | os.PathLike, data: str | os.PathLike | N
     if nonce.startswith("!"):
         raise SharedStorageError(nonce[1:])
     view = {"out": pi == 0 or _sees_token(out, nonce),
-            "data": _fingerprint_data(Path(data)) if data else "",
+            "data": _fingerprint_data(data) if data else "",
             "init": (_fingerprint_source(storage.path(init_from, name="--init-from"))
                      if init_from else "")}
     views = [json.loads(v) for v in exchange(json.dumps(view), "the shared-storage check")]
@@ -179,7 +180,9 @@ def check_all_see(path: str | os.PathLike, what: str, or_else: str = "") -> None
         return
     from eqr_jax.sharding import exchange
 
-    seen = exchange("1" if Path(path).exists() else "", f"the check of {what}")
+    from eqr_jax.data.bucket import dataset_dir
+
+    seen = exchange("1" if dataset_dir(path).exists() else "", f"the check of {what}")
     missing = [i for i, s in enumerate(seen) if not s]
     if missing:
         raise SharedStorageError(

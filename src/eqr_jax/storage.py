@@ -265,3 +265,31 @@ def upload_tree(local_dir: Path, remote: AnyPath, *, only_changed: dict | None =
             only_changed[rel] = key
         copied.append(rel)
     return copied
+
+
+def listing(root: AnyPath) -> dict[str, tuple[int, str]]:
+    """Every file under folder ``root`` as ``{relative path: (size in bytes, version)}``, sorted,
+    in one pass (one listing request on a bucket; ``{}`` when nothing is there). ``version``
+    changes when the content may have: a bucket object's CRC32C (else its MD5, else its
+    generation), a local file's modification time in nanoseconds."""
+    if is_remote(root):
+        _configure_gcs()
+        import fsspec
+
+        prefix = str(root)[len("gs://"):].rstrip("/")
+        out = {}
+        for name, info in fsspec.filesystem("gs").find(prefix, detail=True).items():
+            # Keys ending in "/" are folder placeholders some tools create, not files.
+            if info.get("type") != "file" or name.endswith("/") or \
+                    not name.startswith(prefix + "/"):
+                continue
+            version = info.get("crc32c") or info.get("md5Hash") or info.get("generation") or ""
+            out[name[len(prefix) + 1:]] = (int(info["size"]), str(version))
+        return dict(sorted(out.items()))
+    root = Path(root)
+    out = {}
+    for d, _, names in os.walk(root):
+        for n in names:
+            st = os.stat(os.path.join(d, n))
+            out[Path(d, n).relative_to(root).as_posix()] = (st.st_size, str(st.st_mtime_ns))
+    return dict(sorted(out.items()))

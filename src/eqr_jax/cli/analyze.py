@@ -58,10 +58,11 @@ def build_parser() -> argparse.ArgumentParser:
 @common.guarded(PROG)
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    from eqr_jax.data.bucket import dataset_dir
     from eqr_jax.data.format import DataFormatError
     from eqr_jax.data.loader import EvalLoader
 
-    if not os.path.isdir(args.data):
+    if not dataset_dir(args.data).is_dir():
         return common.fail(PROG, f"dataset directory {args.data!r} not found")
     if args.puzzles < 1:
         return common.fail(PROG, f"--puzzles must be >= 1, got {args.puzzles}")
@@ -115,7 +116,8 @@ def main(argv: list[str] | None = None) -> int:
           flush=True)
     res = analyze(model, params, inputs, labels, opts, ratings=ratings, blanks=blanks,
                   progress=True)
-    res["source"], res["data"] = source, os.path.abspath(args.data)
+    res["source"] = source
+    res["data"] = args.data if "://" in args.data else os.path.abspath(args.data)
     path = str(write_json(os.path.join(out, "analysis.json"), res))
     written = [path] + ([] if args.no_plots else save_landscape_plots(res, out))
     print("\n".join(summary_lines(res)))

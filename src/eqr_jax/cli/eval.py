@@ -126,12 +126,13 @@ def main(argv: list[str] | None = None) -> int:
     eval_cfg = common.eval_config_from_args(cfg.eval, args)
     import jax
 
+    from eqr_jax.data.bucket import dataset_dir
     from eqr_jax.data.loader import EvalLoader
     from eqr_jax.data.prepare import check_split_fits_model
     from eqr_jax.evaluation import with_eval_noise
 
     data = args.data or cfg.data.path
-    if not data or not os.path.isdir(data):
+    if not data or not dataset_dir(data).is_dir():
         return common.fail("eqr eval", f"dataset directory {data!r} not found (pass --data DIR)")
     bs = args.batch_size or cfg.data.eval_batch
     if bs % jax.process_count():

@@ -13,6 +13,7 @@ Modules (imported lazily; numba kernels compile on first use and are cached on d
 * :mod:`.arrays`     loaders over in-memory NumPy arrays, random 4x4 puzzles
 * :mod:`.build`      dataset builders (the ``eqr data sudoku|maze`` command is `eqr_jax.cli.data`)
 * :mod:`.prepare`    a run's data: build it from the ``data.build_*`` recipe, check, open loaders
+* :mod:`.bucket`     ``gs://`` dataset folders: a checked local copy per host, uploads
 """
 
 from .format import DatasetMetadata, Split, dataset_info, load_split, write_split

@@ -2,11 +2,14 @@
 CSV folder or the hub, as the reference builds it) and Maze-Unique (docs/data.md).
 
 The command line is ``eqr data sudoku|maze`` (`eqr_jax.cli.data`; also
-``python -m eqr_jax.data.build``).
+``python -m eqr_jax.data.build``). ``out`` may be a ``gs://`` folder: the dataset is built in a
+local folder and uploaded (`eqr_jax.data.bucket.building_into`).
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
 import json
 import sys
 import time
@@ -36,6 +39,26 @@ def check_generated_name(out) -> None:
         raise ConfigError(
             f"{out}: generated puzzles are not Sudoku-Extreme; choose another folder name, or "
             f"import the real data with --source hub or --source csv DIR")
+
+
+def _bucket_out(build):
+    """Let ``build(out, ...)`` take a ``gs://`` ``out``: it builds in a local folder, which is
+    then uploaded (never a local folder named ``gs:``)."""
+
+    @functools.wraps(build)
+    def wrapper(out, *args, **kwargs):
+        if "://" not in str(out):
+            return build(out, *args, **kwargs)
+        from eqr_jax.data.bucket import building_into
+
+        bound = inspect.signature(build).bind(out, *args, **kwargs)
+        if build.__name__ == "build_sudoku_dataset" and \
+                bound.arguments.get("source", "generate") == "generate":
+            check_generated_name(out)  # before anything is built, naming the URL
+        with building_into(str(out)) as stage:
+            return build(stage, *args, **kwargs)
+
+    return wrapper
 
 
 def rating_summary(ratings) -> dict:
@@ -228,6 +251,7 @@ def _imported_puzzles(source: str, csv_dir, train, test, num_aug: int, seed: int
     return (trp, trs, trr), groups, (tep, tes, ter), skipped, extra
 
 
+@_bucket_out
 def build_sudoku_dataset(out, size: int = 9, train: int | None = 1000, test: int | None = 1000,
                          num_aug: int = 1000, seed: int | None = None, source: str = "generate",
                          csv_dir=None, min_rating: float | None = None, workers: int | None = None,
@@ -308,6 +332,7 @@ def build_sudoku_dataset(out, size: int = 9, train: int | None = 1000, test: int
     return summary
 
 
+@_bucket_out
 def build_maze_dataset(out, grid: int = 30, train: int = 1000, test: int = 1000, min_len: int = 100,
                        max_len: int = 140, seed: int = REFERENCE_SEED, maze_mode: str = "perfect",
                        wall_prob: float = 0.37, require_unique: bool = True, dedupe: bool = True,

@@ -113,6 +113,10 @@ def write_split(root: str | os.PathLike, split_name: str, inputs: np.ndarray, la
       vocab_size: default ``max token + 1`` over inputs and labels.
     Returns the written metadata.
     """
+    if "://" in str(root):
+        # Path("gs://b/x") would be a local folder "gs:/b/x".
+        raise ValueError(f"{root}: write_split writes a local folder; build there and upload it "
+                         "(eqr_jax.data.bucket.upload_dataset)")
     inputs = np.asarray(inputs)
     labels = np.asarray(labels)
     if inputs.ndim != 2 or inputs.shape != labels.shape:
@@ -161,8 +165,15 @@ def _read_meta(d: Path) -> DatasetMetadata:
 def load_split(root: str | os.PathLike, split_name: str, mmap: bool = False) -> Split:
     """Load and check one split (set ``all``).  ``mmap`` memory-maps the token arrays.
 
+    ``root``: a local folder, or a ``gs://`` folder read through this host's checked copy of it
+    (`eqr_jax.data.bucket.local_dataset`).
+
     Raises :class:`DataFormatError` naming the file for a missing, unreadable or inconsistent one.
     """
+    if "://" in str(root):
+        from eqr_jax.data.bucket import local_dataset
+
+        root = local_dataset(root)
     d = Path(root) / split_name
     meta = _read_meta(d)
     if SET_NAME not in meta.sets:
@@ -209,5 +220,10 @@ def load_split(root: str | os.PathLike, split_name: str, mmap: bool = False) -> 
 
 
 def dataset_info(root: str | os.PathLike, split_name: str = "train") -> DatasetMetadata:
-    """Metadata of a split (default ``train``), e.g. ``seq_len`` and ``vocab_size`` for the model."""
+    """Metadata of a split (default ``train``), e.g. ``seq_len`` and ``vocab_size`` for the model.
+    A ``gs://`` folder's ``dataset.json`` is read in the bucket (nothing is copied)."""
+    if "://" in str(root):
+        from eqr_jax.data.bucket import dataset_dir
+
+        return _read_meta(dataset_dir(root) / split_name)
     return _read_meta(Path(root) / split_name)

@@ -12,6 +12,7 @@ import os
 from pathlib import Path
 
 from eqr_jax.config import ConfigError, RunConfig
+from eqr_jax.data.bucket import dataset_dir, local_dataset
 from eqr_jax.data.format import DataFormatError, Split, dataset_info, load_split
 from eqr_jax.data.loader import EvalLoader, TrainLoader
 
@@ -29,14 +30,18 @@ def data_build_command(cfg: RunConfig) -> str:
 
 
 def same_path(a: str | os.PathLike, b: str | os.PathLike) -> bool:
+    if "://" in str(a) or "://" in str(b):
+        return str(a).rstrip("/") == str(b).rstrip("/")
     return os.path.normpath(os.path.abspath(a)) == os.path.normpath(os.path.abspath(b))
 
 
 def check_data_path(cfg: RunConfig, default_path: str | None, build: bool = False) -> bool:
     """Whether ``data.path`` exists; when it does not, it may be built only if it is the
     preset's own ``default_path`` or ``build`` is set (so a mistyped ``--data`` is an error, not
-    minutes of building in a new folder). Returns True when it exists; raises `ConfigError`."""
-    path = Path(cfg.data.path)
+    minutes of building in a new folder). Returns True when it exists; raises `ConfigError`.
+    A ``gs://`` folder exists when anything is stored under it (`check_dataset` then says
+    whether it is a complete upload)."""
+    path = dataset_dir(cfg.data.path)
     if path.exists():
         if not path.is_dir():
             raise ConfigError(f"--data {path} is not a directory")
@@ -62,15 +67,22 @@ def ensure_dataset(cfg: RunConfig, progress: bool = True, process_index: int = 0
     so an interrupted build leaves no half-built ``data.path`` (the generator's cache inside the
     partial folder lets the next build resume). Only process 0 builds; with several processes
     the others wait for it and must then see the folder (shared storage).
+
+    A ``gs://`` ``data.path`` is built in a local folder of this host's cache and uploaded
+    (`eqr_jax.data.bucket.building_into`: ``train/dataset.json`` last, so no process takes a
+    half-uploaded folder for a dataset); every host then reads it through its own copy.
     """
-    path = Path(cfg.data.path)
+    path = dataset_dir(cfg.data.path)
     if not path.exists():
         if cfg.data.build_kind == "sudoku" and cfg.data.build_source == "generate":
             from eqr_jax.data.build import check_generated_name
 
             check_generated_name(path)
         if process_index == 0:
-            _build_atomically(cfg, path, progress)
+            if "://" in str(path):
+                _build_into_bucket(cfg, str(path), progress)
+            else:
+                _build_atomically(cfg, path, progress)
     if process_count > 1:
         from eqr_jax.shared_storage import check_all_see
         from eqr_jax.sharding import barrier, distributed_timeout
@@ -99,7 +111,15 @@ def _build_atomically(cfg: RunConfig, path: Path, progress: bool) -> None:
     print(f"[eqr] dataset complete: {path}", flush=True)
 
 
-def _build(cfg: RunConfig, out: Path, path: Path, progress: bool) -> None:
+def _build_into_bucket(cfg: RunConfig, url: str, progress: bool) -> None:
+    from eqr_jax.data.bucket import building_into
+
+    with building_into(url) as stage:
+        _build(cfg, stage, url, progress)
+    print(f"[eqr] dataset complete: {url}", flush=True)
+
+
+def _build(cfg: RunConfig, out: Path, path, progress: bool) -> None:
     """Build the ``data.build_*`` recipe into ``out`` (messages name the final ``path``)."""
     # The builders import numba kernels: only when something is built.
     from eqr_jax.data import build as build_lib
@@ -162,11 +182,12 @@ def check_dataset(cfg: RunConfig, process_count: int = 1) -> dict[str, Split]:
     their tokens fit the model, a full training batch can be drawn, and the batch sizes split
     over the processes. Returns the memory-mapped splits. Raises `ConfigError` /
     `DataFormatError` naming the file or key."""
-    check_matches_model(cfg)
     d = cfg.data
+    root = local_dataset(d.path)  # a gs:// folder: copied (or found) once for both splits
+    check_matches_model(cfg)
     splits = {}
     for name in ("train", "test"):
-        split = load_split(d.path, name, mmap=True)
+        split = load_split(root, name, mmap=True)
         check_split_fits_model(split.meta, cfg.model, f"{d.path}/{name}")
         if split.num_examples == 0:
             raise DataFormatError(f"{d.path}/{name}: holds no examples")
