@@ -19,9 +19,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
-from pathlib import Path
 
-from eqr_jax import ablation, config
+from eqr_jax import ablation, config, storage
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -56,7 +55,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     cfg = config.apply_overrides(config.preset(args.preset), args.overrides)
     data = dataclasses.replace(cfg.data, path=args.data) if args.data else cfg.data
-    init = str(Path(args.init_from).absolute()) if args.init_from else cfg.train.init_from
+    init = (str(storage.absolute(args.init_from, name="--init-from")) if args.init_from
+            else cfg.train.init_from)
     cfg = dataclasses.replace(cfg, data=data, train=dataclasses.replace(
         cfg.train, max_steps=args.steps, eval_every=0, checkpoint_every=0, log_every=0,
         init_from=init))

@@ -74,7 +74,9 @@ def main(argv: list[str] | None = None) -> int:
 
     prog = "paper_eval"
     proto = PROTOCOLS[args.protocol]
-    if not os.path.isdir(args.data):
+    from eqr_jax.data.bucket import dataset_dir
+
+    if not dataset_dir(args.data).is_dir():
         return common.fail(prog, f"dataset directory {args.data!r} not found")
     try:
         common.enable_compile_cache(args)

@@ -1,11 +1,13 @@
 """Several processes, as on a TPU pod or a GPU cluster, on localhost: two `eqr train` processes x
-2 CPU devices (gloo collectives) train with checkpoints and evaluations inside the run; one of
+2 CPU devices (gloo collectives), with their run directory and dataset in a Cloud Storage
+bucket (a local emulator), train with checkpoints and evaluations inside the run; one of
 them receives SIGTERM mid-run, both save a checkpoint at the same step and exit 75; `--resume`
 (two processes again, with a one-call profiler window that process 0 alone writes) finishes
 the run. Every logged loss and evaluation metric, and the final
-``exact_accuracy:`` of both processes, match one process x 4 devices. Two processes then
-extend the run (`--resume` with a larger `train.max_steps`) and warm-start a new run from the
-one-process run (`--init-from`), whose step-0 evaluation equals that run's last.
+``exact_accuracy:`` of both processes, match one process x 4 devices on a local disk. Two
+processes then warm-start a new run from the bucket run (`--init-from gs://...`), whose step-0
+evaluation equals that run's last, and extend the bucket run (`--resume` with a larger
+`train.max_steps`); `eqr eval --checkpoint gs://...` reproduces its last evaluation.
 
 Every launch is a subprocess group with a hard timeout, killed on failure, so a hang fails the
 test instead of the CI job.
@@ -141,39 +143,52 @@ def _final_accuracy(out: str) -> float:
     return float(line.split(": ")[1])
 
 
-def test_two_processes_with_preemption_and_resume_match_one_process(tmp_path):
+def test_two_processes_on_a_bucket_with_preemption_and_resume_match_one_process(
+        tmp_path, gcs_bucket, monkeypatch):
+    """The two-process runs keep their run directory and read their dataset in a bucket (the
+    emulator): ``--out gs://...``, ``--data gs://...``; the one-process reference is local."""
+    from pathlib import Path
+
+    from eqr_jax import storage
+
     data = write_array_dataset(tmp_path / "data", make_puzzles(256, 0, blanks=(2, 5)),
                                make_puzzles(40, 1, blanks=(2, 5)))
-    common = ["--preset", "tiny", "--data", str(data), "--no-progress", *EVAL_MODEL_OVERRIDES,
+    data_url = gcs_bucket.url("data")
+    storage.copy_tree(data, storage.path(data_url))
+    monkeypatch.setenv("EQR_CACHE_DIR", str(tmp_path / "cache"))  # both "hosts" share it
+    common = ["--preset", "tiny", "--no-progress", *EVAL_MODEL_OVERRIDES,
               "data.global_batch_size=16", "data.eval_batch_size=8", f"train.max_steps={STEPS}",
               "train.steps_per_call=2", "train.log_every=2", "train.eval_every=8",
               "train.checkpoint_every=8", "train.lr=3e-3", "train.lr_warmup_steps=2",
               "eval.noise_scale=0.5"]
-    one, two = tmp_path / "one", tmp_path / "two"
+    one, two = tmp_path / "one", gcs_bucket.url("two")
 
-    (rc, out_one), = _launch([*common, "--out", str(one)], 1, 4, tmp_path)
+    (rc, out_one), = _launch([*common, "--data", str(data), "--out", str(one)], 1, 4, tmp_path)
     assert rc == 0, out_one[-4000:]
+    common += ["--data", data_url]
 
     # Process 1 alone is sent SIGTERM while drawing its 3rd batch (inside step 3).
-    preempted = _launch([*common, "--out", str(two)], 2, 2, tmp_path, sigterm_at={1: 3})
+    preempted = _launch([*common, "--out", two], 2, 2, tmp_path, sigterm_at={1: 3})
     _check(preempted, 75)
     saved = {int(m) for _, out in preempted
              for m in re.findall(r"checkpoint saved at step (\d+)", out)}
     assert len(saved) == 1, [out[-2000:] for _, out in preempted]  # the same step on both
     step = saved.pop()
     assert 2 <= step < STEPS
-    assert str(step) in os.listdir(two / "checkpoints")
+    # Finished on the bucket as Orbax marks it there: its commit marker.
+    assert f"checkpoints/{step}/commit_success.txt" in gcs_bucket.objects(two)
 
     # With a profiler window (one call from step 10): process 0 alone writes the trace, and
     # the results below are unchanged by it.
-    resumed = _launch([*common, "--out", str(two), "--resume", "--profile", "10:1"], 2, 2,
+    resumed = _launch([*common, "--out", two, "--resume", "--profile", "10:1"], 2, 2,
                       tmp_path, flags=True)
     _check(resumed, 0)
     assert f"resumed from step {step}" in resumed[0][1]
     first = max(10, step)  # the first call boundary at or after step 10 (calls of 2 steps)
     assert f"[eqr] profile of steps {first}-{first + 2} (1 call(s))" in resumed[0][1]
     assert "[eqr] profile of" not in resumed[1][1]
-    assert len(list((two / "tb").glob("plugins/profile/*/*.xplane.pb"))) == 1
+    assert len([o for o in gcs_bucket.objects(two) if o.startswith("tb/plugins/profile/")
+                and o.endswith(".xplane.pb")]) == 1
     finals = [_final_accuracy(out) for _, out in resumed]
     assert finals[0] == finals[1] == _final_accuracy(out_one)
 
@@ -191,24 +206,35 @@ def test_two_processes_with_preemption_and_resume_match_one_process(tmp_path):
                                    rtol=1e-5, atol=1e-7, err_msg=tag)
     assert dict(tb_one["all/accuracy"])[16] > 0
 
-    # Train longer: the two-process run resumed with a larger total continues to it.
+    # A two-process warm start from the bucket run: its step-0 evaluation is that run's last
+    # one (the same EMA weights and evaluation settings).
     longer = [a for a in common if not a.startswith("train.max_steps=")]
-    extended = _launch([*longer, f"train.max_steps={STEPS + 4}", "--out", str(two), "--resume"],
+    warm = _launch([*longer, "train.max_steps=2", "--init-from", two, "--out",
+                    str(tmp_path / "warm")], 2, 2, tmp_path)
+    _check(warm, 0)
+    tb_warm = read_tensorboard(tmp_path / "warm")
+    for tag in ("all/exact_accuracy", "all/accuracy", "all/final_residual"):
+        assert dict(tb_warm[tag])[0] == pytest.approx(dict(tb_two[tag])[STEPS], rel=1e-5), tag
+
+    # Train longer: the two-process run resumed with a larger total continues to it.
+    extended = _launch([*longer, f"train.max_steps={STEPS + 4}", "--out", two, "--resume"],
                        2, 2, tmp_path)
     _check(extended, 0)
     out = extended[0][1]  # process 0 reports
     assert (f"resumed from step {STEPS}" in out and f"total steps {STEPS} -> {STEPS + 4}"
             in out), out[-2000:]
-    assert str(STEPS + 4) in os.listdir(two / "checkpoints")
+    assert f"checkpoints/{STEPS + 4}/commit_success.txt" in gcs_bucket.objects(two)
 
-    # A two-process warm start from the one-process run: its step-0 evaluation is that run's
-    # last one (the same EMA weights and evaluation settings).
-    warm = _launch([*longer, "train.max_steps=2", "--init-from", str(one), "--out",
-                    str(tmp_path / "warm")], 2, 2, tmp_path)
-    _check(warm, 0)
-    tb_warm = read_tensorboard(tmp_path / "warm")
-    for tag in ("all/exact_accuracy", "all/accuracy", "all/final_residual"):
-        assert dict(tb_warm[tag])[0] == pytest.approx(dict(tb_one[tag])[STEPS], rel=1e-5), tag
+    # `eqr eval` of the bucket checkpoint (one process) reproduces the run's last evaluation,
+    # reading its dataset through the bucket too.
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_backend_optimization_level=0")
+    ev = subprocess.run([sys.executable, "-m", "eqr_jax.cli", "eval", "--checkpoint", two,
+                         "--no-progress"], env=env, capture_output=True, text=True,
+                        timeout=TIMEOUT_S)
+    assert ev.returncode == 0, ev.stdout[-2000:] + ev.stderr[-2000:]
+    assert _final_accuracy(ev.stdout) == _final_accuracy(out)
+    assert "eval/results.json" in gcs_bucket.objects(two)
+    assert not Path("gs:").exists()
 
 
 def _error_lines(out: str) -> list[str]:

@@ -202,8 +202,8 @@ def copy_tree(src: AnyPath, dst: AnyPath) -> list[str]:
 def cache_root() -> Path:
     """Where copies of bucket data are kept on this host: ``$EQR_CACHE_DIR``, else
     ``$XDG_CACHE_HOME/eqr-jax`` (``~/.cache/eqr-jax``)."""
-    if os.environ.get(CACHE_ENV):
-        return Path(os.environ[CACHE_ENV]).expanduser()
+    if os.environ.get(CACHE_ENV):  # absolute: processes may run in other working directories
+        return Path(os.environ[CACHE_ENV]).expanduser().absolute()
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return Path(base) / "eqr-jax"
 

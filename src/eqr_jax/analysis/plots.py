@@ -194,21 +194,24 @@ def save_trajectory(grids: Sequence[np.ndarray], path: str, givens: np.ndarray |
 
     Returns the written paths (one GIF, or ``stem_000.png``, ...).
     """
+    from eqr_jax import storage
+
     steps = list(range(1, len(grids) + 1)) if steps is None else list(steps)
     frames, prev = [], None
     for g, t in zip(grids, steps):
         frames.append(render_grid(g, givens, solution, prev, title=f"step {t}"))
         prev = g
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     if path.lower().endswith(".gif"):
-        frames[0].save(path, save_all=True, append_images=frames[1:], duration=duration_ms,
-                       loop=0)
+        with storage.local_file(storage.path(path, name="--trajectory")) as local:
+            frames[0].save(local, save_all=True, append_images=frames[1:],
+                           duration=duration_ms, loop=0)
         return [path]
     stem, _ = os.path.splitext(path)
     out = []
     for i, f in enumerate(frames):
         out.append(f"{stem}_{i:03d}.png")
-        f.save(out[-1])
+        with storage.local_file(storage.path(out[-1], name="--trajectory")) as local:
+            f.save(local)
     return out
 
 

@@ -62,8 +62,10 @@ def main(argv: list[str] | None = None) -> int:
             return common.fail(PROG, f"--{name.replace('_', '-')} must be >= 1")
     try:
         if args.puzzles:
-            with open(args.puzzles) as f:
-                puzzles, errors = read_puzzles(f.read().splitlines(), args.skip_invalid)
+            from eqr_jax import storage
+
+            text = storage.read_text(storage.path(args.puzzles, name="--puzzles"))
+            puzzles, errors = read_puzzles(text.splitlines(), args.skip_invalid)
         else:
             puzzles, errors = [parse_line(args.puzzle.strip(), 0)], []
     except OSError as e:
