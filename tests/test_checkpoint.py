@@ -262,7 +262,7 @@ def test_an_interrupted_save_is_never_taken_for_the_newest_step(where, request, 
     assert (root / "checkpoints" / "3" / "params").is_dir()
 
     assert commit_mode(root / "checkpoints") == "marker"  # detected from the markers
-    reader = Checkpointer(root, read_only=True)
+    reader = Checkpointer(root / "checkpoints", read_only=True)
     assert reader.all_steps() == [1, 2]
     reader.close()
     assert locate(root)[1] == 2
