@@ -112,11 +112,6 @@ def _is_epath(value) -> bool:
     return type(value).__module__.startswith("etils.")
 
 
-def text_of(p) -> str:
-    """The string to record or pass on for a path (a URL stays a URL)."""
-    return str(p)
-
-
 def makedirs(p: AnyPath) -> None:
     """Create folder ``p`` (and its parents); on a bucket there is nothing to create."""
     if not is_remote(p):
