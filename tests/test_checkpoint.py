@@ -228,7 +228,8 @@ def test_an_interrupted_save_is_never_taken_for_the_newest_step(where, request, 
     """Steps 1 and 2 saved, then a save of step 3 interrupted after its arrays were written
     (every object but Orbax's ``commit_success.txt``): on a bucket (gs://, marker mode by
     itself) and on a local path written in marker mode (a gcsfuse mount), readers list steps 1
-    and 2 only, `locate` and a resume take step 2, and the next save of step 3 completes."""
+    and 2 only, `locate` and a resume take step 2, and the next save of step 3 completes; a
+    finished step damaged afterwards is passed over with one warning."""
     from typing import Any, NamedTuple
 
     from conftest import micro_run
@@ -275,4 +276,16 @@ def test_an_interrupted_save_is_never_taken_for_the_newest_step(where, request, 
     np.testing.assert_array_equal(restored.params["w"], np.full(3, 2, np.float32))
     ck.save(3, state(3), loader_state={"epoch": 3}, cfg=cfg)
     assert ck.all_steps() == [1, 2, 3]
+    # A finished step whose array files were damaged later: the restore falls back past it,
+    # as it does on a local disk.
+    data = [f for f in storage.files(root / "checkpoints" / "3" / "params")
+            if f.split("/")[-2:-1] == ["d"]]
+    assert data
+    for f in data:
+        obj = root / "checkpoints" / "3" / "params" / f
+        storage.write_bytes(obj, obj.read_bytes()[:3])
+    warnings = []
+    restored, _, _ = ck.restore(abstract, cfg, warn=warnings.append)
+    assert int(restored.step) == 2 and len(warnings) == 1, warnings
+    assert "checkpoints/3 does not restore" in warnings[0] and "trying step 2" in warnings[0]
     ck.close()
