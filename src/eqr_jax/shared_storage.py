@@ -64,16 +64,11 @@ def _fingerprint_data(path) -> str:
     return "dataset " + h.hexdigest()[:16]
 
 
-def _size(path) -> int:
-    st = path.stat()
-    return int(getattr(st, "st_size", getattr(st, "length", 0)))
-
-
 def _fingerprint_source(path) -> str:
     """What identifies an ``--init-from`` source (local or gs://) cheaply: a file's size, a run
     directory's checkpoint steps ("" when absent)."""
     if path.is_file():
-        return f"file of {_size(path)} bytes"
+        return f"file of {storage.size(path)} bytes"
     if not path.is_dir():
         return ""
     steps = sorted({p.name for d in (path, path / "checkpoints") if d.is_dir()

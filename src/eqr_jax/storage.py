@@ -118,18 +118,21 @@ def makedirs(p: AnyPath) -> None:
         Path(p).mkdir(parents=True, exist_ok=True)
 
 
-def write_bytes(p: AnyPath, data: bytes) -> None:
-    """Write ``data`` to ``p`` atomically: readers see the old content or the new, never a part.
-    Local: a temporary file beside it, flushed, then renamed; bucket: one object upload."""
+@contextlib.contextmanager
+def _writing(p: AnyPath) -> Iterator:
+    """A binary file to write ``p`` through that appears whole or not at all: locally a
+    temporary file beside it, flushed to disk and renamed over ``p`` on a clean exit (removed on
+    an error); on a bucket one object, uploaded when the file is closed."""
     if is_remote(p):
-        p.write_bytes(data)
+        with p.open("wb") as f:
+            yield f
         return
     p = Path(p)
     p.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, p)
@@ -137,6 +140,13 @@ def write_bytes(p: AnyPath, data: bytes) -> None:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+
+
+def write_bytes(p: AnyPath, data: bytes) -> None:
+    """Write ``data`` to ``p`` atomically: readers see the old content or the new, never a part
+    (`_writing`)."""
+    with _writing(p) as f:
+        f.write(data)
 
 
 def write_text(p: AnyPath, text: str) -> None:
@@ -151,21 +161,8 @@ def read_text(p: AnyPath) -> str:
 
 def copy_file(src: AnyPath, dst: AnyPath) -> None:
     """Copy one file between any two places (local or bucket), streamed in chunks; the
-    destination appears whole (`write_bytes` semantics for local destinations)."""
-    if not is_remote(dst):
-        dst = Path(dst)
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent)
-        try:
-            with os.fdopen(fd, "wb") as out, src.open("rb") as f:
-                shutil.copyfileobj(f, out, _COPY_CHUNK)
-            os.replace(tmp, dst)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
-        return
-    with src.open("rb") as f, dst.open("wb") as out:
+    destination appears whole (`_writing`)."""
+    with src.open("rb") as f, _writing(dst) as out:
         shutil.copyfileobj(f, out, _COPY_CHUNK)
 
 
@@ -218,10 +215,15 @@ def cached_file(p: AnyPath, kind: str) -> Path:
     if not is_remote(p):
         return Path(p)
     local = cache_dir_for(p, kind) / p.name
-    size = p.stat().length
-    if not (local.is_file() and local.stat().st_size == size):
+    if not (local.is_file() and size(local) == size(p)):
         copy_file(p, local)
     return local
+
+
+def size(p: AnyPath) -> int:
+    """The size in bytes of file ``p`` (local, or a bucket object)."""
+    st = p.stat()
+    return int(st.length if is_remote(p) else st.st_size)
 
 
 @contextlib.contextmanager
