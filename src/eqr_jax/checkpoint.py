@@ -340,13 +340,9 @@ class Checkpointer:
         self.manager.close()
 
 
-def locate(ckpt_dir, step: int | None = None, commit: str = "auto"):
-    """``(checkpoints directory, step)`` of a run directory, its ``checkpoints/`` or one step
-    directory ``.../checkpoints/<step>`` (which fixes the step); ``step`` None: the newest
-    finished one. Local or gs:// (the directory is a `pathlib.Path` or an `etils.epath.Path`).
-
-    Raises FileNotFoundError (no such directory) or `CheckpointError` (no checkpoint, or none
-    at ``step``: the message lists the steps there are)."""
+def _open_step(ckpt_dir, step: int | None = None, commit: str = "auto"):
+    """A read-only `Checkpointer` on the checkpoints of ``ckpt_dir`` and the step `locate`
+    picks (the caller closes it); raises as `locate` does."""
     path = storage.absolute(ckpt_dir, name="--checkpoint")
     if path.name.isdigit() and (path / "config").exists():
         step, path = int(path.name), path.parent
@@ -357,14 +353,25 @@ def locate(ckpt_dir, step: int | None = None, commit: str = "auto"):
     # name, or without its commit marker) is not one.
     ck = Checkpointer(path, read_only=True, commit=commit)
     steps = ck.all_steps()
-    ck.close()
-    if not steps:
-        raise CheckpointError(f"no checkpoint in {path}")
-    step = steps[-1] if step is None else int(step)
-    if step not in steps:
+    if not steps or (step is not None and int(step) not in steps):
+        ck.close()
+        if not steps:
+            raise CheckpointError(f"no checkpoint in {path}")
         raise CheckpointError(f"no checkpoint at step {step} in {path} (steps: "
                               f"{', '.join(map(str, steps))})")
-    return path, step
+    return ck, steps[-1] if step is None else int(step)
+
+
+def locate(ckpt_dir, step: int | None = None, commit: str = "auto"):
+    """``(checkpoints directory, step)`` of a run directory, its ``checkpoints/`` or one step
+    directory ``.../checkpoints/<step>`` (which fixes the step); ``step`` None: the newest
+    finished one. Local or gs:// (the directory is a `pathlib.Path` or an `etils.epath.Path`).
+
+    Raises FileNotFoundError (no such directory) or `CheckpointError` (no checkpoint, or none
+    at ``step``: the message lists the steps there are)."""
+    ck, step = _open_step(ckpt_dir, step, commit)
+    ck.close()
+    return ck.directory, step
 
 
 def load_for_inference(ckpt_dir: str | os.PathLike, step: int | None = None,
@@ -382,27 +389,29 @@ def load_for_inference(ckpt_dir: str | os.PathLike, step: int | None = None,
     """
     from eqr_jax.model import EqRModel
 
-    path, step = locate(ckpt_dir, step)
-    ck = Checkpointer(path, read_only=True)
-    steps = ck.all_steps()
-    where = f"{path}/{step}/config"
+    ck, step = _open_step(ckpt_dir, step)
     try:
-        cfg = config_lib.from_dict(RunConfig, ck.read_item_json(step, "config"), where=where)
-    except ConfigError as e:
-        raise ConfigError(str(e) if where in str(e) else f"{where}: {e}") from None
-    model = EqRModel(cfg.model)
-    abstract = jax.eval_shape(model.init, jax.random.PRNGKey(0))
-    # This process's first device: with several processes each loads its own copy.
-    target = sharding_lib.abstract(abstract,
-                                   jax.sharding.SingleDeviceSharding(jax.local_devices()[0]))
-    has_ema = (path / str(step) / "ema").exists()
-    name = "ema" if (use_ema and has_ema) else "params"
-    try:
-        params = ck.manager.restore(step, args=ocp.args.Composite(
-            **{name: ocp.args.StandardRestore(target)}))[name]
-    except Exception as e:  # a corrupt checkpoint raises many kinds; one line names it
-        others = [s for s in steps if s != step]
-        hint = f"; pick another with --step ({', '.join(map(str, others))})" if others else ""
-        raise CheckpointError(f"checkpoint {path}/{step} does not restore ({name}: "
-                              f"{short_reason(e)}){hint}") from None
-    return cfg, params
+        path, steps = ck.directory, ck.all_steps()
+        where = f"{path}/{step}/config"
+        try:
+            cfg = config_lib.from_dict(RunConfig, ck.read_item_json(step, "config"), where=where)
+        except ConfigError as e:
+            raise ConfigError(str(e) if where in str(e) else f"{where}: {e}") from None
+        model = EqRModel(cfg.model)
+        abstract = jax.eval_shape(model.init, jax.random.PRNGKey(0))
+        # This process's first device: with several processes each loads its own copy.
+        target = sharding_lib.abstract(abstract,
+                                       jax.sharding.SingleDeviceSharding(jax.local_devices()[0]))
+        has_ema = (path / str(step) / "ema").exists()
+        name = "ema" if (use_ema and has_ema) else "params"
+        try:
+            params = ck.manager.restore(step, args=ocp.args.Composite(
+                **{name: ocp.args.StandardRestore(target)}))[name]
+        except Exception as e:  # a corrupt checkpoint raises many kinds; one line names it
+            others = [s for s in steps if s != step]
+            hint = f"; pick another with --step ({', '.join(map(str, others))})" if others else ""
+            raise CheckpointError(f"checkpoint {path}/{step} does not restore ({name}: "
+                                  f"{short_reason(e)}){hint}") from None
+        return cfg, params
+    finally:
+        ck.close()
