@@ -8,6 +8,7 @@ import dataclasses
 from typing import Callable, ClassVar, Union
 
 from eqr_jax import modes
+from eqr_jax.config import TrainConfig
 from eqr_jax.model import LatentState
 
 StepFn = Callable[..., LatentState]
@@ -71,15 +72,16 @@ class Implicit:
     gradient at its returned iterate (``"implicit"``) (docs/implicit-gradients.md).
     """
 
-    maxiter: int = 30
-    tol: float = 1e-3
-    method: str = "anderson"
-    history: int = 5
-    backward: str = "gmres"
-    backward_iters: int = 200
-    backward_tol: float = 1e-4
-    backward_restart: int = 20
-    unconverged: str = "one_step"
+    # The defaults are TrainConfig's implicit_* defaults: one place to change them.
+    maxiter: int = TrainConfig.implicit_maxiter
+    tol: float = TrainConfig.implicit_tol
+    method: str = TrainConfig.implicit_method
+    history: int = TrainConfig.implicit_history
+    backward: str = TrainConfig.implicit_backward
+    backward_iters: int = TrainConfig.implicit_backward_iters
+    backward_tol: float = TrainConfig.implicit_backward_tol
+    backward_restart: int = TrainConfig.implicit_backward_restart
+    unconverged: str = TrainConfig.implicit_unconverged
     name: ClassVar[str] = "implicit"
 
     def __post_init__(self):
