@@ -13,6 +13,7 @@ import pytest
 
 from conftest import train_loaders as _loaders
 from eqr_jax.checkpoint import BEST_METRIC, Checkpointer, ConfigMismatchError, load_for_inference
+from eqr_jax.train_program import TrainState
 from eqr_jax.training import train
 
 
@@ -104,28 +105,22 @@ def test_load_for_inference_step_dir(resume_runs):
 
 
 
+def _toy_state(step: int) -> TrainState:
+    """A small `TrainState` whose parameter ``w`` holds ``step`` (no EMA)."""
+    return TrainState({"w": np.full(3, step, np.float32)}, {"m": np.zeros(3, np.float32)}, None,
+                      np.int32(step), np.zeros(2, np.uint32), {"z": np.zeros(2, np.float32)})
+
+
 def test_retention_keeps_newest_and_best_by_the_evaluator_metric(tmp_path):
     """keep=2: the two newest checkpoints plus the one with the best ``all/exact_accuracy`` (the
     metric training's evaluation logs and ``eqr eval`` reproduces)."""
-    from typing import Any, NamedTuple
-
     from conftest import micro_run
-
-    class State(NamedTuple):
-        params: Any
-        opt_state: Any
-        ema: Any
-        step: Any
-        rng: Any
-        carry: Any
 
     assert BEST_METRIC == "all/exact_accuracy"
     ck = Checkpointer(tmp_path / "checkpoints", keep=2)
     cfg = micro_run(str(tmp_path))
     for step, acc in [(1, 0.5), (2, 0.9), (3, 0.1), (4, 0.2), (5, None)]:
-        state = State({"w": np.full(3, step, np.float32)}, {"m": np.zeros(3, np.float32)}, None,
-                      np.int32(step), np.zeros(2, np.uint32), {"z": np.zeros(2, np.float32)})
-        ck.save(step, state, loader_state={"epoch": step}, cfg=cfg,
+        ck.save(step, _toy_state(step), loader_state={"epoch": step}, cfg=cfg,
                 metrics=None if acc is None else {BEST_METRIC: acc, "all/accuracy": 0.5})
     assert ck.all_steps() == [2, 4, 5] and ck.best_step() == 2
     assert ck.read_json(2, "meta")["metrics"] == {BEST_METRIC: 0.9, "all/accuracy": 0.5}
@@ -230,19 +225,10 @@ def test_an_interrupted_save_is_never_taken_for_the_newest_step(where, request, 
     itself) and on a local path written in marker mode (a gcsfuse mount), readers list steps 1
     and 2 only, `locate` and a resume take step 2, and the next save of step 3 completes; a
     finished step damaged afterwards is passed over with one warning."""
-    from typing import Any, NamedTuple
-
     from conftest import micro_run
+    from eqr_jax import sharding as sharding_lib
     from eqr_jax import storage
     from eqr_jax.checkpoint import COMMIT_MARKER, commit_mode, locate
-
-    class State(NamedTuple):
-        params: Any
-        opt_state: Any
-        ema: Any
-        step: Any
-        rng: Any
-        carry: Any
 
     if where == "bucket":
         root = storage.path(request.getfixturevalue("gcs_bucket").url("ckpt"))
@@ -250,13 +236,10 @@ def test_an_interrupted_save_is_never_taken_for_the_newest_step(where, request, 
     else:
         root, commit = tmp_path / "mount", "marker"
     cfg = micro_run(str(root))
-    state = lambda s: State({"w": np.full(3, s, np.float32)}, {"m": np.zeros(3, np.float32)},
-                            None, np.int32(s), np.zeros(2, np.uint32),
-                            {"z": np.zeros(2, np.float32)})
     ck = Checkpointer(root / "checkpoints", keep=5, commit=commit)
     assert ck.commit == "marker"
     for s in (1, 2):
-        ck.save(s, state(s), loader_state={"epoch": s}, cfg=cfg)
+        ck.save(s, _toy_state(s), loader_state={"epoch": s}, cfg=cfg)
     ck.close()
     storage.copy_tree(root / "checkpoints" / "2", root / "checkpoints" / "3")
     (root / "checkpoints" / "3" / COMMIT_MARKER).unlink()
@@ -268,13 +251,12 @@ def test_an_interrupted_save_is_never_taken_for_the_newest_step(where, request, 
     reader.close()
     assert locate(root)[1] == 2
     ck = Checkpointer(root / "checkpoints", keep=5)
-    dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    abstract = jax.tree_util.tree_map(
-        lambda a: jax.ShapeDtypeStruct(np.shape(a), np.asarray(a).dtype, sharding=dev), state(0))
+    abstract = sharding_lib.abstract(_toy_state(0),
+                                     jax.sharding.SingleDeviceSharding(jax.devices()[0]))
     restored, loader_state, meta = ck.restore(abstract, cfg)
     assert int(restored.step) == 2 and meta["step"] == 2 and loader_state == {"epoch": 2}
     np.testing.assert_array_equal(restored.params["w"], np.full(3, 2, np.float32))
-    ck.save(3, state(3), loader_state={"epoch": 3}, cfg=cfg)
+    ck.save(3, _toy_state(3), loader_state={"epoch": 3}, cfg=cfg)
     assert ck.all_steps() == [1, 2, 3]
     # A finished step whose array files were damaged later: the restore falls back past it,
     # as it does on a local disk.
