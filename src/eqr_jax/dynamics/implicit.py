@@ -142,9 +142,13 @@ def _implicit_rows_fwd(f, params, x, z_star, converged, probe, cfg):
 
 def _implicit_rows_bwd(f, cfg, res, g):
     params, x, z_star, converged = res
-    u, residual, iters = _backward_rows(lambda zz, xx: f(params, zz, xx), z_star, x, g, cfg)
+    keep = converged[:, None] > 0
+    # A one-step row's solution is discarded: solving it with a zero right-hand side makes it
+    # done before its first Krylov vector, so it no longer holds the vmapped loop (such rows sit
+    # where the map need not contract and ran to the cap).
+    rhs = jnp.where(keep, g, 0.0) if cfg.unconverged == "one_step" else g
+    u, residual, iters = _backward_rows(lambda zz, xx: f(params, zz, xx), z_star, x, rhs, cfg)
     if cfg.unconverged == "one_step":
-        keep = converged[:, None] > 0
         u = jnp.where(keep, u, g)
         residual = jnp.where(keep[:, 0], residual, 0.0)
         iters = jnp.where(keep[:, 0], iters, 0)
