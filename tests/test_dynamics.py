@@ -224,9 +224,50 @@ def test_backward_solve_stops_at_its_tolerance_or_cap():
     np.testing.assert_allclose(_flat(unconverged("one_step")), _flat(jax.grad(one_step)(params)),
                                rtol=1e-4, atol=1e-6)
     assert _cos(unconverged("implicit"), unconverged("one_step")) < 0.9999
+    # A mixed batch: row 0 starts at its fixed point, row 1 from noise with a 2-evaluation cap.
+    # The one-step row's discarded solve is skipped (0 VJPs, residual 0), so the loop runs only
+    # as long as row 0 needs; row 0 is solved to the tolerance as before.
+    z_star = dynamics.fixed_point(model.step, params, z0, model.embed(params, inputs), tol=1e-6,
+                                  maxiter=400, implicit_diff=False).state
+    mixed = jax.tree_util.tree_map(lambda a, b: a.at[1].set(b[1]), z_star, z0)
+    for method in dynamics.BACKWARD_METHODS:
+        def loss(p, probe):
+            res = dynamics.fixed_point(model.step, p, mixed, model.embed(p, inputs), maxiter=2,
+                                       probe=probe, backward=method, backward_iters=2000)
+            return losses.stablemax_cross_entropy(model.readout(p, res.state).logits,
+                                                  labels).mean(), res.converged
+        (_, conv), (_, mixed_stats) = jax.jit(jax.value_and_grad(loss, argnums=(0, 1),
+                                                                 has_aux=True))(
+            params, dynamics.backward_probe(2))
+        np.testing.assert_array_equal(conv, [True, False])
+        np.testing.assert_array_equal(mixed_stats[1], [0.0, 0.0, 0.0])
+        assert float(mixed_stats[0, 0]) <= 1e-4 and float(mixed_stats[0, 1]) > 20, mixed_stats
     with pytest.raises(ValueError, match="unknown rule for unconverged rows"):
         dynamics.fixed_point(model.step, params, z0, model.embed(params, inputs),
                              unconverged="skip")
+
+
+def test_non_finite_backward_row_takes_the_one_step_gradient():
+    """A row whose backward solve returns a non-finite solution (here its map's Jacobian is NaN)
+    gets u = g and is counted in the probe's fallback column; the other row is untouched and no
+    NaN reaches the parameters' gradient."""
+    from eqr_jax.dynamics.implicit import Backward, _implicit_rows
+
+    def f(p, z, x):  # rows of 3; J = (p + x) I per row, df/dp = z
+        return p * z + x * z
+
+    x = jnp.array([[0.5] * 3, [jnp.nan] * 3])
+    z_star = jnp.ones((2, 3))
+
+    def loss(p, probe):
+        z = _implicit_rows(f, p, x, z_star, jnp.ones((2,)), probe, Backward())
+        return jnp.sum(z)
+
+    g_p, stats = jax.grad(loss, argnums=(0, 1))(jnp.float32(0.25), dynamics.backward_probe(2))
+    np.testing.assert_array_equal(stats[:, 2], [0.0, 1.0])
+    # Row 0: (1 - 0.75) u = 1, u = 4, du/dp contribution u . z = 12; row 1: u = g, g . z = 3.
+    np.testing.assert_allclose(float(g_p), 12.0 + 3.0, rtol=1e-5)
+    assert float(stats[0, 0]) <= 1e-4 and float(stats[1, 0]) == 0.0
 
 
 def test_phantom_matches_hand_unrolled_reference(step_setup):

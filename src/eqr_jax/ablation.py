@@ -275,7 +275,8 @@ def _train_spec(run_cfg: RunConfig, run_dir: Path, init_params, depths: Sequence
                      **_accuracy_keys(evaluate_depths_all(run_cfg, params, depths))}
             for k in ("train/implicit_converged", "train/implicit_iters",
                       "train/implicit_backward_residual", "train/implicit_backward_iters",
-                      "train/jac_fro", "train/step_time_s", "train/total_loss"):
+                      "train/implicit_backward_fallback", "train/jac_fro", "train/step_time_s",
+                      "train/total_loss"):
                 if k in result:
                     point[k[len("train/"):]] = float(result[k])
             curve.append(point)
@@ -349,7 +350,8 @@ def run(cfg: RunConfig, out_dir: str | Path, *, grad_modes: Sequence[str] = MODE
             row.update(step_time_ms=1e3 * c["step_time_s"], peak_mem_MiB=c["peak_bytes"] / 2**20,
                        temp_mem_MiB=c["temp_bytes"] / 2**20)
         for k in ("train/implicit_converged", "train/implicit_iters", "train/jac_fro",
-                  "train/implicit_backward_residual", "train/implicit_backward_iters"):
+                  "train/implicit_backward_residual", "train/implicit_backward_iters",
+                  "train/implicit_backward_fallback"):
             if k in result:
                 row[k[len("train/"):]] = float(result[k])
         if stability_rows > 0:

@@ -55,19 +55,21 @@ def study_tables(report: dict[str, Any]) -> str:
 
 
 def implicit_table(rows: Sequence[dict], steps: Sequence[int]) -> str:
-    """The implicit runs' backward solve: training's mean backward residual and
-    iterations, and per fixed checkpoint the cosine with the exact implicit gradient
+    """The implicit runs' backward solve: training's mean backward residual, iterations and
+    fallback fraction (rows whose backward was non-finite), and per fixed checkpoint the cosine with the exact implicit gradient
     (`eqr_jax.losses.implicit_gradient_check`); empty when no run has them."""
     out = [f"| {r['mode']} | {r.get('implicit_backward_residual', float('nan')):.1e} | "
            f"{r.get('implicit_backward_iters', float('nan')):.1f} | "
+           f"{r.get('implicit_backward_fallback', float('nan')):.3f} | "
            + " | ".join(f"{c['cos_vs_exact']:.4f} (exact residual {c['exact_residual']:.0e})"
                         for c in r.get("implicit_check", [])) + " |"
            for r in rows if "implicit_backward_residual" in r or "implicit_check" in r]
     if not out:
         return ""
     head = ("| run | backward residual (training) | backward iterations (training) | "
+            "backward fallback (training) | "
             + " | ".join(f"cosine vs exact implicit at step {s}" for s in steps) + " |")
-    return "\n" + "\n".join([head, "|---" * (3 + len(steps)) + "|"] + out) + "\n"
+    return "\n" + "\n".join([head, "|---" * (4 + len(steps)) + "|"] + out) + "\n"
 
 
 def plot_curves(report: dict[str, Any], path: str, x: str = "step",

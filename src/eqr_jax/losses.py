@@ -152,10 +152,10 @@ def loss_and_grad(model: EqRModel, *, adjoint: dynamics.Adjoint, **kw) -> Callab
     ``jax.value_and_grad(..., has_aux=True)``.
 
     Under `dynamics.Implicit` it also differentiates with respect to a zero
-    `dynamics.backward_probe`, whose cotangent is the per-row residual and iteration count of the
-    backward linear solve that produced ``grads`` (a custom VJP cannot return them otherwise),
-    and adds their sums ``implicit_backward_residual`` and ``implicit_backward_iters`` and the
-    extremum ``max_implicit_backward_residual`` to the metrics: the statistics of the very solve
+    `dynamics.backward_probe`, whose cotangent is the per-row residual, iteration count and
+    fallback flag of the backward linear solve that produced ``grads`` (a custom VJP cannot
+    return them otherwise), and adds their sums ``implicit_backward_residual``,
+    ``implicit_backward_iters`` and ``implicit_backward_fallback`` and the extremum ``max_implicit_backward_residual`` to the metrics: the statistics of the very solve
     behind the update, at no extra cost.
     """
     loss_fn = functools.partial(loss_and_metrics, model, adjoint=adjoint, **kw)
@@ -176,11 +176,12 @@ def loss_and_grad(model: EqRModel, *, adjoint: dynamics.Adjoint, **kw) -> Callab
 
 
 def backward_metrics(stats: jax.Array) -> dict[str, jax.Array]:
-    """Metric sums of the backward solve's per-row statistics (batch, 2) (the probe's cotangent,
+    """Metric sums of the backward solve's per-row statistics (batch, 3) (the probe's cotangent,
     columns `dynamics.BACKWARD_STATS`)."""
-    residual, iters = stats[:, 0], stats[:, 1]
+    residual, iters, fallback = stats[:, 0], stats[:, 1], stats[:, 2]
     return {"implicit_backward_residual": jnp.sum(residual),
             "implicit_backward_iters": jnp.sum(iters),
+            "implicit_backward_fallback": jnp.sum(fallback),
             "max_implicit_backward_residual": jnp.max(residual)}
 
 

@@ -19,7 +19,8 @@ LATENT_KEYS = ("zH_rms", "zL_rms")
 # Present only with train.jac_reg > 0 (jac_fro) or grad_mode=implicit (implicit_*): sums over
 # all rows, logged as per-row means like the losses.
 SOLVER_KEYS = ("jac_fro", "implicit_iters", "implicit_residual", "implicit_converged",
-               "implicit_backward_residual", "implicit_backward_iters")
+               "implicit_backward_residual", "implicit_backward_iters",
+               "implicit_backward_fallback")
 
 
 def _reducer(key: str) -> Callable:
@@ -60,7 +61,8 @@ def train_scalars(sums: Mapping[str, Any], global_batch_size: int) -> dict[str, 
     ``min_steps``/``max_steps`` are the extrema; `SOLVER_KEYS` are per-row means like the
     losses (``train/implicit_converged``: the fraction of rows whose implicit solve converged)
     (``train/implicit_backward_residual`` / ``_iters``: the backward linear solve's mean relative
-    residual and iterations per row) and ``max_implicit_iters`` /
+    residual and iterations per row; ``_fallback``: the fraction of rows whose backward returned
+    a non-finite solution and took the one-step gradient) and ``max_implicit_iters`` /
     ``max_implicit_backward_residual`` the extrema; ``train/residual/act_step_{s}`` is the mean change
     norm of [z_H; z_L] at ACT step s (rows that continued into step s), ``train/residual_mean``
     its mean over all binned rows; ``grad_norm`` is the mean over steps.

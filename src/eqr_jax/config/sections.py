@@ -198,7 +198,7 @@ class TrainConfig:
     implicit_backward: str = "gmres"
     implicit_backward_iters: int = 200
     implicit_backward_tol: float = 1e-4
-    implicit_backward_restart: int = 20
+    implicit_backward_restart: int = 30
     # A row whose forward solve did not converge: the one-step gradient, not the IFT at a point
     # that is no fixed point (there I - J can be near singular: on a trained sudoku6 model the
     # tolerance-solved IFT gradient went non-finite in 3 steps; docs/implicit-gradients.md).

@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from eqr_jax import modes
+from eqr_jax.config import TrainConfig as _Defaults
 from eqr_jax.dynamics.adjoints import StepFn
 from eqr_jax.dynamics.solve import _flatten_rows, _like_rows, _unflatten_rows, solve_rows
 from eqr_jax.model import LatentState
@@ -28,8 +29,9 @@ BACKWARD_METHODS = modes.IMPLICIT_BACKWARDS
 # iterate as the fixed point; ``one_step`` uses u = g, the one-step (Jacobian-free) gradient.
 UNCONVERGED_RULES = modes.IMPLICIT_UNCONVERGED
 # Columns of the probe's cotangent: per row, the achieved relative residual of the backward
-# system and the backward iterations spent.
-BACKWARD_STATS = ("residual", "iterations")
+# system, the backward iterations spent, and 1 where the solve returned a non-finite result
+# and the row took the one-step gradient instead (`_implicit_rows_bwd`).
+BACKWARD_STATS = ("residual", "iterations", "fallback")
 
 
 class FixedPointResult(NamedTuple):
@@ -44,13 +46,14 @@ class FixedPointResult(NamedTuple):
 
 
 class Backward(NamedTuple):
-    """The backward linear solve's settings (hashable: a static argument of the custom VJP)."""
+    """The backward linear solve's settings (hashable: a static argument of the custom VJP);
+    the defaults are `TrainConfig`'s."""
 
-    method: str = "gmres"
-    tol: float = 1e-4
-    max_iters: int = 200
-    restart: int = 20
-    unconverged: str = "one_step"
+    method: str = _Defaults.implicit_backward
+    tol: float = _Defaults.implicit_backward_tol
+    max_iters: int = _Defaults.implicit_backward_iters
+    restart: int = _Defaults.implicit_backward_restart
+    unconverged: str = _Defaults.implicit_unconverged
 
 
 def backward_probe(batch: int) -> jax.Array:
@@ -78,15 +81,18 @@ def _iterate_rows(vjp_z, g: jax.Array, tol: float, max_iters: int):
         return (k + 1, jnp.where(active[:, None], new, u), jnp.where(active, r, res),
                 its + active.astype(jnp.int32))
 
-    init = (jnp.int32(0), g, jnp.full((b,), jnp.inf, jnp.float32), jnp.zeros((b,), jnp.int32))
+    # A zero right-hand side is solved by u = 0 before any VJP.
+    init = (jnp.int32(0), g, jnp.where(gn > 1e-30, jnp.inf, 0.0).astype(jnp.float32),
+            jnp.zeros((b,), jnp.int32))
     _, u, res, its = jax.lax.while_loop(cond, body, init)
     return u, res, its
 
 
 def _gmres_row(matvec, g: jax.Array, tol: float, max_iters: int, restart: int):
     """Restarted GMRES for one row's system A u = g from u = g: cycles of ``restart`` Krylov
-    vectors (`jax.scipy.sparse.linalg.gmres`, which stops a cycle early once its own residual
-    estimate reaches the tolerance) until the true relative residual ||g - A u|| / ||g||,
+    vectors (`jax.scipy.sparse.linalg.gmres`, ``incremental``: Givens rotations, stopping a
+    cycle once its own residual estimate reaches the tolerance) until the true relative
+    residual ||g - A u|| / ||g||,
     recomputed after every cycle, is at most ``tol``, or ``max_iters`` Krylov vectors (rounded up
     to whole cycles). Returns (u, residual, Krylov vectors budgeted: cycles x restart, an upper
     bound on those used)."""
@@ -98,7 +104,12 @@ def _gmres_row(matvec, g: jax.Array, tol: float, max_iters: int, restart: int):
     def body(s):
         c, u, _ = s
         u, _ = jax.scipy.sparse.linalg.gmres(matvec, g, x0=u, tol=tol, atol=0.0,
-                                             restart=restart, maxiter=1)
+                                             restart=restart, maxiter=1,
+                                             # Not "batched": its least squares goes through
+                                             # the normal equations (Cholesky of H^T H), which
+                                             # squares H's condition number; in float32 that
+                                             # returned NaN on a trained sudoku6 model.
+                                             solve_method="incremental")
         return c + 1, u, rel(u)
 
     c, u, res = jax.lax.while_loop(lambda s: (s[0] < cycles) & (s[2] > tol), body,
@@ -142,19 +153,23 @@ def _implicit_rows_fwd(f, params, x, z_star, converged, probe, cfg):
 
 def _implicit_rows_bwd(f, cfg, res, g):
     params, x, z_star, converged = res
-    keep = converged[:, None] > 0
-    # A one-step row's solution is discarded: solving it with a zero right-hand side makes it
-    # done before its first Krylov vector, so it no longer holds the vmapped loop (such rows sit
-    # where the map need not contract and ran to the cap).
-    rhs = jnp.where(keep, g, 0.0) if cfg.unconverged == "one_step" else g
-    u, residual, iters = _backward_rows(lambda zz, xx: f(params, zz, xx), z_star, x, rhs, cfg)
-    if cfg.unconverged == "one_step":
-        u = jnp.where(keep, u, g)
-        residual = jnp.where(keep[:, 0], residual, 0.0)
-        iters = jnp.where(keep[:, 0], iters, 0)
+    one_step = ((converged <= 0) if cfg.unconverged == "one_step"
+                else jnp.zeros(converged.shape, bool))[:, None]
+    # A one-step row's solve would be thrown away. With a zero right-hand side it is done before
+    # its first VJP (reporting residual 0 and 0 iterations), so it no longer holds the vmapped
+    # loop: such rows sit where the map need not contract, and their solves ran to the cap.
+    u, residual, iters = _backward_rows(lambda zz, xx: f(params, zz, xx), z_star, x,
+                                        jnp.where(one_step, 0.0, g), cfg)
+    # A solve that returned a non-finite solution or residual (a near-singular I - J^T, a
+    # non-finite Jacobian) would end the run through the non-finite guard; the row takes the
+    # one-step gradient instead and is counted.
+    fallback = ~(jnp.all(jnp.isfinite(u), axis=1) & jnp.isfinite(residual)) & ~one_step[:, 0]
+    u = jnp.where(one_step | fallback[:, None], g, u)
+    residual = jnp.where(fallback, 0.0, residual)
     _, vjp_px = jax.vjp(lambda p, xx: f(p, z_star, xx), params, x)
     gp, gx = vjp_px(u)
-    stats = jnp.stack([residual.astype(jnp.float32), iters.astype(jnp.float32)], axis=1)
+    stats = jnp.stack([residual.astype(jnp.float32), iters.astype(jnp.float32),
+                       fallback.astype(jnp.float32)], axis=1)
     # The solution does not depend on the initial guess.
     return gp, gx, jnp.zeros_like(z_star), jnp.zeros_like(converged), stats
 
@@ -175,11 +190,15 @@ def _check_backward(cfg: Backward) -> None:
 
 
 def fixed_point(step: StepFn, params, state: LatentState, x: jax.Array, *,
-                method: str = "anderson", tol: float = 1e-3, criterion: str = "relative",
-                maxiter: int = 30, implicit_diff: bool = True, history_size: int = 5,
-                ridge: float = 1e-4, beta: float = 1.0, backward: str = "gmres",
-                backward_iters: int = 200, backward_tol: float = 1e-4,
-                backward_restart: int = 20, unconverged: str = "one_step",
+                method: str = _Defaults.implicit_method, tol: float = _Defaults.implicit_tol,
+                criterion: str = "relative", maxiter: int = _Defaults.implicit_maxiter,
+                implicit_diff: bool = True, history_size: int = _Defaults.implicit_history,
+                ridge: float = 1e-4, beta: float = 1.0,
+                backward: str = _Defaults.implicit_backward,
+                backward_iters: int = _Defaults.implicit_backward_iters,
+                backward_tol: float = _Defaults.implicit_backward_tol,
+                backward_restart: int = _Defaults.implicit_backward_restart,
+                unconverged: str = _Defaults.implicit_unconverged,
                 probe: jax.Array | None = None) -> FixedPointResult:
     """Solve z* = step(params, z*, x) (noise off) per row; gradient by implicit differentiation.
 
@@ -197,8 +216,8 @@ def fixed_point(step: StepFn, params, state: LatentState, x: jax.Array, *,
         restarts every ``backward_restart``). The cap matters: on a map that is not a
         contraction an uncapped solve runs up to the system size.
       unconverged: the backward of a row whose forward solve did not converge (`UNCONVERGED_RULES`).
-      probe: optional (batch, 2) zeros (`backward_probe`) whose cotangent is the backward solve's
-        per-row statistics.
+      probe: optional zeros (`backward_probe`) whose cotangent is the backward solve's per-row
+        statistics (`BACKWARD_STATS`).
     Returns:
       `FixedPointResult` with per-row (batch,) residual, iterations and converged.
     """
