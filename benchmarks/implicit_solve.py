@@ -2,6 +2,7 @@
 
     python benchmarks/implicit_solve.py --quick                  # tiny preset, CPU, ~150 steps
     python benchmarks/implicit_solve.py --checkpoint runs/sudoku6 --batch 64
+    python benchmarks/implicit_solve.py --near-critical          # the backward's accuracy table
 
 Three measurements, each printed as numbers:
 
@@ -15,6 +16,11 @@ Three measurements, each printed as numbers:
    says how much of that share compacting rows could actually return on this machine;
 3. backward: one implicit ACT-step gradient with the old backward (one GMRES(20) cycle) and the
    new defaults, each timed and compared (cosine) with a backward solved to 1e-6.
+
+``--near-critical`` prints instead the backward's accuracy on a micro model whose step map has
+spectral radius ~0.99 at its fixed points (16 tokens, hidden 32, the L level's weights x 0.43; the
+model of tests/test_dynamics.py), against the exact gradient: a dense float64
+implicit-function-theorem solve per row at a fixed point from thousands of iterations.
 """
 
 from __future__ import annotations
@@ -103,6 +109,90 @@ def backward_table(model, params, batch, rows) -> None:
           f"{check['exact_iters']:>6.0f}")
 
 
+def near_critical(rows: int = 2):
+    """(model, params, inputs, labels, z0) of the near-critical micro model (module docstring)."""
+    from eqr_jax.config import ModelConfig
+
+    cfg = ModelConfig(seq_len=16, vocab_size=6, H_cycles=1, L_cycles=2, L_layers=1,
+                      hidden_size=32, num_heads=2, expansion=2.0, mlp_t=True,
+                      pos_encodings="none", forward_dtype="float32", noise_scale=0.0)
+    model = EqRModel(cfg)
+    params = model.init(jax.random.PRNGKey(0))
+    params = dict(params, L_level=jax.tree_util.tree_map(lambda a: 0.43 * a, params["L_level"]))
+    inputs = jax.random.randint(jax.random.PRNGKey(1), (rows, cfg.seq_len), 1, cfg.vocab_size)
+    labels = jax.random.randint(jax.random.PRNGKey(2), (rows, cfg.seq_len), 2, cfg.vocab_size)
+    return model, params, inputs, labels, model.init_latents(jax.random.PRNGKey(3), rows)
+
+
+# (label, fixed_point keywords) of the backward settings compared by `near_critical_table`.
+BACKWARDS = (
+    ("one GMRES(20) cycle (before issue 28)", dict(backward_iters=20, backward_restart=20)),
+    ("iteration, 20 updates", dict(backward="iteration", backward_iters=20)),
+    ("defaults: GMRES(30) to 1e-4", {}),
+    ("GMRES(20) to 1e-4", dict(backward_restart=20)),
+    ("GMRES(30) to 1e-5", dict(backward_tol=1e-5)),
+    ("GMRES(30) to 1e-6", dict(backward_tol=1e-6, backward_iters=400)),
+    ("iteration to 1e-5", dict(backward="iteration", backward_tol=1e-5, backward_iters=2000)),
+)
+
+
+def near_critical_table(backwards=BACKWARDS) -> list[dict]:
+    """Relative error and cosine of each backward setting's parameter gradient against the dense
+    IFT gradient on the near-critical micro model; prints a table and returns its rows."""
+    from eqr_jax import losses
+    from eqr_jax.dynamics.solve import _flatten_rows, _unflatten_rows
+
+    model, params, inputs, labels, z0 = near_critical()
+    rows = inputs.shape[0]
+    one = jax.tree_util.tree_map(lambda a: a[:1], z0)
+
+    def f(p, z_row, x_row):  # the step map of one flattened row
+        out = model.step(p, _unflatten_rows(z_row[None], one), x_row[None], None, truncate=False)
+        return _flatten_rows(out)[0]
+
+    def loss_at(p, state):
+        return losses.stablemax_cross_entropy(model.readout(p, state).logits, labels).mean()
+
+    x = model.embed(params, inputs)
+    state = dynamics.fixed_point(model.step, params, z0, x, tol=1e-7, maxiter=4000,
+                                 implicit_diff=False).state
+    z_star = _flatten_rows(state)
+    jac = np.asarray(jax.jit(jax.vmap(jax.jacfwd(f, argnums=1), in_axes=(None, 0, 0)))(
+        params, z_star, x), np.float64)
+    radius = np.abs(np.linalg.eigvals(jac)).max(axis=1)
+    g_z = np.asarray(jax.grad(lambda z: loss_at(params, _unflatten_rows(z, z0)))(z_star))
+    u = np.stack([np.linalg.solve(np.eye(jac.shape[1]) - j.T, g) for j, g in zip(jac, g_z)])
+    _, vjp = jax.vjp(lambda p: jax.vmap(f, in_axes=(None, 0, 0))(p, z_star, model.embed(p, inputs)),
+                     params)
+    flat = lambda t: jnp.concatenate([a.ravel() for a in jax.tree_util.tree_leaves(t)])
+    exact = flat(jax.tree_util.tree_map(jnp.add, jax.grad(loss_at)(params, state),
+                                        vjp(jnp.asarray(u, jnp.float32))[0]))
+    print(f"near-critical micro model: {rows} rows, spectral radius "
+          f"{', '.join(f'{r:.3f}' for r in radius)}; exact: dense float64 IFT per row")
+    print(f"{'backward':<40} {'rel_err':>8} {'cosine':>9} {'residual':>9} {'iters':>9} "
+          f"{'grad_ms':>8}")
+    out = []
+    for label, kw in backwards:
+        def grad(p, probe, kw=kw):
+            def loss(p, probe):  # warm start at the fixed point: the forward is not compared
+                res = dynamics.fixed_point(model.step, p, state, model.embed(p, inputs),
+                                           tol=1e-6, maxiter=10, probe=probe, **kw)
+                return loss_at(p, res.state)
+            return jax.grad(loss, argnums=(0, 1))(p, probe)
+        fn = jax.jit(grad)
+        (g, stats), dt = timed(lambda: fn(params, dynamics.backward_probe(rows)))
+        g = flat(g)
+        rel = float(jnp.linalg.norm(g - exact) / jnp.linalg.norm(exact))
+        cos = float(jnp.dot(g, exact) / (jnp.linalg.norm(g) * jnp.linalg.norm(exact)))
+        its = np.asarray(stats[:, 1]).astype(int)
+        row = dict(backward=label, rel_err=rel, cosine=cos,
+                   residual=float(np.max(stats[:, 0])), iters=its.tolist(), grad_ms=1e3 * dt)
+        print(f"{label:<40} {rel:>8.1e} {cos:>9.6f} {row['residual']:>9.1e} "
+              f"{'-'.join(str(i) for i in sorted(set(its))):>9} {row['grad_ms']:>8.0f}")
+        out.append(row)
+    return out
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint")
@@ -111,7 +201,13 @@ def main(argv=None) -> int:
     p.add_argument("--grad-rows", type=int, default=8)
     p.add_argument("--tols", default="1e-3,1e-4")
     p.add_argument("--caps", default="30,100")
+    p.add_argument("--near-critical", action="store_true",
+                   help="only the backward's accuracy table on the near-critical micro model")
     args = p.parse_args(argv)
+    if args.near_critical:
+        print(f"backend={jax.default_backend()} jax={jax.__version__}")
+        near_critical_table()
+        return 0
     from eqr_jax.checkpoint import load_for_inference
 
     ckpt = args.checkpoint or _train_tiny(150 if args.quick else 600, "/tmp/eqr-implicit-bench")

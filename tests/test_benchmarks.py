@@ -247,3 +247,13 @@ def test_compile_cache_restart_smallest(tmp_path, capsys):
     for key in ("off", "empty cache (written)", "filled cache (restart)", "restart_speedup"):
         assert run[key] > 0, key
     assert "micro: fresh process without cache" in capsys.readouterr().out
+
+
+def test_implicit_backward_accuracy_table(capsys):
+    """`implicit_solve.py --near-critical`'s table (docs/implicit-gradients.md) on two of its
+    rows: the default backward matches the dense IFT gradient, one GMRES(20) cycle does not."""
+    mod = _script("implicit_solve")
+    rows = mod.near_critical_table([mod.BACKWARDS[0], mod.BACKWARDS[2]])
+    assert rows[0]["rel_err"] > 1e-2 and rows[1]["rel_err"] < 2e-3
+    assert rows[1]["cosine"] >= 0.9999 and rows[1]["residual"] <= 1e-4
+    assert "defaults: GMRES(30) to 1e-4" in capsys.readouterr().out

@@ -56,8 +56,9 @@ def study_tables(report: dict[str, Any]) -> str:
 
 def implicit_table(rows: Sequence[dict], steps: Sequence[int]) -> str:
     """The implicit runs' backward solve: training's mean backward residual, iterations and
-    fallback fraction (rows whose backward was non-finite), and per fixed checkpoint the cosine with the exact implicit gradient
-    (`eqr_jax.losses.implicit_gradient_check`); empty when no run has them."""
+    fallback fraction (rows whose backward was non-finite), and per fixed checkpoint the cosine
+    with the exact implicit gradient (`eqr_jax.losses.implicit_gradient_check`); empty when no
+    run has them."""
     out = [f"| {r['mode']} | {r.get('implicit_backward_residual', float('nan')):.1e} | "
            f"{r.get('implicit_backward_iters', float('nan')):.1f} | "
            f"{r.get('implicit_backward_fallback', float('nan')):.3f} | "

@@ -155,8 +155,9 @@ def loss_and_grad(model: EqRModel, *, adjoint: dynamics.Adjoint, **kw) -> Callab
     `dynamics.backward_probe`, whose cotangent is the per-row residual, iteration count and
     fallback flag of the backward linear solve that produced ``grads`` (a custom VJP cannot
     return them otherwise), and adds their sums ``implicit_backward_residual``,
-    ``implicit_backward_iters`` and ``implicit_backward_fallback`` and the extremum ``max_implicit_backward_residual`` to the metrics: the statistics of the very solve
-    behind the update, at no extra cost.
+    ``implicit_backward_iters`` and ``implicit_backward_fallback`` and the extremum
+    ``max_implicit_backward_residual`` to the metrics: the statistics of the very solve behind
+    the update, at no extra cost.
     """
     loss_fn = functools.partial(loss_and_metrics, model, adjoint=adjoint, **kw)
     if not isinstance(adjoint, dynamics.Implicit):

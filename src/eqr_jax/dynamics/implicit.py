@@ -92,10 +92,9 @@ def _gmres_row(matvec, g: jax.Array, tol: float, max_iters: int, restart: int):
     """Restarted GMRES for one row's system A u = g from u = g: cycles of ``restart`` Krylov
     vectors (`jax.scipy.sparse.linalg.gmres`, ``incremental``: Givens rotations, stopping a
     cycle once its own residual estimate reaches the tolerance) until the true relative
-    residual ||g - A u|| / ||g||,
-    recomputed after every cycle, is at most ``tol``, or ``max_iters`` Krylov vectors (rounded up
-    to whole cycles). Returns (u, residual, Krylov vectors budgeted: cycles x restart, an upper
-    bound on those used)."""
+    residual ||g - A u|| / ||g||, recomputed after every cycle, is at most ``tol``, or
+    ``max_iters`` Krylov vectors (rounded up to whole cycles). Returns (u, residual, Krylov
+    vectors budgeted: cycles x restart, an upper bound on those used)."""
     restart = min(restart, max_iters)
     cycles = -(-max_iters // restart)
     gn = jnp.maximum(jnp.linalg.norm(g), 1e-30)
