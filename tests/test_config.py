@@ -65,8 +65,9 @@ def test_json_round_trip_and_unknown_keys(tmp_path):
     d["train"]["implicit_backward_iters"] = 20
     path.write_text(json.dumps(d))
     old = config.load(str(path))
+    # (A cycle is min(restart, iters) vectors: still one 20-vector cycle.)
     assert (old.train.implicit_backward_tol, old.train.implicit_backward_restart,
-            old.train.implicit_backward_iters) == (1e-4, 20, 20)
+            old.train.implicit_backward_iters) == (1e-4, 30, 20)
     for bad, match in (("train.implicit_backward_tol=0", "implicit_backward_tol must be > 0"),
                        ("train.implicit_unconverged=skip", "implicit_unconverged"),
                        ("train.implicit_backward_restart=0", "implicit_backward_restart")):
