@@ -140,33 +140,18 @@ def near_critical_table(backwards=BACKWARDS) -> list[dict]:
     """Relative error and cosine of each backward setting's parameter gradient against the dense
     IFT gradient on the near-critical micro model; prints a table and returns its rows."""
     from eqr_jax import losses
-    from eqr_jax.dynamics.solve import _flatten_rows, _unflatten_rows
 
     model, params, inputs, labels, z0 = near_critical()
     rows = inputs.shape[0]
-    one = jax.tree_util.tree_map(lambda a: a[:1], z0)
-
-    def f(p, z_row, x_row):  # the step map of one flattened row
-        out = model.step(p, _unflatten_rows(z_row[None], one), x_row[None], None, truncate=False)
-        return _flatten_rows(out)[0]
 
     def loss_at(p, state):
         return losses.stablemax_cross_entropy(model.readout(p, state).logits, labels).mean()
 
-    x = model.embed(params, inputs)
-    state = dynamics.fixed_point(model.step, params, z0, x, tol=1e-7, maxiter=4000,
-                                 implicit_diff=False).state
-    z_star = _flatten_rows(state)
-    jac = np.asarray(jax.jit(jax.vmap(jax.jacfwd(f, argnums=1), in_axes=(None, 0, 0)))(
-        params, z_star, x), np.float64)
-    radius = np.abs(np.linalg.eigvals(jac)).max(axis=1)
-    g_z = np.asarray(jax.grad(lambda z: loss_at(params, _unflatten_rows(z, z0)))(z_star))
-    u = np.stack([np.linalg.solve(np.eye(jac.shape[1]) - j.T, g) for j, g in zip(jac, g_z)])
-    _, vjp = jax.vjp(lambda p: jax.vmap(f, in_axes=(None, 0, 0))(p, z_star, model.embed(p, inputs)),
-                     params)
+    state = dynamics.fixed_point(model.step, params, z0, model.embed(params, inputs), tol=1e-7,
+                                 maxiter=4000, implicit_diff=False).state
     flat = lambda t: jnp.concatenate([a.ravel() for a in jax.tree_util.tree_leaves(t)])
-    exact = flat(jax.tree_util.tree_map(jnp.add, jax.grad(loss_at)(params, state),
-                                        vjp(jnp.asarray(u, jnp.float32))[0]))
+    exact, radius = dynamics.dense_implicit_gradient(model, params, state, inputs, loss_at)
+    exact = flat(exact)
     print(f"near-critical micro model: {rows} rows, spectral radius "
           f"{', '.join(f'{r:.3f}' for r in radius)}; exact: dense float64 IFT per row")
     print(f"{'backward':<40} {'rel_err':>8} {'cosine':>9} {'residual':>9} {'iters':>9} "

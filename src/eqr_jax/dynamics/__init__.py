@@ -43,7 +43,8 @@ import jax
 from eqr_jax.dynamics.adjoints import (ADJOINTS, UNROLLED, Adjoint, Full, Implicit, NoGrad,
                                        OneStep, Phantom, StepFn, Truncated, adjoint, adjoint_for)
 from eqr_jax.dynamics.implicit import (BACKWARD_METHODS, BACKWARD_STATS, UNCONVERGED_RULES,
-                                       Backward, FixedPointResult, backward_probe, fixed_point)
+                                       Backward, FixedPointResult, backward_probe,
+                                       dense_implicit_gradient, fixed_point)
 from eqr_jax.dynamics.jacobian import jacobian_frobenius_sq
 from eqr_jax.dynamics.solve import CRITERIA, FIXED_POINT_METHODS, solve_rows
 from eqr_jax.dynamics.unrolled import unroll
@@ -52,7 +53,8 @@ from eqr_jax.model import LatentState
 __all__ = ["ADJOINTS", "BACKWARD_METHODS", "BACKWARD_STATS", "CRITERIA", "FIXED_POINT_METHODS",
            "UNCONVERGED_RULES", "UNROLLED", "Adjoint", "Backward", "FixedPointResult", "Full",
            "Implicit", "NoGrad", "OneStep", "Phantom", "StepFn", "Truncated", "adjoint",
-           "adjoint_for", "advance", "backward_probe", "fixed_point", "jacobian_frobenius_sq",
+           "adjoint_for", "advance", "backward_probe", "dense_implicit_gradient", "fixed_point",
+           "jacobian_frobenius_sq",
            "segment", "solve_rows", "unroll"]
 
 
