@@ -18,7 +18,8 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
 
 def study_tables(report: dict[str, Any]) -> str:
     """The markdown tables of docs/ablation.md from a report: accuracy and cost per run, the
-    solve and the end states per run, and the gradient cosines at the fixed checkpoints."""
+    solve and the end states per run, and the gradient cosines at the fixed checkpoints (a
+    study run with ``--anchors 0`` has no cosine table)."""
     depths, rows = report["depths"], report["rows"]
     fmt = lambda v, spec=".3f": "n/a" if v is None or (isinstance(v, float) and v != v) \
         else format(v, spec)
@@ -50,8 +51,8 @@ def study_tables(report: dict[str, Any]) -> str:
         if "grad_cos" in r:
             cos.append(f"| {r['mode']} | " + " | ".join(fmt(c, ".3f") for c in r["grad_cos"])
                        + " |")
-    return ("\n".join(acc) + "\n\n" + "\n".join(dyn) + "\n\n" + "\n".join(cos) + "\n"
-            + implicit_table(rows, steps))
+    return ("\n".join(acc) + "\n\n" + "\n".join(dyn) + "\n"
+            + ("\n" + "\n".join(cos) + "\n" if steps else "") + implicit_table(rows, steps))
 
 
 def implicit_table(rows: Sequence[dict], steps: Sequence[int]) -> str:
@@ -59,17 +60,17 @@ def implicit_table(rows: Sequence[dict], steps: Sequence[int]) -> str:
     fallback fraction (rows whose backward was non-finite), and per fixed checkpoint the cosine
     with the exact implicit gradient (`eqr_jax.losses.implicit_gradient_check`); empty when no
     run has them."""
-    out = [f"| {r['mode']} | {r.get('implicit_backward_residual', float('nan')):.1e} | "
-           f"{r.get('implicit_backward_iters', float('nan')):.1f} | "
-           f"{r.get('implicit_backward_fallback', float('nan')):.3f} | "
-           + " | ".join(f"{c['cos_vs_exact']:.4f} (exact residual {c['exact_residual']:.0e})"
-                        for c in r.get("implicit_check", [])) + " |"
+    out = [(f"| {r['mode']} | {r.get('implicit_backward_residual', float('nan')):.1e} | "
+            f"{r.get('implicit_backward_iters', float('nan')):.1f} | "
+            f"{r.get('implicit_backward_fallback', float('nan')):.3f} | "
+            + "".join(f"{c['cos_vs_exact']:.4f} (exact residual {c['exact_residual']:.0e}) | "
+                      for c in r.get("implicit_check", []))).rstrip()
            for r in rows if "implicit_backward_residual" in r or "implicit_check" in r]
     if not out:
         return ""
     head = ("| run | backward residual (training) | backward iterations (training) | "
             "backward fallback (training) | "
-            + " | ".join(f"cosine vs exact implicit at step {s}" for s in steps) + " |")
+            + "".join(f"cosine vs exact implicit at step {s} | " for s in steps)).rstrip()
     return "\n" + "\n".join([head, "|---" * (4 + len(steps)) + "|"] + out) + "\n"
 
 
