@@ -99,20 +99,37 @@ def _cache_matches(cache: Path, remote: dict) -> bool:
 
 
 @contextlib.contextmanager
-def _host_lock(cache: Path) -> Iterator[None]:
-    """One process per host at a time copies or installs ``cache`` (an advisory file lock)."""
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    with open(cache.parent / f".{cache.name}.lock", "w") as f:
+def _file_lock(path: Path, busy: str | None = None) -> Iterator[None]:
+    """An advisory lock on file ``path`` for this host's processes, held inside the block;
+    with ``busy`` a lock held elsewhere raises `ConfigError` (``busy``) at once instead of
+    waiting. Without flock (Windows) nothing is locked: the renames still keep copies whole."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as f:
         try:
             import fcntl
-        except ImportError:  # no flock (Windows): the rename below still keeps copies whole
+        except ImportError:
             yield
             return
-        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | (fcntl.LOCK_NB if busy else 0))
+        except OSError:
+            if busy is None:
+                raise
+            raise ConfigError(busy) from None
         try:
             yield
         finally:
             fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _host_lock(cache: Path):
+    """One process per host at a time copies or installs ``cache``."""
+    return _file_lock(cache.parent / f".{cache.name}.lock")
+
+
+def _record_copy(folder: Path, url: str, files: dict) -> None:
+    """Write into ``folder`` the bucket listing ``files`` of ``url`` it is a copy of."""
+    (folder / MANIFEST).write_text(json.dumps({"url": url, "files": files}))
 
 
 def _install(tmp: Path, cache: Path) -> None:
@@ -172,7 +189,7 @@ def local_dataset(root) -> Path:
                     remote = now
                     continue
                 _verify(tmp, url, _splits(remote))
-                (tmp / MANIFEST).write_text(json.dumps({"url": url, "files": remote}))
+                _record_copy(tmp, url, remote)
                 _install(tmp, cache)
             except BaseException:
                 shutil.rmtree(tmp, ignore_errors=True)
@@ -216,17 +233,8 @@ def building_into(url: str) -> Iterator[Path]:
                           f"(gcloud storage rm -r {url}) or choose another folder")
     cache = storage.cache_dir_for(url, "data")
     stage = cache.parent / f".{cache.name}.partial"
-    stage.parent.mkdir(parents=True, exist_ok=True)
-    with open(cache.parent / f".{cache.name}.build-lock", "w") as lock:
-        try:
-            import fcntl
-
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except ImportError:
-            pass
-        except OSError:
-            raise ConfigError(f"another build into {url} is running on this host "
-                              f"({stage})") from None
+    with _file_lock(cache.parent / f".{cache.name}.build-lock",
+                    busy=f"another build into {url} is running on this host ({stage})"):
         stage.mkdir(exist_ok=True)
         try:
             yield stage
@@ -237,7 +245,7 @@ def building_into(url: str) -> Iterator[Path]:
             raise
         shutil.rmtree(stage / ".cache", ignore_errors=True)
         remote = _dataset_listing(url)
-        (stage / MANIFEST).write_text(json.dumps({"url": url, "files": remote}))
+        _record_copy(stage, url, remote)
         with _host_lock(cache):
             _install(stage, cache)
     print(f"[eqr] uploaded {url} ({len(remote)} files)", flush=True)
